@@ -1,0 +1,124 @@
+// The FFI signature of the sparse ragged dot and its argument checks, shared by the CPU
+// and CUDA handlers so that both refuse exactly the same buffers with the same words.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "format.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace samoyeds {
+
+namespace ffi = xla::ffi;
+
+// out[r] = x[sel[r] or r] @ W[e(r)], e(r) the expert whose row range holds r
+// (ranges from the exclusive cumsum of group_sizes); rows past sum(group_sizes) are 0.
+//   x [T, K] f16|bf16, values [E, Mk, K/2], indices u8 [E, Mk, K/L],
+//   metadata u32 [E, Mk, K/32], sel s32 [R] (empty when has_sel == 0),
+//   group_sizes s32 [E]  ->  out [R, M] in x's dtype.
+// A macro rather than a template: nvcc's front end rejects the `.template Arg<...>()`
+// chain that a generic function over the binding type would need.
+#define SAMOYEDS_BIND_RAGGED_DOT(binding)                                   \
+  (binding)                                                                 \
+      .Arg<::xla::ffi::AnyBuffer>()            /* x */                      \
+      .Arg<::xla::ffi::AnyBuffer>()            /* values */                 \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::U8>>()  /* indices */             \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::U32>>() /* metadata */            \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>() /* sel */                 \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>() /* group_sizes */         \
+      .Attr<int64_t>("n")                                                   \
+      .Attr<int64_t>("v")                                                   \
+      .Attr<int64_t>("sub_row")                                             \
+      .Attr<int64_t>("has_sel")                                             \
+      .Ret<::xla::ffi::AnyBuffer>() /* out */
+
+struct Problem {
+  int64_t tokens;     // T, rows of x
+  int64_t k;          // K
+  int64_t m;          // M
+  int64_t experts;    // E
+  int64_t kept_rows;  // Mk = M * N / V
+  int64_t rows;       // R, rows of out
+  int64_t n, v, sub_row;
+  bool has_sel;
+  ffi::DataType dtype;
+};
+
+inline std::string Dims(ffi::Span<const int64_t> d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+inline ffi::Error Bad(const std::string& what) {
+  return ffi::Error::InvalidArgument("samoyeds_ragged_dot: " + what);
+}
+
+inline ffi::Error CheckProblem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& values,
+                               const ffi::Buffer<ffi::U8>& indices,
+                               const ffi::Buffer<ffi::U32>& metadata,
+                               const ffi::Buffer<ffi::S32>& sel,
+                               const ffi::Buffer<ffi::S32>& group_sizes, int64_t n,
+                               int64_t v, int64_t sub_row, int64_t has_sel,
+                               const ffi::AnyBuffer& out, Problem* p) {
+  if (!IsSupported(n, v, sub_row))
+    return Bad("unsupported config n=" + std::to_string(n) + " v=" + std::to_string(v) +
+               " sub_row=" + std::to_string(sub_row));
+  const auto xd = x.dimensions(), vd = values.dimensions();
+  if (xd.size() != 2) return Bad("x must be [T, K], got " + Dims(xd));
+  if (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F16)
+    return Bad("x must be bfloat16 or float16");
+  if (values.element_type() != x.element_type() || out.element_type() != x.element_type())
+    return Bad("values and out must have x's dtype");
+  if (vd.size() != 3) return Bad("values must be [E, Mk, K/2], got " + Dims(vd));
+  p->tokens = xd[0];
+  p->k = xd[1];
+  p->experts = vd[0];
+  p->kept_rows = vd[1];
+  p->n = n;
+  p->v = v;
+  p->sub_row = sub_row;
+  p->m = p->kept_rows / n * v;
+  p->dtype = x.element_type();
+  p->has_sel = has_sel != 0;
+  if (p->k % KMultiple(sub_row) != 0 || vd[2] * 2 != p->k)
+    return Bad("values " + Dims(vd) + " do not match K=" + std::to_string(p->k) +
+               " (K must be a multiple of sub_row=" + std::to_string(sub_row) + ")");
+  if (p->kept_rows % kRowTile != 0 || p->kept_rows % n != 0)
+    return Bad("kept rows Mk=" + std::to_string(p->kept_rows) + " must be a multiple of " +
+               std::to_string(kRowTile));
+  const auto id = indices.dimensions(), md = metadata.dimensions();
+  if (id.size() != 3 || id[0] != p->experts || id[1] != p->kept_rows ||
+      id[2] != p->k / sub_row)
+    return Bad("indices must be [E, Mk, K/L] = [" + std::to_string(p->experts) + ", " +
+               std::to_string(p->kept_rows) + ", " + std::to_string(p->k / sub_row) +
+               "], got " + Dims(id));
+  if (md.size() != 3 || md[0] != p->experts || md[1] != p->kept_rows ||
+      md[2] != p->k / kMetaColsPerWord)
+    return Bad("metadata must be [E, Mk, K/32] = [" + std::to_string(p->experts) + ", " +
+               std::to_string(p->kept_rows) + ", " +
+               std::to_string(p->k / kMetaColsPerWord) + "], got " + Dims(md));
+  const auto gd = group_sizes.dimensions(), sd = sel.dimensions();
+  if (gd.size() != 1 || gd[0] != p->experts)
+    return Bad("group_sizes must be [E] = [" + std::to_string(p->experts) + "], got " +
+               Dims(gd));
+  if (sd.size() != 1) return Bad("sel must be [R], got " + Dims(sd));
+  if (p->has_sel) {
+    p->rows = sd[0];
+  } else {
+    if (sd[0] != 0) return Bad("sel must be empty when has_sel=0");
+    p->rows = p->tokens;
+  }
+  const auto od = out.dimensions();
+  if (od.size() != 2 || od[0] != p->rows || od[1] != p->m)
+    return Bad("out must be [R, M] = [" + std::to_string(p->rows) + ", " +
+               std::to_string(p->m) + "], got " + Dims(od));
+  // Index arithmetic in the kernels is 64-bit for buffers, 32-bit for rows and columns.
+  constexpr int64_t kMax32 = int64_t{1} << 31;
+  if (p->tokens >= kMax32 || p->rows >= kMax32 || p->k >= kMax32 || p->m >= kMax32)
+    return Bad("T, R, K and M must each be below 2^31");
+  return ffi::Error::Success();
+}
+
+}  // namespace samoyeds

@@ -1,0 +1,317 @@
+"""The dual-side sparse weight format: SparsityConfig, prune, encode, decode, SparseWeight.
+
+A weight ``W [..., K, M]`` (flax's ``[in_features, out_features]``, leading axes such as
+the expert axis E) is used as ``y = x @ W``. The sparse tensor cores see ``A = W^T
+[M, K]``, sparse along K:
+
+* N:V -- A's rows form blocks of V consecutive rows, K forms windows of L = ``sub_row``
+  columns; in every (block, window) exactly N of the V *sub-rows* are stored.
+* 2:4 -- inside a kept sub-row every aligned group of 4 columns holds at most 2 nonzeros.
+
+Stored arrays (``Mk = M * N / V`` kept rows):
+
+* ``values``   ``[..., Mk, K/2]`` the two kept values of every 2:4 group, increasing column;
+* ``indices``  ``[..., Mk, K/L]`` uint8 sub-row index: kept row ``r = b*N + j`` holds, in
+  window ``w``, row ``b*V + indices[r, w]`` of A (distinct and increasing within a block);
+* ``metadata`` ``[..., Mk, K/32]`` uint32, 2 bits per kept value, in hardware order: the
+  canonical word (row, c) holds group g of columns ``[32c, 32c+32)`` in bits
+  ``[4g, 4g+4)`` (low 2 bits: first kept position, high 2 bits: second); the hardware
+  order swaps 16-bit halves between rows r and r+8 of every 16-row tile (ffi/format.h
+  says why). :func:`swap_metadata` converts either way.
+
+The constants come from the compiled module, which takes them from ``ffi/format.h``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samoyeds_jax import _samoyeds
+
+SUPPORTED_NV: tuple[tuple[int, int], ...] = tuple(tuple(p) for p in _samoyeds.SUPPORTED_NV)
+SUPPORTED_SUB_ROWS: tuple[int, ...] = tuple(_samoyeds.SUPPORTED_SUB_ROWS)
+GROUP_WIDTH: int = _samoyeds.GROUP_WIDTH
+KEPT_PER_GROUP: int = _samoyeds.KEPT_PER_GROUP
+META_COLS_PER_WORD: int = _samoyeds.META_COLS_PER_WORD
+META_BITS_PER_GROUP: int = _samoyeds.META_BITS_PER_GROUP
+ROW_TILE: int = _samoyeds.ROW_TILE
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """The N:V + 2:4 pattern: keep ``n`` of every ``v`` sub-rows of length ``sub_row``.
+
+    Density is ``n / v / 2``. Supported: (n, v) in SUPPORTED_NV and sub_row in
+    SUPPORTED_SUB_ROWS; anything else raises ValueError.
+    """
+
+    n: int = 1
+    v: int = 2
+    sub_row: int = 128
+
+    def __post_init__(self):
+        for name in ("n", "v", "sub_row"):
+            val = getattr(self, name)
+            if not isinstance(val, (int, np.integer)) or isinstance(val, bool):
+                raise TypeError(f"SparsityConfig.{name} must be an int, got {val!r}")
+        if (self.n, self.v) not in SUPPORTED_NV:
+            raise ValueError(
+                f"SparsityConfig: N:V = {self.n}:{self.v} is not supported; "
+                f"supported N:V are {', '.join(f'{n}:{v}' for n, v in SUPPORTED_NV)}")
+        if self.sub_row not in SUPPORTED_SUB_ROWS:
+            raise ValueError(
+                f"SparsityConfig: sub_row={self.sub_row} is not supported; "
+                f"expected one of {SUPPORTED_SUB_ROWS}")
+
+    @property
+    def density(self) -> float:
+        return self.n / self.v / KEPT_PER_GROUP
+
+    @property
+    def k_multiple(self) -> int:
+        """K (in_features) must be a multiple of this."""
+        return self.sub_row
+
+    @property
+    def m_multiple(self) -> int:
+        """M (out_features) must be a multiple of this (Mk a multiple of ROW_TILE)."""
+        return ROW_TILE * self.v // self.n
+
+    def kept_rows(self, m: int) -> int:
+        return m // self.v * self.n
+
+    def check_shape(self, k: int, m: int, name: str = "w") -> None:
+        """Raise ValueError unless a [K, M] weight meets this config's multiples."""
+        if k % self.k_multiple:
+            raise ValueError(f"{name}: K (in_features, axis -2) = {k} must be a multiple of "
+                             f"sub_row={self.k_multiple}")
+        if m % self.m_multiple:
+            raise ValueError(f"{name}: M (out_features, axis -1) = {m} must be a multiple of "
+                             f"{self.m_multiple} for N:V = {self.n}:{self.v}")
+
+
+def _check_weight(w: Any, cfg: SparsityConfig, name: str = "w") -> None:
+    if not isinstance(cfg, SparsityConfig):
+        raise TypeError(f"cfg must be a SparsityConfig, got {type(cfg).__name__}")
+    if np.ndim(w) < 2:
+        raise ValueError(f"{name} must be [..., K, M], got shape {np.shape(w)}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype, got {w.dtype}")
+    cfg.check_shape(*w.shape[-2:], name=name)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _prune(w: jax.Array, cfg: SparsityConfig) -> jax.Array:
+    k, m = w.shape[-2:]
+    lead = w.shape[:-2]
+    a = jnp.swapaxes(w, -1, -2)  # [..., M, K]
+    mag = jnp.abs(a.astype(jnp.float32)).reshape(*lead, m, k // GROUP_WIDTH, GROUP_WIDTH)
+    keep24 = _rank(mag) < KEPT_PER_GROUP
+    # A sub-row's score is the energy it keeps after 2:4.
+    energy = jnp.where(keep24, mag * mag, 0.0)
+    seg = energy.reshape(*lead, m // cfg.v, cfg.v, k // cfg.sub_row, -1).sum(-1)
+    keep_nv = _rank(jnp.moveaxis(seg, -2, -1)) < cfg.n          # [..., M/V, K/L, V]
+    keep_nv = jnp.moveaxis(keep_nv, -1, -2)                       # [..., M/V, V, K/L]
+    mask = keep24.reshape(*lead, m // cfg.v, cfg.v, k // cfg.sub_row, -1) & keep_nv[..., None]
+    return jnp.swapaxes(jnp.where(mask.reshape(a.shape), a, jnp.zeros((), a.dtype)), -1, -2)
+
+
+def _rank(score: jax.Array) -> jax.Array:
+    """Rank along the last axis by decreasing score; ties go to the lower index."""
+    n = score.shape[-1]
+    a = score[..., :, None]
+    b = score[..., None, :]
+    i = jnp.arange(n)
+    earlier = i[None, :] < i[:, None]  # [me, other]: other comes first
+    return ((b > a) | ((b == a) & earlier)).sum(-1)
+
+
+def prune(w: jax.Array, cfg: SparsityConfig) -> jax.Array:
+    """Magnitude pruning to the N:V + 2:4 pattern.
+
+    In every 2:4 group the 2 largest |w| are kept; in every (block of V rows, window of
+    ``sub_row`` columns) of ``A = W^T`` the N sub-rows keeping the most energy survive.
+    Ties go to the lower index.
+
+    Args:
+      w: ``[..., K, M]`` float weight (K a multiple of sub_row, M of ``cfg.m_multiple``).
+      cfg: the pattern.
+    Returns:
+      ``[..., K, M]`` in w's dtype: kept values unchanged, the rest zero.
+    """
+    w = jnp.asarray(w)
+    _check_weight(w, cfg)
+    return _prune(w, cfg)
+
+
+def swap_metadata(meta: Any) -> Any:
+    """Canonical <-> hardware metadata order (an involution). ``meta [..., Mk, K/32]``.
+
+    Works on numpy and jax arrays alike.
+    """
+    xp = np if isinstance(meta, np.ndarray) else jnp
+    *lead, mk, words = meta.shape
+    t = meta.reshape(*lead, mk // ROW_TILE, 2, ROW_TILE // 2, words)
+    lo, hi = t[..., 0, :, :], t[..., 1, :, :]
+    mask = xp.uint32(0xFFFF)
+    new_lo = (lo & mask) | (hi << xp.uint32(16))
+    new_hi = (lo >> xp.uint32(16)) | (hi & ~mask)
+    return xp.stack([new_lo, new_hi], axis=-3).reshape(meta.shape)
+
+
+@jax.tree_util.register_pytree_node_class
+class SparseWeight:
+    """An encoded weight: a pytree of (values, indices, metadata) with a static config.
+
+    Shapes (``Mk = M * N / V``): values ``[..., Mk, K/2]`` (bf16 or fp16), indices
+    ``[..., Mk, K/L]`` uint8, metadata ``[..., Mk, K/32]`` uint32 (hardware order).
+    ``shape`` is the logical dense ``(..., K, M)``.
+    """
+
+    def __init__(self, values: Any, indices: Any, metadata: Any, config: SparsityConfig):
+        self.values = values
+        self.indices = indices
+        self.metadata = metadata
+        self.config = config
+
+    def tree_flatten(self):
+        return (self.values, self.indices, self.metadata), self.config
+
+    @classmethod
+    def tree_unflatten(cls, config, children):
+        return cls(*children, config)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, mk, half_k = self.values.shape
+        return (*lead, half_k * KEPT_PER_GROUP, mk // self.config.n * self.config.v)
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored (values + sub-row indices + metadata)."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in (self.values, self.indices, self.metadata))
+
+    def __getitem__(self, i) -> "SparseWeight":
+        """Index the leading (e.g. expert) axes: ``sw[e]`` is expert e's weight."""
+        if self.ndim <= 2:
+            raise IndexError("SparseWeight without leading axes cannot be indexed")
+        return SparseWeight(self.values[i], self.indices[i], self.metadata[i], self.config)
+
+    def __repr__(self):
+        c = self.config
+        return (f"SparseWeight(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
+                f"config={c.n}:{c.v}/L={c.sub_row}, nbytes={self.nbytes})")
+
+
+def _locate(lead_shape: tuple[int, ...], flat: int) -> str:
+    return f"[{', '.join(map(str, np.unravel_index(flat, lead_shape)))}]" if lead_shape else ""
+
+
+def encode(wp: Any, cfg: SparsityConfig) -> SparseWeight:
+    """Encode a weight that already follows the pattern (e.g. from :func:`prune`).
+
+    Runs once, on the host. Raises ValueError naming the first place that breaks 2:4 or
+    N:V. ``decode(encode(wp)) == wp`` exactly.
+
+    Args:
+      wp: ``[..., K, M]`` bfloat16 or float16 weight.
+      cfg: the pattern.
+    Returns:
+      a SparseWeight with ``shape == wp.shape``.
+    """
+    wp = np.asarray(wp)
+    _check_weight(wp, cfg, "wp")
+    if wp.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"wp must be bfloat16 or float16 for encoding, got {wp.dtype} "
+                        f"(cast first, e.g. w.astype(jnp.bfloat16))")
+    *lead, k, m = wp.shape
+    lead = tuple(lead)
+    n, v, L = cfg.n, cfg.v, cfg.sub_row
+    a = np.swapaxes(wp, -1, -2).reshape(-1, m, k)  # [B, M, K]
+    nb, nw = m // v, k // L
+    a5 = a.reshape(-1, nb, v, nw, L)
+    sub_nz = (a5 != 0).any(-1)                     # [B, M/V, V, K/L]
+    count = sub_nz.sum(2)
+    if (count > n).any():
+        e, b, w = np.argwhere(count > n)[0]
+        raise ValueError(
+            f"wp{_locate(lead, e)} breaks N:V = {n}:{v}: out_features {b * v}..{b * v + v - 1}, "
+            f"in_features {w * L}..{w * L + L - 1} have {count[e, b, w]} nonzero sub-rows, "
+            f"at most {n} allowed")
+    # Keep the nonzero sub-rows, then fill up with the lowest-index zero ones.
+    key = np.where(sub_nz, 0, v) + np.arange(v)[None, None, :, None]
+    kept = np.sort(np.argsort(key, axis=2, kind="stable")[:, :, :n], axis=2)  # [B,M/V,N,K/L]
+    segs = np.take_along_axis(a5, kept[..., None], axis=2)                    # [B,M/V,N,K/L,L]
+    mk = nb * n
+    rows = segs.reshape(-1, mk, k)
+    g = rows.reshape(-1, mk, k // GROUP_WIDTH, GROUP_WIDTH)
+    gnz = g != 0
+    gcount = gnz.sum(-1)
+    if (gcount > KEPT_PER_GROUP).any():
+        e, r, c = np.argwhere(gcount > KEPT_PER_GROUP)[0]
+        row = (r // n) * v + kept[e, r // n, r % n, (c * GROUP_WIDTH) // L]
+        raise ValueError(
+            f"wp{_locate(lead, e)} breaks 2:4: out_feature {row}, in_features "
+            f"{c * GROUP_WIDTH}..{c * GROUP_WIDTH + 3} hold {gcount[e, r, c]} nonzeros, "
+            f"at most {KEPT_PER_GROUP} allowed")
+    gkey = np.where(gnz, 0, GROUP_WIDTH) + np.arange(GROUP_WIDTH)
+    pos = np.sort(np.argsort(gkey, axis=-1, kind="stable")[..., :KEPT_PER_GROUP], axis=-1)
+    values = np.take_along_axis(g, pos, axis=-1).reshape(-1, mk, k // 2)
+    nib = (pos[..., 0] | (pos[..., 1] << 2)).astype(np.uint32)     # [B, Mk, K/4]
+    groups = META_COLS_PER_WORD // GROUP_WIDTH
+    shifts = (np.arange(groups, dtype=np.uint32) * META_BITS_PER_GROUP)
+    words = (nib.reshape(-1, mk, k // META_COLS_PER_WORD, groups) << shifts).sum(
+        -1, dtype=np.uint32)
+    indices = kept.reshape(-1, mk, nw).astype(np.uint8)  # kept row r = b*N + j
+    meta = swap_metadata(words)
+    return SparseWeight(
+        jnp.asarray(values.reshape(*lead, mk, k // 2)),
+        jnp.asarray(indices.reshape(*lead, mk, nw)),
+        jnp.asarray(meta.reshape(*lead, mk, k // META_COLS_PER_WORD)),
+        cfg)
+
+
+def decode(sw: SparseWeight) -> jax.Array:
+    """The dense weight ``[..., K, M]`` of a SparseWeight (jit-able, differentiable).
+
+    Tampered metadata cannot index out of bounds (positions stay inside their group);
+    indices are taken modulo V.
+    """
+    if not isinstance(sw, SparseWeight):
+        raise TypeError(f"sw must be a SparseWeight, got {type(sw).__name__}")
+    cfg = sw.config
+    n, v, L = cfg.n, cfg.v, cfg.sub_row
+    *lead, k, m = sw.shape
+    mk = cfg.kept_rows(m)
+    canon = swap_metadata(jnp.asarray(sw.metadata))
+    groups = META_COLS_PER_WORD // GROUP_WIDTH
+    shifts = jnp.arange(groups, dtype=jnp.uint32) * META_BITS_PER_GROUP
+    nib = ((canon[..., None] >> shifts) & jnp.uint32(0xF)).reshape(*lead, mk, k // GROUP_WIDTH)
+    vals = jnp.asarray(sw.values).reshape(*lead, mk, k // GROUP_WIDTH, KEPT_PER_GROUP)
+    slot = jnp.arange(GROUP_WIDTH, dtype=jnp.uint32)
+    zero = jnp.zeros((), vals.dtype)
+    rows = jnp.where(slot == (nib & 3)[..., None], vals[..., 0:1], zero)
+    rows = jnp.where(slot == (nib >> 2)[..., None], vals[..., 1:2], rows)
+    segs = rows.reshape(*lead, m // v, n, k // L, L)
+    idx = (jnp.asarray(sw.indices).astype(jnp.int32) % v).reshape(*lead, m // v, n, k // L)
+    a5 = jnp.zeros((*lead, m // v, v, k // L, L), vals.dtype)
+    for j in range(n):
+        hit = idx[..., j, None, :] == jnp.arange(v)[:, None]      # [..., M/V, V, K/L]
+        a5 = jnp.where(hit[..., None], segs[..., j, None, :, :], a5)
+    return jnp.swapaxes(a5.reshape(*lead, m, k), -1, -2)

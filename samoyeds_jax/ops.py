@@ -1,0 +1,258 @@
+"""The sparse matmul primitive: shape rules, per-platform lowering, vmap and autodiff.
+
+One primitive, ``samoyeds_ragged_dot``, backs :func:`dot` and :func:`ragged_dot`. It is
+the only place that knows about platforms: ``cpu`` lowers to the C++ handler, ``cuda``
+to the CUDA handler (both XLA FFI custom calls from the ``_samoyeds`` module).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from samoyeds_jax import _samoyeds
+from samoyeds_jax.format import (
+    KEPT_PER_GROUP, META_COLS_PER_WORD, SUPPORTED_DTYPES, SparseWeight,
+    SparsityConfig, decode)
+
+TARGET = "samoyeds_ragged_dot"
+
+for _name, _capsule in _samoyeds.cpu_targets().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+for _name, _capsule in _samoyeds.cuda_targets().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+
+ragged_dot_p = Primitive(TARGET)
+
+
+def _shape_str(aval) -> str:
+    return f"{jnp.dtype(aval.dtype).name}{list(aval.shape)}"
+
+
+def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: SparsityConfig,
+                   has_sel: bool):
+    """Shape/dtype rules; every message names the argument and what was expected."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [T, K] (rows by in_features), got {_shape_str(x)}")
+    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be bfloat16 or float16, got {jnp.dtype(x.dtype).name}")
+    if values.ndim != 3:
+        raise ValueError(f"sw must have an expert axis [E, K, M]; its values are "
+                         f"{_shape_str(values)}, expected [E, Mk, K/2]")
+    if values.dtype != x.dtype:
+        raise TypeError(f"x dtype {jnp.dtype(x.dtype).name} must match the weight dtype "
+                        f"{jnp.dtype(values.dtype).name}")
+    t, k = x.shape
+    e, mk, half_k = values.shape
+    if half_k * KEPT_PER_GROUP != k:
+        raise ValueError(f"x has K={k} in_features but the weight has "
+                         f"K={half_k * KEPT_PER_GROUP}")
+    want_idx = (e, mk, k // config.sub_row)
+    if indices.shape != want_idx or indices.dtype != jnp.uint8:
+        raise ValueError(f"sw.indices must be uint8{list(want_idx)}, got {_shape_str(indices)}")
+    want_meta = (e, mk, k // META_COLS_PER_WORD)
+    if metadata.shape != want_meta or metadata.dtype != jnp.uint32:
+        raise ValueError(f"sw.metadata must be uint32{list(want_meta)}, got "
+                         f"{_shape_str(metadata)}")
+    if group_sizes.shape != (e,) or group_sizes.dtype != jnp.int32:
+        raise ValueError(f"group_sizes must be int32[{e}] (one size per expert), got "
+                         f"{_shape_str(group_sizes)}")
+    if has_sel:
+        if sel.ndim != 1 or sel.dtype != jnp.int32:
+            raise ValueError(f"sel must be int32[R] (a token id per output row), got "
+                             f"{_shape_str(sel)}")
+        r = sel.shape[0]
+    else:
+        r = t
+    m = mk // config.n * config.v
+    if max(t, r, k, m) >= 2**31:
+        raise ValueError(f"sizes T={t}, R={r}, K={k}, M={m} must each be below 2**31")
+    return jax.core.ShapedArray((r, m), x.dtype)
+
+
+ragged_dot_p.def_abstract_eval(_abstract_eval)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(config: SparsityConfig, has_sel: bool):
+    return jax.jit(lambda *a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel))
+
+
+# Eager calls compile the one-primitive computation once per (config, has_sel).
+ragged_dot_p.def_impl(lambda *args, config, has_sel: _jitted(config, has_sel)(*args))
+
+
+def _lowering(ctx, *args, config: SparsityConfig, has_sel: bool):
+    return jax.ffi.ffi_lowering(TARGET)(
+        ctx, *args, n=np.int64(config.n), v=np.int64(config.v),
+        sub_row=np.int64(config.sub_row), has_sel=np.int64(has_sel))
+
+
+def _no_cuda_lowering(ctx, *args, **params):
+    raise RuntimeError(
+        "samoyeds_jax was built without its CUDA kernels; reinstall with nvcc on the PATH "
+        "(SAMOYEDS_CUDA=ON makes a missing CUDA compiler a build error)")
+
+
+mlir.register_lowering(ragged_dot_p, _lowering, platform="cpu")
+mlir.register_lowering(ragged_dot_p, _lowering if _samoyeds.HAS_CUDA else _no_cuda_lowering,
+                       platform="cuda")
+
+
+# --- vmap ------------------------------------------------------------------------------
+
+def _at_front(a, d, size):
+    """`a` with its batch axis `d` first, broadcast to `size` when unbatched (d None)."""
+    if d is None:
+        return jnp.broadcast_to(a, (size, *a.shape))
+    return jnp.moveaxis(a, d, 0)
+
+
+def _batch(args, dims, *, config: SparsityConfig, has_sel: bool):
+    x, values, indices, metadata, sel, gs = args
+    xd, vd, idd, md, sd, gd = dims
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if any(d is not None for d in (vd, idd, md)):
+        # A batched weight: one call per weight (rare: scan slices stacked layers instead).
+        moved = [_at_front(a, d, size) for a, d in zip(args, dims)]
+        out = jax.lax.map(lambda a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel),
+                          tuple(moved))
+        return out, 0
+    # Fold the batch into rows: one call over B*R rows whose order is sorted by
+    # (expert, batch), then un-permute. Exact, one launch.
+    e = values.shape[0]
+    gs = _at_front(gs, gd, size)                        # [B, E]
+    if xd is None:
+        x_flat, t, offs = x, x.shape[0], jnp.zeros((size, 1), jnp.int32)
+    else:
+        xb = _at_front(x, xd, size)                    # [B, T, K]
+        t = xb.shape[1]
+        x_flat = xb.reshape(size * t, xb.shape[2])
+        offs = (jnp.arange(size, dtype=jnp.int32) * t)[:, None]
+    if has_sel:
+        src = _at_front(sel, sd, size) + offs         # [B, R]
+    else:
+        src = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (size, t)) + offs
+    r = src.shape[1]
+    ends = jnp.cumsum(gs, axis=1)
+    row = jnp.arange(r, dtype=jnp.int32)
+    expert = (row[None, :, None] >= ends[:, None, :]).sum(-1).astype(jnp.int32)  # [B, R]
+    key = expert * size + jnp.arange(size, dtype=jnp.int32)[:, None]
+    perm = jnp.argsort(key.reshape(-1), stable=True)
+    # Group sizes counted from the rows that exist (sizes past R are clipped to R).
+    gs_all = jnp.zeros((e + 1,), jnp.int32).at[expert.reshape(-1)].add(1)[:e]
+    y = ragged_dot_p.bind(x_flat, values, indices, metadata, src.reshape(-1)[perm], gs_all,
+                          config=config, has_sel=True)
+    inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+    return y[inv].reshape(size, r, y.shape[-1]), 0
+
+
+batching.primitive_batchers[ragged_dot_p] = _batch
+
+
+# --- autodiff (linear in x) ------------------------------------------------------------
+
+def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool):
+    x, values, indices, metadata, sel, gs = primals
+    tx, tv = tangents[0], tangents[1]
+    if type(tv) is not ad.Zero:
+        raise TypeError(
+            "samoyeds_jax: differentiating w.r.t. the sparse weight (SparseWeight) is not "
+            "supported; its pattern is fixed at encode time. Differentiate w.r.t. x, or "
+            "stop_gradient the weight")
+    y = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel)
+    if type(tx) is ad.Zero:
+        return y, ad.Zero.from_primal_value(y)
+    return y, ragged_dot_p.bind(tx, values, indices, metadata, sel, gs, config=config,
+                                has_sel=has_sel)
+
+
+def _transpose(ct, x, values, indices, metadata, sel, gs, *, config: SparsityConfig,
+               has_sel: bool):
+    # dx[src(r)] += ct[r] @ W_e(r)^T, through the decoded weight (a correct, not fast, path).
+    if type(ct) is ad.Zero:
+        return (ad.Zero(x.aval), None, None, None, None, None)
+    w = decode(SparseWeight(values, indices, metadata, config))          # [E, K, M]
+    dxr = jax.lax.ragged_dot(ct, jnp.swapaxes(w, -1, -2), gs,
+                             preferred_element_type=jnp.float32)          # [R, K]
+    valid = jnp.arange(ct.shape[0]) < jnp.sum(gs)
+    dxr = jnp.where(valid[:, None], dxr, 0.0)
+    if has_sel:
+        t = x.aval.shape[0]
+        dx = jnp.zeros((t, dxr.shape[1]), jnp.float32).at[sel].add(dxr, mode="drop")
+    else:
+        dx = dxr
+    return (dx.astype(x.aval.dtype), None, None, None, None, None)
+
+
+ad.primitive_jvps[ragged_dot_p] = _jvp
+ad.primitive_transposes[ragged_dot_p] = _transpose
+
+
+# --- public API ------------------------------------------------------------------------
+
+def _check_sw(sw: Any, expert_axis: bool) -> None:
+    if not isinstance(sw, SparseWeight):
+        raise TypeError(f"sw must be a SparseWeight (from sj.encode), got {type(sw).__name__}")
+    want = 3 if expert_axis else 2
+    if sw.ndim != want:
+        raise ValueError(
+            f"sw must be {'[E, K, M] (with an expert axis)' if expert_axis else '[K, M] (no expert axis)'}"
+            f", got shape {sw.shape}")
+
+
+def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
+               sel: jax.Array | None = None) -> jax.Array:
+    """Grouped matmul with a sparse expert weight, mirroring ``jax.lax.ragged_dot``.
+
+    Args:
+      x: ``[R, K]`` rows already grouped by expert (``sel=None``), or ``[T, K]`` tokens
+        gathered through ``sel``; bfloat16 or float16, the weight's dtype.
+      sw: SparseWeight ``[E, K, M]``.
+      group_sizes: int32 ``[E]`` on the device (never read on the host): expert e owns
+        rows ``offset[e] <= r < offset[e+1]`` (exclusive cumsum).
+      sel: optional int32 ``[R]``: output row r uses token ``x[sel[r]]`` (SEL, the
+        activation side of the dual-side format).
+    Returns:
+      ``[R, M]`` in x's dtype, rows in SEL order; rows at or past ``sum(group_sizes)`` are
+      zero. Accumulation is float32.
+    """
+    _check_sw(sw, expert_axis=True)
+    x = jnp.asarray(x)
+    group_sizes = jnp.asarray(group_sizes)
+    if group_sizes.dtype != jnp.int32 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        group_sizes = group_sizes.astype(jnp.int32)
+    if sel is None:
+        sel_arr, has_sel = jnp.zeros((0,), jnp.int32), False
+    else:
+        sel_arr, has_sel = jnp.asarray(sel), True
+        if sel_arr.dtype != jnp.int32 and jnp.issubdtype(sel_arr.dtype, jnp.integer):
+            sel_arr = sel_arr.astype(jnp.int32)
+    return ragged_dot_p.bind(x, sw.values, sw.indices, sw.metadata, sel_arr, group_sizes,
+                             config=sw.config, has_sel=has_sel)
+
+
+def dot(x: jax.Array, sw: SparseWeight) -> jax.Array:
+    """``x @ W`` for one sparse weight.
+
+    Args:
+      x: ``[..., K]`` bfloat16 or float16.
+      sw: SparseWeight ``[K, M]`` (no expert axis).
+    Returns:
+      ``[..., M]`` in x's dtype (float32 accumulation).
+    """
+    _check_sw(sw, expert_axis=False)
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != sw.shape[0]:
+        raise ValueError(f"x must be [..., K] with K={sw.shape[0]}, got shape {x.shape}")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    expert = SparseWeight(sw.values[None], sw.indices[None], sw.metadata[None], sw.config)
+    y = ragged_dot(rows, expert, jnp.full((1,), rows.shape[0], jnp.int32))
+    return y.reshape(*lead, y.shape[-1])
