@@ -1,0 +1,251 @@
+"""GPU tests of the CUDA kernel against a float64 reference on decode(sw).
+
+Skipped cleanly without a GPU; run on the H100 through scripts/gpu_check.sh. Large shapes
+compare a random sample of full output rows (every column) to keep the float64
+reference cheap; every row is checked for being written (finite) and for the zero tail.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import samoyeds_jax as sj
+from samoyeds_jax.format import SUPPORTED_NV, SUPPORTED_SUB_ROWS
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()),
+                       reason="needs a CUDA GPU"),
+]
+
+# Relative Frobenius error vs float64: fp32 accumulation, output rounded to the dtype.
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+DTYPES = [jnp.bfloat16, jnp.float16]
+
+
+@pytest.fixture
+def rng(request):
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"seed={seed} ({request.node.name})")
+    return np.random.default_rng(seed)
+
+
+def _weight(rng, e, k, m, cfg, dtype):
+    w = rng.standard_normal((e, k, m)).astype(np.float32) / np.sqrt(k / 4)
+    return sj.encode(sj.prune(jnp.asarray(w, dtype), cfg), cfg)
+
+
+def _poison_device_memory(nbytes=1 << 28):
+    # Fill and free a large buffer so fresh XLA allocations start out as NaN: rows the
+    # kernel forgets to write then show up as non-finite.
+    junk = jnp.full((nbytes // 4,), jnp.nan, jnp.float32)
+    junk.block_until_ready()
+    del junk
+
+
+def _check(y, x, sw, gs, sel, dtype, sample_rows=None, rng=None):
+    y = np.asarray(y.astype(jnp.float32), np.float64)
+    gs = np.asarray(gs)
+    total = int(gs.sum())
+    assert np.isfinite(y).all(), "unwritten or non-finite output rows"
+    assert (y[total:] == 0).all(), "rows past sum(group_sizes) must be zero"
+    w = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
+    xs = np.asarray(x.astype(jnp.float32), np.float64)
+    offsets = np.concatenate([[0], np.cumsum(gs)])
+    rows = np.arange(total)
+    if sample_rows is not None and total > sample_rows:
+        rows = np.sort(rng.choice(total, sample_rows, replace=False))
+    expert = np.searchsorted(offsets, rows, side="right") - 1
+    src = np.asarray(sel)[rows] if sel is not None else rows
+    ref = np.zeros((len(rows), y.shape[1]))
+    for ex in np.unique(expert):
+        hit = expert == ex
+        ref[hit] = xs[src[hit]] @ w[ex]
+    got = y[rows]
+    if len(rows):
+        err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert err < TOL[dtype], f"relative error {err:.3g}"
+        assert np.abs(got).sum(axis=1).min() > 0, "a routed row came back all zero"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nv", SUPPORTED_NV)
+@pytest.mark.parametrize("sub_row", SUPPORTED_SUB_ROWS)
+def test_configs(rng, dtype, nv, sub_row):
+    cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
+    e, k, m = 4, 384, 192 if cfg.m_multiple <= 64 else 256
+    sw = _weight(rng, e, k, m, cfg, dtype)
+    gs = jnp.asarray([37, 0, 1, 90], jnp.int32)
+    r = int(gs.sum()) + 5
+    x = jnp.asarray(rng.standard_normal((r, k)), dtype)
+    _poison_device_memory()
+    _check(jax.jit(sj.ragged_dot)(x, sw, gs), x, sw, gs, None, dtype)
+    t = 50
+    xt = jnp.asarray(rng.standard_normal((t, k)), dtype)
+    sel = jnp.asarray(rng.integers(0, t, r), jnp.int32)
+    _poison_device_memory()
+    _check(jax.jit(sj.ragged_dot)(xt, sw, gs, sel), xt, sw, gs, sel, dtype)
+
+
+_MODEL_WEIGHTS = {}
+
+
+def _model_weight(rng, k, m):
+    # Encoding a Mixtral-sized stack takes seconds: one per shape per session.
+    if (k, m) not in _MODEL_WEIGHTS:
+        _MODEL_WEIGHTS[(k, m)] = _weight(rng, 8, k, m, sj.SparsityConfig(1, 2, 128),
+                                         jnp.bfloat16)
+    return _MODEL_WEIGHTS[(k, m)]
+
+
+@pytest.mark.parametrize("k,m", [(4096, 14336), (14336, 4096), (2048, 1408), (1408, 2048)])
+@pytest.mark.parametrize("tokens", [1, 16, 4096])
+def test_model_shapes(rng, k, m, tokens):
+    dtype = jnp.bfloat16
+    e, top_k = 8, 2
+    sw = _model_weight(rng, k, m)
+    x = jnp.asarray(rng.standard_normal((tokens, k)), dtype)
+    # Top-2 routing with one hot expert: expert 0 takes a third of the choices.
+    choice = rng.integers(0, e, (tokens, top_k))
+    choice[: tokens // 3, 0] = 0
+    flat = choice.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    sel = jnp.asarray(order // top_k, jnp.int32)
+    gs = jnp.asarray(np.bincount(flat, minlength=e), jnp.int32)
+    _poison_device_memory()
+    y = jax.jit(sj.ragged_dot)(x, sw, gs, sel)
+    _check(y, x, sw, gs, sel, dtype, sample_rows=48, rng=rng)
+    if tokens == 4096:  # one expert taking 4096 tokens, no SEL
+        _poison_device_memory()
+        y = jax.jit(sj.dot)(x, sw[1])
+        _check(y, x, sw[1:2], jnp.asarray([tokens], jnp.int32), None, dtype, sample_rows=48,
+               rng=rng)
+
+
+@pytest.mark.parametrize("layout", ["one_expert_all", "odd", "zeros", "tail"])
+def test_group_layouts(rng, layout):
+    dtype = jnp.bfloat16
+    cfg = sj.SparsityConfig(1, 2, 128)
+    e, k, m = 6, 256, 128
+    sw = _weight(rng, e, k, m, cfg, dtype)
+    r = 300
+    gs = {"one_expert_all": [0, 0, r, 0, 0, 0], "odd": [1, 63, 65, 127, 3, 41],
+          "zeros": [0] * e, "tail": [7, 0, 0, 129, 0, 2]}[layout]
+    gs = jnp.asarray(gs, jnp.int32)
+    x = jnp.asarray(rng.standard_normal((r, k)), dtype)
+    _poison_device_memory()
+    _check(jax.jit(sj.ragged_dot)(x, sw, gs), x, sw, gs, None, dtype)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 65, 1000])
+def test_tokens_per_expert(rng, tokens):
+    dtype = jnp.float16
+    cfg = sj.SparsityConfig(1, 4, 32)
+    sw = _weight(rng, 1, 512, 640, cfg, dtype)
+    x = jnp.asarray(rng.standard_normal((tokens, 512)), dtype)
+    _poison_device_memory()
+    y = jax.jit(sj.dot)(x, sw[0])
+    gs = jnp.asarray([tokens], jnp.int32)
+    _check(y, x, sw, gs, None, dtype)
+
+
+def test_vmap_and_grad(rng):
+    dtype = jnp.bfloat16
+    cfg = sj.SparsityConfig(2, 4, 64)
+    e, k, m, r = 3, 256, 128, 40
+    sw = _weight(rng, e, k, m, cfg, dtype)
+    xb = jnp.asarray(rng.standard_normal((2, r, k)), dtype)
+    gsb = jnp.asarray([[10, 0, 25], [1, 38, 1]], jnp.int32)
+    yb = jax.jit(jax.vmap(lambda x, g: sj.ragged_dot(x, sw, g)))(xb, gsb)
+    for b in range(2):
+        _check(yb[b], xb[b], sw, gsb[b], None, dtype)
+    f = lambda x: (sj.ragged_dot(x, sw, gsb[0]).astype(jnp.float32) ** 2).sum()
+    g = jax.jit(jax.grad(f))(xb[0])
+    w = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
+    xs = np.asarray(xb[0].astype(jnp.float32), np.float64)
+    off = np.concatenate([[0], np.cumsum(np.asarray(gsb[0]))])
+    want = np.zeros_like(xs)
+    for ex in range(e):
+        rows = slice(off[ex], off[ex + 1])
+        want[rows] = 2 * (xs[rows] @ w[ex]) @ w[ex].T
+    got = np.asarray(g.astype(jnp.float32), np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-2
+
+
+def test_matches_cpu_handler(rng):
+    """The CUDA kernel and the C++ CPU handler agree on the same inputs."""
+    dtype = jnp.bfloat16
+    cfg = sj.SparsityConfig(1, 2, 128)
+    sw = _weight(rng, 4, 512, 256, cfg, dtype)
+    gs = jnp.asarray([3, 60, 0, 17], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((90, 512)), dtype)
+    sel = jnp.asarray(rng.integers(0, 90, 85), jnp.int32)
+    y_gpu = np.asarray(jax.jit(sj.ragged_dot)(x, sw, gs, sel).astype(jnp.float32))
+    cpu = jax.devices("cpu")[0]
+    args = jax.device_put((x, sw, gs, sel), cpu)
+    y_cpu = np.asarray(jax.jit(sj.ragged_dot)(*args).astype(jnp.float32))
+    np.testing.assert_allclose(y_gpu, y_cpu, rtol=2e-2, atol=2e-2)
+
+
+def test_deterministic(rng):
+    dtype = jnp.bfloat16
+    cfg = sj.SparsityConfig(1, 2, 128)
+    sw = _weight(rng, 8, 1024, 512, cfg, dtype)
+    gs = jnp.asarray(rng.integers(0, 100, 8), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((int(gs.sum()), 1024)), dtype)
+    f = jax.jit(sj.ragged_dot)
+    first = np.asarray(f(x, sw, gs).view(jnp.uint16))
+    for _ in range(3):
+        assert (np.asarray(f(x, sw, gs).view(jnp.uint16)) == first).all()
+
+
+_REPLAY = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    import samoyeds_jax as sj
+    rng = np.random.default_rng(int(__import__("sys").argv[1]))
+    cfg = sj.SparsityConfig(1, 2, 128)
+    w = jnp.asarray(rng.standard_normal((4, 512, 256)) / 11, jnp.bfloat16)
+    sw = sj.encode(sj.prune(w, cfg), cfg)
+    wd = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
+    @jax.jit
+    def f(x, gs, sel):
+        h = sj.ragged_dot(x, sw, gs, sel)
+        return sj.ragged_dot(jnp.tanh(h[:, :512]).astype(jnp.bfloat16), sw, gs) * 2
+    worst = 0.0
+    for it in range(6):
+        gs = rng.multinomial(96, np.ones(4) / 4).astype(np.int32)
+        x = rng.standard_normal((64, 512)).astype(np.float32)
+        sel = rng.integers(0, 64, 96).astype(np.int32)
+        y = np.asarray(f(jnp.asarray(x, jnp.bfloat16), jnp.asarray(gs), jnp.asarray(sel)).astype(jnp.float32))
+        xs = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+        e = np.repeat(np.arange(4), gs)
+        h = np.stack([xs[s] @ wd[k] for s, k in zip(sel, e)])
+        h = np.asarray(jnp.asarray(np.tanh(h[:, :512]), jnp.bfloat16).astype(jnp.float32), np.float64)
+        ref = np.stack([h[i] @ wd[k] for i, k in enumerate(e)]) * 2
+        worst = max(worst, np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    print("REPLAY_MAX_ERR", worst)
+""")
+
+
+def test_command_buffer_replay(rng, tmp_path):
+    """A jitted function replays correctly with custom calls captured in command buffers."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL"
+                        " --xla_gpu_graph_min_graph_size=1"
+                        f" --xla_dump_to={tmp_path} --xla_dump_hlo_as_text")
+    out = subprocess.run([sys.executable, "-c", _REPLAY, str(int(rng.integers(2**31)))],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    err = float(out.stdout.split("REPLAY_MAX_ERR")[1])
+    assert err < 2e-2, out.stdout
+    # The optimized HLO must show the custom call inside a command buffer.
+    texts = [p.read_text() for p in tmp_path.glob("*after_optimizations.txt")]
+    assert any("command_buffer" in t and "samoyeds_ragged_dot" in t for t in texts), \
+        "samoyeds_ragged_dot was not captured into a command buffer"
