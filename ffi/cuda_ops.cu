@@ -25,13 +25,14 @@
 namespace samoyeds {
 namespace {
 
-// One tile configuration; every size below derives from these.
-struct Tile {
-  static constexpr int kBM = 64;  // kept rows per block
-  static constexpr int kBN = 64;  // routed rows per block
-  static constexpr int kBK = 128; // dense K per pipeline stage
-  static constexpr int kStages = 3;
-  static constexpr int kWarpsM = 2, kWarpsN = 2;
+// A tile configuration; every size below derives from these.
+template <int BM, int BN, int Stages, int WarpsM, int WarpsN>
+struct TileCfg {
+  static constexpr int kBM = BM;   // kept rows per block
+  static constexpr int kBN = BN;   // routed rows per block
+  static constexpr int kBK = 128;  // dense K per pipeline stage
+  static constexpr int kStages = Stages;
+  static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kFragsM = kBM / kWarpsM / 16;  // m16 fragments per warp
   static constexpr int kFragsN = kBN / kWarpsN / 8;   // n8 fragments per warp
@@ -46,8 +47,21 @@ struct Tile {
   static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
 };
+// Prefill: 64 kept rows x 64 routed rows, 4 warps of 32 x 32.
+using TileLarge = TileCfg<64, 64, 3, 2, 2>;
+// Decode (few rows per expert): 64 kept rows x 16 routed rows, 4 warps of 16 x 16, a
+// deeper pipeline to keep more weight bytes in flight.
+using TileSmall = TileCfg<64, 16, 5, 4, 1>;
+// Mean routed rows per expert up to which the decode tile is used (host-side choice
+// from shapes only: group sizes stay on the device).
+constexpr int64_t kSmallTileMaxRowsPerExpert = 32;
+
+using Tile = TileLarge;  // for the static checks below
 static_assert(Tile::kStepK == kMetaColsPerWord, "one metadata word per mma k-step");
 static_assert(Tile::kSteps % 2 == 0, "metadata words are consumed in selector pairs");
+// Metadata for MMA rows that hold no kept row (their values are zero): positions 0 and 1
+// in every group, a valid ordered pattern.
+constexpr uint32_t kFillerMeta = 0x44444444u;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -57,6 +71,13 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
+}
+// 16-byte async copy issued only when `pred` holds (no branch, no zero fill).
+__device__ __forceinline__ void CpAsync16If(uint32_t dst, const void* src, bool pred) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
+      " @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(dst),
+      "l"(src), "r"(static_cast<int>(pred)));
 }
 __device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
@@ -95,9 +116,11 @@ __device__ __forceinline__ void MmaSp(float (&d)[4], const uint32_t (&a)[4],
 }
 
 // XOR swizzles of 16-byte chunks: ldmatrix's 8 row addresses land in distinct banks.
+template <typename Tile>
 __device__ __forceinline__ int SwizzleA(int row, int chunk) {
   return row * Tile::kARow + ((chunk ^ (row & 7)) << 4);
 }
+template <typename Tile>
 __device__ __forceinline__ int SwizzleB(int row, int chunk) {
   return row * Tile::kBRow + ((chunk ^ (row & 7)) << 4);
 }
@@ -123,6 +146,7 @@ struct Work {
   int row_end;   // one past the last valid output row of this tile
 };
 
+template <typename Tile>
 __device__ Work FindWork(const Args& a, int tile) {
   int seen = 0, row = 0;
   for (int e = 0; e < a.experts; ++e) {
@@ -139,7 +163,7 @@ __device__ Work FindWork(const Args& a, int tile) {
   return {-1, begin, min(begin + Tile::kBN, a.rows)};
 }
 
-template <typename T, int N, int V>
+template <typename T, int N, int V, typename Tile>
 __global__ void __launch_bounds__(Tile::kThreads)
     RaggedDotKernel(const Args a) {
   extern __shared__ __align__(128) uint8_t smem[];
@@ -151,7 +175,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
   const int kept_here = min(Tile::kBM, a.kept_rows - kept0);
   const int out0 = kept0 / N * V;
   const int out_here = kept_here / N * V;
-  const Work work = FindWork(a, blockIdx.x);
+  const Work work = FindWork<Tile>(a, blockIdx.x);
   if (work.row_begin >= work.row_end) return;
   T* out = static_cast<T*>(a.out);
 
@@ -167,6 +191,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp % Tile::kWarpsM, warp_n = warp / Tile::kWarpsM;
   const int e = work.expert;
+  const int rows_here = work.row_end - work.row_begin;
   for (int i = tid; i < Tile::kBN; i += Tile::kThreads) {
     const int r = work.row_begin + i;
     int t = -1;
@@ -187,44 +212,70 @@ __global__ void __launch_bounds__(Tile::kThreads)
   const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
   const uint32_t smem_base = SmemAddr(smem);
 
+  // Each thread copies fixed chunks of every stage: its rows, columns and shared-memory
+  // offsets are computed once here; a stage only adds its K offset.
+  constexpr int kAChunks = Tile::kARow / 16, kBChunks = Tile::kBRow / 16;
+  constexpr int kAPer = Tile::kBM * kAChunks / Tile::kThreads;       // 16-byte copies
+  constexpr int kBPer = Tile::kBN * kBChunks / Tile::kThreads;       // 16-byte copies
+  constexpr int kMPer = Tile::kBM * Tile::kSteps / Tile::kThreads;   // 4-byte copies
+  static_assert(kAPer * Tile::kThreads == Tile::kBM * kAChunks, "A copies divide evenly");
+  static_assert(kBPer * Tile::kThreads == Tile::kBN * kBChunks, "B copies divide evenly");
+  static_assert(kMPer * Tile::kThreads == Tile::kBM * Tile::kSteps, "meta copies divide");
+  constexpr int kARowStep = Tile::kThreads / kAChunks;  // rows between a thread's copies
+  constexpr int kBRowStep = Tile::kThreads / kBChunks;
+  constexpr int kMRowStep = Tile::kThreads / Tile::kSteps;
+  const int a_row = tid / kAChunks, a_chunk = tid % kAChunks;
+  const int b_row = tid / kBChunks, b_chunk = tid % kBChunks;
+  const int m_row = tid / Tile::kSteps, m_word = tid % Tile::kSteps;
+  // Swizzle depends on row & 7, identical for all of a thread's rows (steps are multiples of 8).
+  static_assert(kARowStep % 8 == 0 && kBRowStep % 8 == 0, "row steps keep the swizzle");
+  const uint32_t a_dst = SwizzleA<Tile>(a_row, a_chunk), b_dst = SwizzleB<Tile>(b_row, b_chunk);
+  const uint32_t m_dst = m_row * Tile::kMetaRow + m_word * 4;
+  const T* a_src = values + static_cast<int64_t>(kept0 + a_row) * half_k + a_chunk * 8;
+  const uint32_t* m_src = meta + static_cast<int64_t>(kept0 + m_row) * words + m_word;
+  int b_tok[kBPer];
+#pragma unroll
+  for (int c = 0; c < kBPer; ++c) {
+    const int row = b_row + c * kBRowStep;
+    b_tok[c] = row < rows_here ? src_row[row] : -1;
+  }
+
   auto load_stage = [&](int stage, int buf) {
     const uint32_t sa = smem_base + buf * Tile::kStageBytes;
     const uint32_t sb = sa + Tile::kABytes;
     const uint32_t sm = sb + Tile::kBBytes;
     const int k0 = stage * Tile::kBK;
-    // Compressed values: kBM rows x (kBK/2) values = 8 chunks of 16 bytes per row.
-    constexpr int kAChunks = Tile::kARow / 16;
-    for (int i = tid; i < Tile::kBM * kAChunks; i += Tile::kThreads) {
-      const int row = i / kAChunks, chunk = i % kAChunks;
-      const int col = k0 / 2 + chunk * 8;
-      const bool ok = row < kept_here && col < half_k;
-      const T* src = ok ? values + static_cast<int64_t>(kept0 + row) * half_k + col : values;
-      CpAsync16(sa + SwizzleA(row, chunk), src, ok ? 16 : 0);
+    const bool a_col_ok = k0 / 2 + a_chunk * 8 < half_k;
+#pragma unroll
+    for (int c = 0; c < kAPer; ++c) {
+      const bool ok = a_col_ok && a_row + c * kARowStep < kept_here;
+      const T* src = ok ? a_src + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2 : values;
+      CpAsync16(sa + a_dst + c * kARowStep * Tile::kARow, src, ok ? 16 : 0);
     }
-    // Activation rows through SEL: kBN rows x kBK values = 16 chunks per row.
-    constexpr int kBChunks = Tile::kBRow / 16;
-    for (int i = tid; i < Tile::kBN * kBChunks; i += Tile::kThreads) {
-      const int row = i / kBChunks, chunk = i % kBChunks;
-      const int col = k0 + chunk * 8;
-      const int t = src_row[row];
-      const bool ok = t >= 0 && col < a.k;
-      const T* src = ok ? x + static_cast<int64_t>(t) * a.k + col : x;
-      CpAsync16(sb + SwizzleB(row, chunk), src, ok ? 16 : 0);
+    // Activation rows through SEL; absent rows are not copied at all (their output
+    // columns are never stored), so decode shapes move only the rows they have.
+    const bool b_col_ok = k0 + b_chunk * 8 < a.k;
+#pragma unroll
+    for (int c = 0; c < kBPer; ++c) {
+      const int t = b_tok[c];
+      const T* src = x + static_cast<int64_t>(max(t, 0)) * a.k + k0 + b_chunk * 8;
+      CpAsync16If(sb + b_dst + c * kBRowStep * Tile::kBRow, src, t >= 0 && b_col_ok);
     }
-    // Metadata: kSteps words per kept row, copied word by word (K need not be a
-    // multiple of kBK, only of 32).
-    for (int i = tid; i < Tile::kBM * Tile::kSteps; i += Tile::kThreads) {
-      const int row = i / Tile::kSteps, w = i % Tile::kSteps;
-      const int word = k0 / kMetaColsPerWord + w;
-      const bool ok = row < kept_here && word < words;
-      const uint32_t* src = ok ? meta + static_cast<int64_t>(kept0 + row) * words + word : meta;
-      CpAsync4(sm + row * Tile::kMetaRow + w * 4, src, ok ? 4 : 0);
+    const int word0 = k0 / kMetaColsPerWord;
+#pragma unroll
+    for (int c = 0; c < kMPer; ++c) {
+      const bool ok = m_row + c * kMRowStep < kept_here && word0 + m_word < words;
+      const uint32_t* src =
+          ok ? m_src + static_cast<int64_t>(c * kMRowStep) * words + word0 : meta;
+      CpAsync4(sm + m_dst + c * kMRowStep * Tile::kMetaRow, src, ok ? 4 : 0);
     }
   };
 
-  // Accumulators: V per kept row (the N:V candidates), plus this window's partial sums.
+  // Accumulators: V per kept row, one per N:V candidate output row. acc[0] is always
+  // the candidate the current window adds to; slot[i][h][c] says which candidate acc[c]
+  // holds. At a window boundary the new window's candidate is swapped to the front with
+  // 2 selects per accumulator (V = 2), instead of a separate partial sum per window.
   float acc[V][Tile::kFragsM][Tile::kFragsN][4];
-  float part[Tile::kFragsM][Tile::kFragsN][4];
 #pragma unroll
   for (int v = 0; v < V; ++v)
 #pragma unroll
@@ -233,6 +284,13 @@ __global__ void __launch_bounds__(Tile::kThreads)
       for (int j = 0; j < Tile::kFragsN; ++j)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[v][i][j][q] = 0.0f;
+  uint8_t slot[Tile::kFragsM][2][V];
+#pragma unroll
+  for (int i = 0; i < Tile::kFragsM; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int c = 0; c < V; ++c) slot[i][h][c] = static_cast<uint8_t>(c);
 
   const int g = lane >> 2, tq = lane & 3;
   // Kept rows of this lane's accumulator entries (rows g and g + 8 of each fragment).
@@ -257,7 +315,11 @@ __global__ void __launch_bounds__(Tile::kThreads)
                                                          windows + window) % V)
                                : 0;
   };
-  const int steps_per_window = a.sub_row / Tile::kStepK;
+  // Windows are 1, 2 or 4 k-steps (sub_row 32, 64, 128): shifts, not divisions.
+  const int window_shift = __ffs(a.sub_row / Tile::kStepK) - 1;
+  const int window_mask = (1 << window_shift) - 1;
+  uint8_t sub_next[Tile::kFragsM][2];
+  if constexpr (V > 1) load_sub(0, sub_next);
 
   // Prologue.
 #pragma unroll
@@ -280,64 +342,86 @@ __global__ void __launch_bounds__(Tile::kThreads)
     const uint8_t* sm = smem + buf * Tile::kStageBytes + Tile::kABytes + Tile::kBBytes;
 
     uint32_t meta_word[Tile::kFragsM];
+    // Swap this window's candidates to the front of the accumulators.
+    auto window_start = [&](int ks) {
+      const int window = ks >> window_shift;
+      // This window's indices were fetched a window ago; fetch the next ones now so
+      // their latency hides behind this window's MMAs.
 #pragma unroll
-    for (int s = 0; s < Tile::kSteps; ++s) {
-      const int ks = stage * Tile::kSteps + s;
-      if (ks >= k_steps) break;
-      if constexpr (V > 1) {
-        if (ks % steps_per_window == 0) {
-          load_sub(ks / steps_per_window, sub);
+      for (int i = 0; i < Tile::kFragsM; ++i) {
+        sub[i][0] = sub_next[i][0];
+        sub[i][1] = sub_next[i][1];
+      }
+      if (window + 1 < windows) load_sub(window + 1, sub_next);
 #pragma unroll
-          for (int i = 0; i < Tile::kFragsM; ++i)
+      for (int i = 0; i < Tile::kFragsM; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int c = 1; c < V; ++c) {
+            // Swap acc[0] and acc[c] when acc[c] holds this window's candidate.
+            const bool swap = slot[i][h][c] == sub[i][h];
+            const uint8_t held = slot[i][h][0];
+            slot[i][h][0] = swap ? slot[i][h][c] : held;
+            slot[i][h][c] = swap ? held : slot[i][h][c];
 #pragma unroll
             for (int j = 0; j < Tile::kFragsN; ++j)
 #pragma unroll
-              for (int q = 0; q < 4; ++q) part[i][j][q] = 0.0f;
-        }
-      }
+              for (int q = 2 * h; q < 2 * h + 2; ++q) {
+                const float front = acc[0][i][j][q];
+                acc[0][i][j][q] = swap ? acc[c][i][j][q] : front;
+                acc[c][i][j][q] = swap ? front : acc[c][i][j][q];
+              }
+          }
+    };
+    auto mma_step = [&](int s) {
       if (s % 2 == 0) {
         // Lane (g, t) holds rows g + 8*(t&1) of step s + (t>>1): selector 0 then 1.
+        // Fragments past the kept rows read zero values; give them a valid pattern.
 #pragma unroll
         for (int i = 0; i < Tile::kFragsM; ++i) {
           const int row = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16 + g + 8 * (tq & 1);
-          meta_word[i] =
+          const uint32_t w =
               reinterpret_cast<const uint32_t*>(sm + row * Tile::kMetaRow)[s + (tq >> 1)];
+          meta_word[i] = frag_ok[i] ? w : kFillerMeta;
         }
       }
       uint32_t bfrag[Tile::kFragsN][4];
 #pragma unroll
       for (int j = 0; j < Tile::kFragsN; ++j) {
         const int row = warp_n * (Tile::kBN / Tile::kWarpsN) + j * 8 + (lane & 7);
-        LdMatrixX4(sb + SwizzleB(row, s * 4 + (lane >> 3)), bfrag[j]);
+        LdMatrixX4(sb + SwizzleB<Tile>(row, s * 4 + (lane >> 3)), bfrag[j]);
       }
 #pragma unroll
       for (int i = 0; i < Tile::kFragsM; ++i) {
-        if (!frag_ok[i]) continue;
         uint32_t afrag[4];
         const int row = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16 + (lane & 15);
-        LdMatrixX4(sa + SwizzleA(row, s * 2 + (lane >> 4)), afrag);
+        LdMatrixX4(sa + SwizzleA<Tile>(row, s * 2 + (lane >> 4)), afrag);
 #pragma unroll
         for (int j = 0; j < Tile::kFragsN; ++j) {
-          float(&d)[4] = *(V > 1 ? &part[i][j] : &acc[0][i][j]);
           if (s % 2 == 0)
-            MmaSp<T, 0>(d, afrag, bfrag[j], meta_word[i]);
+            MmaSp<T, 0>(acc[0][i][j], afrag, bfrag[j], meta_word[i]);
           else
-            MmaSp<T, 1>(d, afrag, bfrag[j], meta_word[i]);
+            MmaSp<T, 1>(acc[0][i][j], afrag, bfrag[j], meta_word[i]);
         }
       }
-      if constexpr (V > 1) {
-        if ((ks + 1) % steps_per_window == 0) {
+    };
+    const int ks0 = stage * Tile::kSteps;
+    if (ks0 + Tile::kSteps <= k_steps && window_shift == 2) {
+      // A full stage that is exactly one window (sub_row 128, the default): no branch
+      // between the k-steps, so loads of step s + 1 overlap the MMAs of step s.
+      if constexpr (V > 1) window_start(ks0);
 #pragma unroll
-          for (int i = 0; i < Tile::kFragsM; ++i)
+      for (int s = 0; s < Tile::kSteps; ++s) mma_step(s);
+    } else {
 #pragma unroll
-            for (int j = 0; j < Tile::kFragsN; ++j)
-#pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                const uint8_t which = sub[i][q >> 1];
-#pragma unroll
-                for (int v = 0; v < V; ++v) acc[v][i][j][q] += which == v ? part[i][j][q] : 0.0f;
-              }
+      for (int s = 0; s < Tile::kSteps; ++s) {
+        const int ks = ks0 + s;
+        if (ks >= k_steps) break;  // only in a partial last stage
+        if constexpr (V > 1) {
+          if ((ks & window_mask) == 0) window_start(ks);
         }
+        mma_step(s);
       }
     }
   }
@@ -349,13 +433,13 @@ __global__ void __launch_bounds__(Tile::kThreads)
   static_assert(Tile::kBN * kCStride * 4 <= Tile::kPipeBytes, "epilogue tile fits the pipeline");
   float* c_tile = reinterpret_cast<float*>(smem);
 #pragma unroll
-  for (int slot = 0; slot < N; ++slot) {
+  for (int slot_n = 0; slot_n < N; ++slot_n) {
 #pragma unroll
     for (int i = 0; i < Tile::kFragsM; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int kept = my_kept[i][h];
-        if (kept % N != slot) continue;
+        if (kept % N != slot_n) continue;
         const int block_row = kept / N * V;
 #pragma unroll
         for (int j = 0; j < Tile::kFragsN; ++j)
@@ -363,9 +447,9 @@ __global__ void __launch_bounds__(Tile::kThreads)
           for (int q = 0; q < 2; ++q) {
             const int n = warp_n * (Tile::kBN / Tile::kWarpsN) + j * 8 + 2 * tq + q;
 #pragma unroll
-            for (int v = 0; v < V; ++v) {
-              float& dst = c_tile[n * kCStride + block_row + v];
-              dst = (slot == 0 ? 0.0f : dst) + acc[v][i][j][2 * h + q];
+            for (int c = 0; c < V; ++c) {
+              float& dst = c_tile[n * kCStride + block_row + (V > 1 ? slot[i][h][c] : 0)];
+              dst = (slot_n == 0 ? 0.0f : dst) + acc[c][i][j][2 * h + q];
             }
           }
       }
@@ -383,9 +467,9 @@ __global__ void __launch_bounds__(Tile::kThreads)
   }
 }
 
-template <typename T, int N, int V>
+template <typename T, int N, int V, typename Tile>
 cudaError_t Launch(cudaStream_t stream, const Args& a) {
-  auto kernel = RaggedDotKernel<T, N, V>;
+  auto kernel = RaggedDotKernel<T, N, V, Tile>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Tile::kPipeBytes);
   if (err != cudaSuccess) return err;
@@ -396,12 +480,18 @@ cudaError_t Launch(cudaStream_t stream, const Args& a) {
   return cudaGetLastError();
 }
 
+template <typename T, int N, int V>
+cudaError_t LaunchTile(cudaStream_t stream, const Args& a) {
+  if (a.rows <= kSmallTileMaxRowsPerExpert * a.experts) return Launch<T, N, V, TileSmall>(stream, a);
+  return Launch<T, N, V, TileLarge>(stream, a);
+}
+
 template <typename T>
 cudaError_t Dispatch(cudaStream_t stream, const Args& a, int n, int v) {
-  if (n == 1 && v == 1) return Launch<T, 1, 1>(stream, a);
-  if (n == 1 && v == 2) return Launch<T, 1, 2>(stream, a);
-  if (n == 1 && v == 4) return Launch<T, 1, 4>(stream, a);
-  if (n == 2 && v == 4) return Launch<T, 2, 4>(stream, a);
+  if (n == 1 && v == 1) return LaunchTile<T, 1, 1>(stream, a);
+  if (n == 1 && v == 2) return LaunchTile<T, 1, 2>(stream, a);
+  if (n == 1 && v == 4) return LaunchTile<T, 1, 4>(stream, a);
+  if (n == 2 && v == 4) return LaunchTile<T, 2, 4>(stream, a);
   return cudaErrorInvalidValue;  // unreachable: CheckProblem refused it
 }
 

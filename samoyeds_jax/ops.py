@@ -158,14 +158,17 @@ batching.primitive_batchers[ragged_dot_p] = _batch
 
 # --- autodiff (linear in x) ------------------------------------------------------------
 
+_NO_WEIGHT_GRAD = (
+    "samoyeds_jax: differentiating w.r.t. the sparse weight (SparseWeight) is not "
+    "supported; its pattern is fixed at encode time. Differentiate w.r.t. x, or "
+    "stop_gradient the weight")
+
+
 def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool):
     x, values, indices, metadata, sel, gs = primals
     tx, tv = tangents[0], tangents[1]
     if type(tv) is not ad.Zero:
-        raise TypeError(
-            "samoyeds_jax: differentiating w.r.t. the sparse weight (SparseWeight) is not "
-            "supported; its pattern is fixed at encode time. Differentiate w.r.t. x, or "
-            "stop_gradient the weight")
+        raise TypeError(_NO_WEIGHT_GRAD)
     y = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel)
     if type(tx) is ad.Zero:
         return y, ad.Zero.from_primal_value(y)
@@ -178,11 +181,7 @@ def _transpose(ct, x, values, indices, metadata, sel, gs, *, config: SparsityCon
     # dx[src(r)] += ct[r] @ W_e(r)^T, through the decoded weight (a correct, not fast, path).
     if type(ct) is ad.Zero:
         return (ad.Zero(x.aval), None, None, None, None, None)
-    w = decode(SparseWeight(values, indices, metadata, config))          # [E, K, M]
-    dxr = jax.lax.ragged_dot(ct, jnp.swapaxes(w, -1, -2), gs,
-                             preferred_element_type=jnp.float32)          # [R, K]
-    valid = jnp.arange(ct.shape[0]) < jnp.sum(gs)
-    dxr = jnp.where(valid[:, None], dxr, 0.0)
+    dxr = ragged_dot_t_p.bind(ct, values, indices, metadata, gs, config=config)  # [R, K]
     if has_sel:
         t = x.aval.shape[0]
         dx = jnp.zeros((t, dxr.shape[1]), jnp.float32).at[sel].add(dxr, mode="drop")
@@ -193,6 +192,62 @@ def _transpose(ct, x, values, indices, metadata, sel, gs, *, config: SparsityCon
 
 ad.primitive_jvps[ragged_dot_p] = _jvp
 ad.primitive_transposes[ragged_dot_p] = _transpose
+
+
+# The rows of dx, dxr[r] = ct[r] @ W_e(r)^T (float32, zero at or past sum(group_sizes)),
+# are their own primitive: jax.lax.ragged_dot has no vmap rule for operands batched on
+# different axes, so vmap(grad) and jax.hessian need this one's batching rule.
+ragged_dot_t_p = Primitive(TARGET + "_transpose")
+
+
+def _t_dense(ct, values, indices, metadata, gs, *, config: SparsityConfig):
+    w = decode(SparseWeight(values, indices, metadata, config))          # [E, K, M]
+    dxr = jax.lax.ragged_dot(ct, jnp.swapaxes(w, -1, -2), gs,
+                             preferred_element_type=jnp.float32)          # [R, K]
+    valid = jnp.arange(ct.shape[0]) < jnp.sum(gs)
+    return jnp.where(valid[:, None], dxr, 0.0)
+
+
+ragged_dot_t_p.def_abstract_eval(lambda ct, values, *_, config: jax.core.ShapedArray(
+    (ct.shape[0], values.shape[-1] * KEPT_PER_GROUP), jnp.float32))
+ragged_dot_t_p.def_impl(lambda *a, config: jax.jit(_t_dense, static_argnames="config")(
+    *a, config=config))
+mlir.register_lowering(ragged_dot_t_p, mlir.lower_fun(_t_dense, multiple_results=False))
+
+
+def _t_batch(args, dims, *, config: SparsityConfig):
+    # One call per batch member (a correct, not fast, path like the rest of the transpose).
+    mapped = tuple(jnp.moveaxis(a, d, 0) for a, d in zip(args, dims) if d is not None)
+
+    def one(sliced):
+        it = iter(sliced)
+        full = [a if d is None else next(it) for a, d in zip(args, dims)]
+        return ragged_dot_t_p.bind(*full, config=config)
+
+    return jax.lax.map(one, mapped), 0
+
+
+def _t_jvp(primals, tangents, *, config: SparsityConfig):
+    if type(tangents[1]) is not ad.Zero:
+        raise TypeError(_NO_WEIGHT_GRAD)
+    out = ragged_dot_t_p.bind(*primals, config=config)
+    if type(tangents[0]) is ad.Zero:
+        return out, ad.Zero.from_primal_value(out)
+    return out, ragged_dot_t_p.bind(tangents[0], *primals[1:], config=config)
+
+
+def _t_transpose(cdx, ct, values, indices, metadata, gs, *, config: SparsityConfig):
+    # The transpose of ct -> dxr is the forward product, rows past sum(gs) zero.
+    if type(cdx) is ad.Zero:
+        return (ad.Zero(ct.aval), None, None, None, None)
+    dct = ragged_dot_p.bind(cdx.astype(ct.aval.dtype), values, indices, metadata,
+                            jnp.zeros((0,), jnp.int32), gs, config=config, has_sel=False)
+    return (dct, None, None, None, None)
+
+
+batching.primitive_batchers[ragged_dot_t_p] = _t_batch
+ad.primitive_jvps[ragged_dot_t_p] = _t_jvp
+ad.primitive_transposes[ragged_dot_t_p] = _t_transpose
 
 
 # --- public API ------------------------------------------------------------------------

@@ -206,27 +206,29 @@ def test_deterministic(rng):
 
 
 _REPLAY = textwrap.dedent("""
+    import sys
     import jax, jax.numpy as jnp, numpy as np
     import samoyeds_jax as sj
-    rng = np.random.default_rng(int(__import__("sys").argv[1]))
+    rng = np.random.default_rng(int(sys.argv[1]))
     cfg = sj.SparsityConfig(1, 2, 128)
-    w = jnp.asarray(rng.standard_normal((4, 512, 256)) / 11, jnp.bfloat16)
-    sw = sj.encode(sj.prune(w, cfg), cfg)
-    wd = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
+    def make(k, m):
+        sw = sj.encode(sj.prune(jnp.asarray(rng.standard_normal((4, k, m)) / np.sqrt(k / 4), jnp.bfloat16), cfg), cfg)
+        return sw, np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
+    up, wu = make(256, 512)
+    down, wd = make(512, 256)
     @jax.jit
     def f(x, gs, sel):
-        h = sj.ragged_dot(x, sw, gs, sel)
-        return sj.ragged_dot(jnp.tanh(h[:, :512]).astype(jnp.bfloat16), sw, gs) * 2
+        h = sj.ragged_dot(x, up, gs, sel)
+        return sj.ragged_dot(jnp.tanh(h), down, gs) * 2
+    bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
     worst = 0.0
     for it in range(6):
         gs = rng.multinomial(96, np.ones(4) / 4).astype(np.int32)
-        x = rng.standard_normal((64, 512)).astype(np.float32)
+        x = bf(rng.standard_normal((64, 256)))
         sel = rng.integers(0, 64, 96).astype(np.int32)
         y = np.asarray(f(jnp.asarray(x, jnp.bfloat16), jnp.asarray(gs), jnp.asarray(sel)).astype(jnp.float32))
-        xs = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
         e = np.repeat(np.arange(4), gs)
-        h = np.stack([xs[s] @ wd[k] for s, k in zip(sel, e)])
-        h = np.asarray(jnp.asarray(np.tanh(h[:, :512]), jnp.bfloat16).astype(jnp.float32), np.float64)
+        h = bf(np.tanh(bf(np.stack([x[s] @ wu[k] for s, k in zip(sel, e)]))))
         ref = np.stack([h[i] @ wd[k] for i, k in enumerate(e)]) * 2
         worst = max(worst, np.linalg.norm(y - ref) / np.linalg.norm(ref))
     print("REPLAY_MAX_ERR", worst)

@@ -1,0 +1,101 @@
+"""Shared test setup: per-test random seeds, CPU pinning, and the GPU skip helpers.
+
+Seeds: every run draws a fresh base seed (or takes ``SAMOYEDS_TEST_SEED``) and each test
+derives its own seed from it and its node id; hypothesis tests are seeded with the base
+seed. The base seed is printed in the pytest header; a test's seed is printed in its
+captured output (shown on failure) and tests put it in their assertion messages. Rerun a
+failing run with ``SAMOYEDS_TEST_SEED=<base>``.
+
+Devices: tests run with the CPU as JAX's default device (the CPU suite checks the C++
+handler even on a machine with a GPU), except tests marked ``gpu``, which are skipped
+cleanly when ``jax.devices()`` has no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+
+def _base_seed() -> int:
+    env = os.environ.get("SAMOYEDS_TEST_SEED")
+    if env:
+        return int(env) % 2**32
+    return int(np.random.SeedSequence().entropy % 2**32)
+
+
+BASE_SEED = _base_seed()
+
+
+def has_gpu() -> bool:
+    """True when JAX sees a GPU (platform 'gpu')."""
+    try:
+        return any(d.platform == "gpu" for d in jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+def pytest_report_header(config):
+    import samoyeds_jax
+    from samoyeds_jax import _samoyeds
+
+    return [
+        f"samoyeds_jax: {os.path.dirname(samoyeds_jax.__file__)} "
+        f"(HAS_CUDA={_samoyeds.HAS_CUDA}, jax {jax.__version__}, "
+        f"devices {[d.platform for d in jax.devices()]})",
+        f"samoyeds base seed: {BASE_SEED} (reproduce with SAMOYEDS_TEST_SEED={BASE_SEED})",
+    ]
+
+
+def pytest_collection_modifyitems(config, items):
+    # Hypothesis draws from the run's base seed too, so SAMOYEDS_TEST_SEED replays it.
+    import hypothesis
+
+    for item in items:
+        obj = getattr(item, "obj", None)
+        if obj is not None and hypothesis.is_hypothesis_test(obj):
+            hypothesis.seed(BASE_SEED)(obj)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None and not has_gpu():
+        pytest.skip("needs a CUDA GPU: jax.devices() has no 'gpu' platform")
+
+
+@pytest.fixture
+def requires_gpu():
+    """Skip unless a GPU is visible; returns the first GPU device."""
+    if not has_gpu():
+        pytest.skip("needs a CUDA GPU: jax.devices() has no 'gpu' platform")
+    return jax.devices("gpu")[0]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_by_default(request):
+    if request.node.get_closest_marker("gpu") is not None:
+        yield
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
+def seed_for(nodeid: str) -> int:
+    """The seed of one test: the run's base seed mixed with the test's node id."""
+    ss = np.random.SeedSequence([BASE_SEED, zlib.crc32(nodeid.encode())])
+    return int(ss.generate_state(1)[0])
+
+
+@pytest.fixture
+def seed(request) -> int:
+    s = seed_for(request.node.nodeid)
+    print(f"seed={s} (base SAMOYEDS_TEST_SEED={BASE_SEED}) for {request.node.nodeid}")
+    return s
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)

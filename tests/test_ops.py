@@ -1,0 +1,591 @@
+"""samoyeds_jax.ops: ragged_dot and dot on the CPU handler, under jit, vmap and grad.
+
+Reference: float64 numpy on the decoded weight, np.asarray(decode(sw), np.float64),
+computed with plain loops and matmuls here. There is no out= argument to poison, so every
+output is checked for: finite everywhere, rows at or past sum(group_sizes) exactly zero,
+rows before it not all zero, and the error against the reference within TOL.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import samoyeds_jax as sj
+
+# Relative Frobenius error vs the float64 reference, whole output and per row: the kernel
+# accumulates in float32 and rounds once to the input dtype (bf16: 8 bits of mantissa,
+# fp16: 11).
+TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 5e-3}
+DTYPES = [jnp.bfloat16, jnp.float16]
+ALL_CONFIGS = [sj.SparsityConfig(n, v, L) for (n, v) in [(1, 1), (1, 2), (1, 4), (2, 4)]
+               for L in (32, 64, 128)]
+# Default problem: E experts, K in_features, M out_features (M fits every config).
+E, K, M = 4, 256, 128
+
+decode_jit = jax.jit(sj.decode)
+
+
+def cfg_id(cfg):
+    return f"{cfg.n}:{cfg.v}-L{cfg.sub_row}"
+
+
+def dtype_id(dt):
+    return jnp.dtype(dt).name
+
+
+# --- inputs and the float64 reference ---------------------------------------------------
+
+def rand(rng, shape, dtype):
+    """Random normal values in `dtype`, no exact zeros."""
+    a = rng.standard_normal(shape).astype(jnp.dtype(dtype))
+    return jnp.asarray(np.where(a == 0, np.asarray(1, a.dtype), a))
+
+
+def make_sw(rng, cfg, dtype, e=E, k=K, m=M):
+    w = rand(rng, (e, k, m) if e else (k, m), dtype)
+    return sj.encode(sj.prune(w, cfg), cfg)
+
+
+def dense64(sw) -> np.ndarray:
+    return np.asarray(decode_jit(sw), np.float64)
+
+
+def ref_ragged_dot(x, w64, group_sizes, sel=None, rows=None) -> np.ndarray:
+    """out[r] = x[sel[r] or r] @ W[e(r)] for r < sum(group_sizes) (clipped to the rows
+    that exist), zero after."""
+    x64 = np.asarray(x, np.float64)
+    rows = (x64.shape[0] if sel is None else len(sel)) if rows is None else rows
+    out = np.zeros((rows, w64.shape[-1]))
+    start = 0
+    for e, g in enumerate(np.asarray(group_sizes).tolist()):
+        for r in range(start, min(start + g, rows)):
+            t = r if sel is None else int(sel[r])
+            out[r] = x64[t] @ w64[e]
+        start += g
+    return out
+
+
+def ref_grad_x(ct, w64, group_sizes, sel, tokens) -> np.ndarray:
+    """d/dx of sum(out * ct): dx[src(r)] += ct[r] @ W[e(r)]^T over the valid rows."""
+    ct = np.asarray(ct, np.float64)
+    dx = np.zeros((tokens, w64.shape[1]))
+    start = 0
+    for e, g in enumerate(np.asarray(group_sizes).tolist()):
+        for r in range(start, start + g):
+            t = r if sel is None else int(sel[r])
+            dx[t] += w64[e] @ ct[r]
+        start += g
+    return dx
+
+
+def rel_err(y, ref) -> float:
+    y = np.asarray(y, np.float64)
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check_out(y, ref, valid_rows, dtype, msg):
+    """The poisoning substitute: dtype/shape, finite, zero tail, non-zero head, error."""
+    dtype = jnp.dtype(dtype)
+    assert y.dtype == dtype, f"{msg}: dtype {y.dtype} != {dtype}"
+    assert y.shape == ref.shape, f"{msg}: shape {y.shape} != {ref.shape}"
+    y64 = np.asarray(y, np.float64)
+    assert np.isfinite(y64).all(), f"{msg}: non-finite output"
+    assert (y64[valid_rows:] == 0).all(), f"{msg}: rows >= {valid_rows} are not zero"
+    head = y64[:valid_rows]
+    assert (np.abs(head).sum(-1) > 0).all(), \
+        f"{msg}: all-zero valid rows {np.nonzero(np.abs(head).sum(-1) == 0)[0]}"
+    tol = TOL[dtype]
+    if valid_rows:
+        err = rel_err(head, ref[:valid_rows])
+        assert err <= tol, f"{msg}: relative error {err:.3g} > {tol}"
+        row_err = (np.linalg.norm(head - ref[:valid_rows], axis=-1)
+                   / np.linalg.norm(ref[:valid_rows], axis=-1))
+        assert row_err.max() <= tol, \
+            f"{msg}: row {int(row_err.argmax())} relative error {row_err.max():.3g} > {tol}"
+
+
+def random_partition(rng, e, total) -> np.ndarray:
+    """e sizes summing to `total`, with random cut points (zeros and ones are common)."""
+    cuts = np.sort(rng.integers(0, total + 1, size=e - 1))
+    return np.diff(np.concatenate([[0], cuts, [total]])).astype(np.int32)
+
+
+def group_sizes_case(case, rng, e, rows) -> np.ndarray:
+    if case == "random":
+        gs = random_partition(rng, e, rows)
+    elif case == "zero_one_odd":            # a 0, a 1, an odd size, the rest
+        assert e >= 4
+        odd = 2 * int(rng.integers(1, rows // 4)) + 1
+        gs = np.zeros(e, np.int32)
+        gs[:4] = [0, 1, odd, rows - 1 - odd - int(rng.integers(0, 3))]
+        gs = rng.permutation(gs)
+    elif case == "one_expert_all":
+        gs = np.zeros(e, np.int32)
+        gs[rng.integers(0, e)] = rows
+    elif case == "short":                   # sum(group_sizes) < R
+        gs = random_partition(rng, e, int(rng.integers(1, rows)))
+    elif case == "short_one_row":
+        gs = np.zeros(e, np.int32)
+        gs[rng.integers(0, e)] = 1
+    elif case == "all_zero":
+        gs = np.zeros(e, np.int32)
+    else:
+        raise AssertionError(case)
+    assert gs.sum() <= rows and (gs >= 0).all()
+    return jnp.asarray(gs, jnp.int32)
+
+
+def random_sel(rng, rows, tokens):
+    return jnp.asarray(rng.integers(0, tokens, size=rows), jnp.int32)
+
+
+# --- forward ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=cfg_id)
+def test_ragged_dot_every_config(cfg, dtype, rng, seed):
+    sw = make_sw(rng, cfg, dtype)
+    w64 = dense64(sw)
+    rows, tokens = 37, 23
+    gs = group_sizes_case("random" if rng.random() < 0.5 else "short", rng, E, rows)
+    msg = f"seed={seed} cfg={cfg_id(cfg)} dtype={dtype_id(dtype)} gs={gs.tolist()}"
+    x = rand(rng, (rows, K), dtype)
+    y = sj.ragged_dot(x, sw, gs)
+    check_out(y, ref_ragged_dot(x, w64, gs), int(gs.sum()), dtype, msg + " sel=None")
+    xt = rand(rng, (tokens, K), dtype)
+    sel = random_sel(rng, rows, tokens)
+    y = sj.ragged_dot(xt, sw, gs, sel=sel)
+    check_out(y, ref_ragged_dot(xt, w64, gs, sel), int(gs.sum()), dtype, msg + " with sel")
+
+
+CASES = ["zero_one_odd", "one_expert_all", "short", "short_one_row", "all_zero", "random"]
+
+
+@pytest.mark.parametrize("use_sel", [False, True], ids=["nosel", "sel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CASES)
+def test_ragged_dot_group_sizes(case, dtype, use_sel, rng, seed):
+    cfg = ALL_CONFIGS[(CASES.index(case) * 5 + use_sel) % len(ALL_CONFIGS)]
+    e, rows, tokens = 8, 45, 19
+    sw = make_sw(rng, cfg, dtype, e=e)
+    gs = group_sizes_case(case, rng, e, rows)
+    msg = f"seed={seed} cfg={cfg_id(cfg)} case={case} gs={gs.tolist()} sel={use_sel}"
+    if use_sel:
+        x, sel = rand(rng, (tokens, K), dtype), random_sel(rng, rows, tokens)
+    else:
+        x, sel = rand(rng, (rows, K), dtype), None
+    y = sj.ragged_dot(x, sw, gs, sel=sel)
+    check_out(y, ref_ragged_dot(x, dense64(sw), gs, sel), int(gs.sum()), dtype, msg)
+
+
+def test_ragged_dot_single_expert_and_more_tokens_than_rows(rng, seed):
+    cfg = sj.SparsityConfig(1, 4, 128)
+    sw = make_sw(rng, cfg, jnp.float16, e=1, k=512, m=64)
+    x = rand(rng, (50, 512), jnp.float16)
+    sel = random_sel(rng, 9, 50)
+    gs = jnp.asarray([7], jnp.int32)
+    y = sj.ragged_dot(x, sw, gs, sel)
+    check_out(y, ref_ragged_dot(x, dense64(sw), gs, sel), 7, jnp.float16, f"seed={seed}")
+
+
+def test_sel_entries_past_the_groups_are_not_read(rng, seed):
+    """Rows at or past sum(group_sizes) are padding: their sel entries may hold anything."""
+    cfg = sj.SparsityConfig(2, 4, 32)
+    sw = make_sw(rng, cfg, jnp.bfloat16)
+    tokens, rows = 16, 30
+    gs = jnp.asarray([3, 0, 5, 4], jnp.int32)
+    sel = np.asarray(rng.integers(0, tokens, rows), np.int32)
+    sel[12:] = np.where(np.arange(rows - 12) % 2, -1, tokens + 7)
+    x = rand(rng, (tokens, K), jnp.bfloat16)
+    y = sj.ragged_dot(x, sw, gs, jnp.asarray(sel))
+    check_out(y, ref_ragged_dot(x, dense64(sw), gs, sel), 12, jnp.bfloat16, f"seed={seed}")
+
+
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=["vec", "mat", "batch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_dot(lead, dtype, rng, seed):
+    cfg = ALL_CONFIGS[int(rng.integers(0, len(ALL_CONFIGS)))]
+    sw = make_sw(rng, cfg, dtype, e=0, k=384, m=192)
+    assert sw.shape == (384, 192)
+    x = rand(rng, (*lead, 384), dtype)
+    y = sj.dot(x, sw)
+    assert y.shape == (*lead, 192)
+    x64 = np.asarray(x, np.float64).reshape(-1, 384)
+    ref = x64 @ dense64(sw)
+    check_out(y.reshape(-1, 192), ref, ref.shape[0], dtype, f"seed={seed} cfg={cfg_id(cfg)}")
+
+
+# --- jit --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_sel", [False, True], ids=["nosel", "sel"])
+def test_jit_matches_eager(use_sel, rng, seed):
+    cfg, dtype = sj.SparsityConfig(1, 2, 64), jnp.float16
+    sw = make_sw(rng, cfg, dtype)
+    rows, tokens = 40, 33
+    gs = group_sizes_case("short", rng, E, rows)
+    sel = random_sel(rng, rows, tokens) if use_sel else None
+    x = rand(rng, (tokens if use_sel else rows, K), dtype)
+    f = jax.jit(lambda x, sw, gs, sel: sj.ragged_dot(x, sw, gs, sel=sel))
+    y = f(x, sw, gs, sel)
+    msg = f"seed={seed} gs={gs.tolist()}"
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(sj.ragged_dot(x, sw, gs, sel)),
+                                  err_msg=msg)
+    check_out(y, ref_ragged_dot(x, dense64(sw), gs, sel), int(gs.sum()), dtype, msg)
+    # New group sizes reuse the compiled function (they are data, not shapes).
+    gs2 = group_sizes_case("one_expert_all", rng, E, rows)
+    check_out(f(x, sw, gs2, sel), ref_ragged_dot(x, dense64(sw), gs2, sel), rows, dtype,
+              msg + f" gs2={gs2.tolist()}")
+    yd = jax.jit(sj.dot)(x, sw[1])
+    check_out(yd, np.asarray(x, np.float64) @ dense64(sw[1]), x.shape[0], dtype, msg + " dot")
+
+
+# --- vmap -------------------------------------------------------------------------------
+
+def _take(a, axis, b):
+    if axis is None:
+        return a
+    return jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, b, axis=axis), a)
+
+
+def check_vmapped(f, args, in_axes, size, dtype, msg, clip=False):
+    """vmap(f)(*args) equals f on each batch member exactly (same kernel, same rows) and
+    the float64 reference of each member."""
+    y = jax.vmap(f, in_axes=in_axes)(*args)
+    for b in range(size):
+        x, sw, gs, sel = (_take(a, ax, b) for a, ax in zip(args, in_axes))
+        rows = x.shape[0] if sel is None else sel.shape[0]
+        valid = min(int(np.sum(gs)), rows)
+        ref = ref_ragged_dot(x, dense64(sw), gs, sel, rows=rows)
+        check_out(y[b], ref, valid, dtype, f"{msg} batch {b} gs={np.asarray(gs).tolist()}")
+        if not clip:
+            np.testing.assert_array_equal(np.asarray(y[b]),
+                                          np.asarray(f(x, sw, gs, sel)),
+                                          err_msg=f"{msg} batch {b}")
+    return y
+
+
+def rd(x, sw, gs, sel):
+    return sj.ragged_dot(x, sw, gs, sel=sel)
+
+
+def rd_nosel(x, sw, gs, sel=None):
+    return sj.ragged_dot(x, sw, gs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_vmap_batched_x(dtype, rng, seed):
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 128), dtype)
+    b, rows = 3, 21
+    x = rand(rng, (b, rows, K), dtype)
+    gs = group_sizes_case("short", rng, E, rows)
+    check_vmapped(rd_nosel, (x, sw, gs, None),
+                  (0, None, None, None), b, dtype, f"seed={seed}")
+
+
+def test_vmap_batched_x_and_group_sizes(rng, seed):
+    dtype = jnp.bfloat16
+    sw = make_sw(rng, sj.SparsityConfig(2, 4, 64), dtype)
+    b, rows = 4, 19
+    x = rand(rng, (b, rows, K), dtype)
+    gs = jnp.stack([group_sizes_case(c, rng, E, rows)
+                    for c in ("random", "short", "all_zero", "one_expert_all")])
+    f = lambda x, sw, gs: rd_nosel(x, sw, gs)
+    y = jax.vmap(f, in_axes=(0, None, 0))(x, sw, gs)
+    for i in range(b):
+        check_out(y[i], ref_ragged_dot(x[i], dense64(sw), gs[i]), int(gs[i].sum()), dtype,
+                  f"seed={seed} batch {i} gs={gs[i].tolist()}")
+        np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(f(x[i], sw, gs[i])))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_vmap_batched_sel(dtype, rng, seed):
+    sw = make_sw(rng, sj.SparsityConfig(1, 4, 32), dtype)
+    b, rows, tokens = 3, 26, 11
+    x = rand(rng, (tokens, K), dtype)
+    sel = jnp.asarray(rng.integers(0, tokens, (b, rows)), jnp.int32)
+    gs = group_sizes_case("zero_one_odd", rng, E, rows)
+    check_vmapped(rd, (x, sw, gs, sel), (None, None, None, 0), b, dtype, f"seed={seed}")
+
+
+def test_vmap_everything_batched(rng, seed):
+    dtype = jnp.float16
+    sw = make_sw(rng, sj.SparsityConfig(1, 1, 64), dtype)
+    b, rows, tokens = 3, 24, 13
+    x = rand(rng, (b, tokens, K), dtype)
+    sel = jnp.asarray(rng.integers(0, tokens, (b, rows)), jnp.int32)
+    gs = jnp.stack([group_sizes_case(c, rng, E, rows) for c in ("random", "short", "zero_one_odd")])
+    check_vmapped(rd, (x, sw, gs, sel), (0, None, 0, 0), b, dtype, f"seed={seed}")
+
+
+def test_vmap_mixed_axes(rng, seed):
+    """Batch axes that are not leading, and None axes mixed with batched ones."""
+    dtype = jnp.bfloat16
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 32), dtype)
+    b, rows, tokens = 2, 17, 9
+    # x batched on axis 1, group sizes batched on axis 1 ([E, B]), no sel.
+    x = rand(rng, (rows, b, K), dtype)
+    gs = jnp.stack([group_sizes_case("short", rng, E, rows),
+                    group_sizes_case("random", rng, E, rows)], axis=1)
+    check_vmapped(rd_nosel, (x, sw, gs, None),
+                  (1, None, 1, None), b, dtype, f"seed={seed} x axis 1")
+    # x unbatched, sel batched on axis 1 ([R, B]), group sizes batched on axis 0.
+    xt = rand(rng, (tokens, K), dtype)
+    sel = jnp.asarray(rng.integers(0, tokens, (rows, b)), jnp.int32)
+    gs2 = jnp.stack([group_sizes_case("zero_one_odd", rng, E, rows),
+                     group_sizes_case("one_expert_all", rng, E, rows)])
+    check_vmapped(rd, (xt, sw, gs2, sel), (None, None, 0, 1), b, dtype,
+                  f"seed={seed} sel axis 1")
+
+
+def test_vmap_batched_weight(rng, seed):
+    """A stacked-layers weight [B, E, K, M] mapped over its leading axis."""
+    dtype = jnp.float16
+    cfg = sj.SparsityConfig(2, 4, 128)
+    b, rows, tokens = 2, 20, 15
+    w = rand(rng, (b, E, K, M), dtype)
+    sw = sj.encode(sj.prune(w, cfg), cfg)
+    assert sw.shape == (b, E, K, M)
+    x = rand(rng, (b, tokens, K), dtype)
+    sel = jnp.asarray(rng.integers(0, tokens, (rows,)), jnp.int32)
+    gs = group_sizes_case("random", rng, E, rows)
+    check_vmapped(rd, (x, sw, gs, sel), (0, 0, None, None), b, dtype, f"seed={seed}")
+
+
+def test_vmap_nested_and_jitted(rng, seed):
+    dtype = jnp.bfloat16
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 128), dtype)
+    b1, b2, rows = 2, 3, 14
+    x = rand(rng, (b1, b2, rows, K), dtype)
+    gs = jnp.asarray(rng.integers(0, 5, (b2, E)), jnp.int32)
+    gs = jnp.minimum(gs, rows // E)
+    f = jax.jit(jax.vmap(jax.vmap(lambda x, gs: sj.ragged_dot(x, sw, gs), (0, 0)), (0, None)))
+    y = f(x, gs)
+    w64 = dense64(sw)
+    for i in range(b1):
+        for j in range(b2):
+            check_out(y[i, j], ref_ragged_dot(x[i, j], w64, gs[j]), int(gs[j].sum()), dtype,
+                      f"seed={seed} batch {i},{j} gs={gs[j].tolist()}")
+
+
+def test_vmap_clips_group_sizes_to_the_rows(rng, seed):
+    """Under vmap, sum(group_sizes) > R is clipped to the R rows that exist."""
+    dtype = jnp.float16
+    sw = make_sw(rng, sj.SparsityConfig(1, 4, 64), dtype)
+    b, rows, tokens = 2, 12, 10
+    x = rand(rng, (tokens, K), dtype)
+    sel = jnp.asarray(rng.integers(0, tokens, (b, rows)), jnp.int32)
+    gs = jnp.asarray([[5, 0, 4, 9], [20, 3, 0, 1]], jnp.int32)
+    check_vmapped(rd, (x, sw, gs, sel), (None, None, 0, 0), b, dtype, f"seed={seed}",
+                  clip=True)
+
+
+def test_vmap_dot(rng, seed):
+    dtype = jnp.bfloat16
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 128), dtype, e=0)
+    x = rand(rng, (4, 3, K), dtype)
+    y = jax.vmap(sj.dot, in_axes=(1, None))(x, sw)
+    assert y.shape == (3, 4, M)
+    ref = np.einsum("bik,km->ibm", np.asarray(x, np.float64), dense64(sw))
+    check_out(y.reshape(-1, M), ref.reshape(-1, M), 12, dtype, f"seed={seed}")
+
+
+# --- autodiff (w.r.t. x) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("use_sel", [False, True], ids=["nosel", "sel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_grad_wrt_x(dtype, use_sel, rng, seed):
+    cfg = sj.SparsityConfig(1, 2, 64) if use_sel else sj.SparsityConfig(2, 4, 128)
+    sw = make_sw(rng, cfg, dtype)
+    rows, tokens = 31, 17
+    gs = group_sizes_case("short", rng, E, rows)
+    x = rand(rng, (tokens if use_sel else rows, K), dtype)
+    sel = random_sel(rng, rows, tokens) if use_sel else None
+    ct = rng.standard_normal((rows, M)).astype(np.float32)
+    loss = lambda x: jnp.sum(sj.ragged_dot(x, sw, gs, sel=sel).astype(jnp.float32) * ct)
+    ref = ref_grad_x(ct, dense64(sw), gs, sel, x.shape[0])
+    msg = f"seed={seed} gs={gs.tolist()}"
+    for name, g in [("grad", jax.grad(loss)(x)), ("jit(grad)", jax.jit(jax.grad(loss))(x))]:
+        assert g.dtype == jnp.dtype(dtype) and g.shape == x.shape, f"{msg} {name}"
+        g64 = np.asarray(g, np.float64)
+        assert np.isfinite(g64).all(), f"{msg} {name}"
+        untouched = np.abs(ref).sum(-1) == 0      # tokens/rows that no valid row reads
+        assert (g64[untouched] == 0).all(), f"{msg} {name}: gradient leaks into unused rows"
+        err = rel_err(g64, ref)
+        assert err <= TOL[jnp.dtype(dtype)], f"{msg} {name}: relative error {err:.3g}"
+
+
+def test_jvp_wrt_x(rng, seed):
+    dtype = jnp.bfloat16
+    sw = make_sw(rng, sj.SparsityConfig(1, 4, 128), dtype)
+    rows, tokens = 22, 30
+    gs = group_sizes_case("zero_one_odd", rng, E, rows)
+    sel = random_sel(rng, rows, tokens)
+    x, tx = rand(rng, (tokens, K), dtype), rand(rng, (tokens, K), dtype)
+    f = lambda x: sj.ragged_dot(x, sw, gs, sel)
+    y, ty = jax.jvp(f, (x,), (tx,))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(f(x)))
+    np.testing.assert_array_equal(np.asarray(ty), np.asarray(f(tx)))
+    check_out(ty, ref_ragged_dot(tx, dense64(sw), gs, sel), int(gs.sum()), dtype,
+              f"seed={seed}")
+
+
+def test_vmap_of_grad(rng, seed):
+    dtype = jnp.float16
+    sw = make_sw(rng, sj.SparsityConfig(1, 1, 32), dtype)
+    b, rows, tokens = 3, 18, 12
+    x = rand(rng, (b, tokens, K), dtype)
+    sel = jnp.asarray(rng.integers(0, tokens, (b, rows)), jnp.int32)
+    gs = jnp.stack([group_sizes_case(c, rng, E, rows) for c in ("random", "short", "all_zero")])
+    ct = rng.standard_normal((b, rows, M)).astype(np.float32)
+    loss = lambda x, gs, sel, ct: jnp.sum(sj.ragged_dot(x, sw, gs, sel).astype(jnp.float32) * ct)
+    g = jax.vmap(jax.grad(loss))(x, gs, sel, ct)
+    w64 = dense64(sw)
+    for i in range(b):
+        ref = ref_grad_x(ct[i], w64, gs[i], sel[i], tokens)
+        err = rel_err(g[i], ref)
+        assert err <= TOL[jnp.dtype(dtype)], f"seed={seed} batch {i}: relative error {err:.3g}"
+        assert (np.asarray(g[i], np.float64)[np.abs(ref).sum(-1) == 0] == 0).all()
+
+
+def test_second_order_wrt_x(rng, seed):
+    """loss = |y|^2 / 2 has Hessian-vector product H v = J^T J v: forward-over-reverse,
+    reverse-over-reverse and jax.hessian (vmap of forward-over-reverse) all give it."""
+    dtype = jnp.float16
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 32), dtype)
+    rows, tokens = 16, 12
+    gs = group_sizes_case("short", rng, E, rows)
+    sel = random_sel(rng, rows, tokens)
+    x, v = rand(rng, (tokens, K), dtype), rand(rng, (tokens, K), dtype)
+    loss = lambda x: 0.5 * jnp.sum(sj.ragged_dot(x, sw, gs, sel).astype(jnp.float32) ** 2)
+    w64 = dense64(sw)
+    ref = ref_grad_x(ref_ragged_dot(v, w64, gs, sel), w64, gs, sel, tokens)
+    msg = f"seed={seed} gs={gs.tolist()}"
+    fwd_rev = jax.jit(lambda x, v: jax.jvp(jax.grad(loss), (x,), (v,))[1])(x, v)
+    rev_rev = jax.jit(jax.grad(lambda x, v: jnp.vdot(jax.grad(loss)(x).astype(jnp.float32),
+                                                     v.astype(jnp.float32))))(x, v)
+    for name, hv in [("fwd-over-rev", fwd_rev), ("rev-over-rev", rev_rev)]:
+        err = rel_err(hv, ref)
+        assert err <= TOL[jnp.dtype(dtype)], f"{msg} {name}: relative error {err:.3g}"
+    # jax.hessian on a few coordinates of x (it vmaps forward-over-reverse).
+    sub = lambda z: loss(x.at[0, :3].set(z.astype(dtype)))
+    h = np.asarray(jax.jit(jax.hessian(sub))(jnp.asarray(x[0, :3], jnp.float32)), np.float64)
+    src = np.asarray(sel)[: int(gs.sum())]
+    e_of = np.repeat(np.arange(E), np.asarray(gs))
+    want = sum(w64[e][:3] @ w64[e][:3].T for e, t in zip(e_of, src) if t == 0)
+    want = np.zeros((3, 3)) if np.isscalar(want) else want
+    assert np.abs(h - want).max() <= 2 * TOL[jnp.dtype(dtype)] * max(np.abs(want).max(), 1), msg
+
+
+def test_grad_through_dot(rng, seed):
+    dtype = jnp.bfloat16
+    sw = make_sw(rng, sj.SparsityConfig(2, 4, 32), dtype, e=0)
+    x = rand(rng, (2, 5, K), dtype)
+    ct = rng.standard_normal((2, 5, M)).astype(np.float32)
+    g = jax.grad(lambda x: jnp.sum(sj.dot(x, sw).astype(jnp.float32) * ct))(x)
+    ref = np.asarray(ct, np.float64) @ dense64(sw).T
+    err = rel_err(g, ref)
+    assert err <= TOL[jnp.dtype(dtype)], f"seed={seed}: relative error {err:.3g}"
+
+
+def test_grad_wrt_weight_is_a_clear_type_error(rng, seed):
+    dtype = jnp.bfloat16
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 128), dtype)
+    x = rand(rng, (8, K), dtype)
+    gs = jnp.asarray([2, 2, 2, 2], jnp.int32)
+
+    def loss_values(values):
+        w = sj.SparseWeight(values, sw.indices, sw.metadata, sw.config)
+        return jnp.sum(sj.ragged_dot(x, w, gs).astype(jnp.float32))
+
+    with pytest.raises(TypeError, match="differentiating w.r.t. the sparse weight"):
+        jax.grad(loss_values)(sw.values)
+    with pytest.raises(TypeError, match="differentiating w.r.t. the sparse weight"):
+        jax.grad(lambda s: jnp.sum(sj.ragged_dot(x, s, gs).astype(jnp.float32)),
+                 allow_int=True)(sw)
+    # Stopping the weight's gradient is the documented way out.
+    g = jax.grad(lambda x, v: loss_values(jax.lax.stop_gradient(v)), argnums=(0, 1))(x, sw.values)
+    assert not np.asarray(g[1], np.float64).any()
+    assert np.isfinite(np.asarray(g[0], np.float64)).all()
+
+
+# --- bad inputs: clear Python errors before any kernel runs ----------------------------
+
+def _bad_cases():
+    def c(fn, exc, pattern):
+        return fn, exc, pattern
+
+    return {
+        "x_float32": c(lambda d: sj.ragged_dot(d.x.astype(jnp.float32), d.sw, d.gs),
+                       TypeError, "x must be bfloat16 or float16, got float32"),
+        "x_int32": c(lambda d: sj.ragged_dot(d.x.astype(jnp.int32), d.sw, d.gs),
+                     TypeError, "x must be bfloat16 or float16, got int32"),
+        "x_weight_dtype_mismatch": c(lambda d: sj.ragged_dot(d.x.astype(jnp.float16), d.sw, d.gs),
+                                     TypeError, "x dtype float16 must match the weight dtype bfloat16"),
+        "x_rank3": c(lambda d: sj.ragged_dot(d.x[None], d.sw, d.gs),
+                     ValueError, re.escape("x must be 2-D [T, K]")),
+        "x_rank1": c(lambda d: sj.ragged_dot(d.x[0], d.sw, d.gs),
+                     ValueError, re.escape("x must be 2-D [T, K]")),
+        "k_mismatch": c(lambda d: sj.ragged_dot(d.x[:, :128], d.sw, d.gs),
+                        ValueError, f"x has K=128 in_features but the weight has K={K}"),
+        "group_sizes_length": c(lambda d: sj.ragged_dot(d.x, d.sw, d.gs[:3]),
+                                ValueError, re.escape(f"group_sizes must be int32[{E}]")),
+        "group_sizes_float": c(lambda d: sj.ragged_dot(d.x, d.sw, d.gs.astype(jnp.float32)),
+                               (ValueError, TypeError), re.escape(f"group_sizes must be int32[{E}]")),
+        "group_sizes_rank2": c(lambda d: sj.ragged_dot(d.x, d.sw, d.gs[None]),
+                               ValueError, re.escape(f"group_sizes must be int32[{E}]")),
+        "sel_float": c(lambda d: sj.ragged_dot(d.x, d.sw, d.gs, d.sel.astype(jnp.float32)),
+                       (ValueError, TypeError), re.escape("sel must be int32[R]")),
+        "sel_rank2": c(lambda d: sj.ragged_dot(d.x, d.sw, d.gs, d.sel.reshape(2, -1)),
+                       (ValueError, TypeError), re.escape("sel must be int32[R]")),
+        "sw_no_expert_axis_to_ragged_dot": c(
+            lambda d: sj.ragged_dot(d.x, d.sw[0], d.gs),
+            ValueError, re.escape("sw must be [E, K, M] (with an expert axis)")),
+        "sw_dense_to_ragged_dot": c(lambda d: sj.ragged_dot(d.x, decode_jit(d.sw), d.gs),
+                                    TypeError, "sw must be a SparseWeight"),
+        "sw_expert_axis_to_dot": c(lambda d: sj.dot(d.x, d.sw),
+                                   ValueError, re.escape("sw must be [K, M] (no expert axis)")),
+        "dot_k_mismatch": c(lambda d: sj.dot(d.x[:, :128], d.sw[0]),
+                            ValueError, re.escape(f"x must be [..., K] with K={K}")),
+        "dot_scalar_x": c(lambda d: sj.dot(d.x[0, 0], d.sw[0]),
+                          ValueError, re.escape(f"x must be [..., K] with K={K}")),
+        "dot_x_float32": c(lambda d: sj.dot(d.x.astype(jnp.float32), d.sw[0]),
+                           TypeError, "x must be bfloat16 or float16, got float32"),
+        "dot_dtype_mismatch": c(lambda d: sj.dot(d.x.astype(jnp.float16), d.sw[0]),
+                                TypeError, "must match the weight dtype"),
+        "indices_dtype": c(lambda d: sj.ragged_dot(d.x, sj.SparseWeight(
+            d.sw.values, d.sw.indices.astype(jnp.int32), d.sw.metadata, d.sw.config), d.gs),
+            ValueError, re.escape("sw.indices must be uint8")),
+        "metadata_shape": c(lambda d: sj.ragged_dot(d.x, sj.SparseWeight(
+            d.sw.values, d.sw.indices, d.sw.metadata[:, :, :4], d.sw.config), d.gs),
+            ValueError, re.escape("sw.metadata must be uint32")),
+    }
+
+
+BAD = _bad_cases()
+
+
+class _Inputs:
+    def __init__(self, rng):
+        self.sw = make_sw(rng, sj.SparsityConfig(1, 2, 128), jnp.bfloat16)
+        self.x = rand(rng, (24, K), jnp.bfloat16)
+        self.gs = jnp.asarray([5, 0, 6, 7], jnp.int32)
+        self.sel = random_sel(rng, 24, 24)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_before_any_kernel(case, rng):
+    fn, exc, pattern = BAD[case]
+    d = _Inputs(rng)
+    with pytest.raises(exc, match=pattern):
+        fn(d)
+    # The same error comes from shape evaluation alone (no kernel can run there) and
+    # from tracing under jit.
+    with pytest.raises(exc, match=pattern):
+        jax.eval_shape(lambda: fn(d))
+    with pytest.raises(exc, match=pattern):
+        jax.jit(lambda: fn(d)).lower()
