@@ -45,12 +45,43 @@ flags.DEFINE_list("cases", ["single", "grouped"], "which cases")
 flags.DEFINE_integer("rotate", 4, "distinct input sets per timed program")
 flags.DEFINE_integer("reps", 20, "timed programs (median)")
 flags.DEFINE_string("json_out", "", "write results as JSON here")
+flags.DEFINE_string("profile_dir", "", "write a jax.profiler trace of one timed program per "
+                    "path here and print the device time per kernel name")
 
 
-def _time(fn, args) -> float:
+def _trace_summary(fn, args, name: str) -> None:
+    """Device time per kernel of one program run, from a jax.profiler Perfetto trace."""
+    import glob
+    import gzip
+    import os
+    logdir = os.path.join(FLAGS.profile_dir, name)
+    os.makedirs(logdir, exist_ok=True)
+    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+    jax.block_until_ready(fn(*args))
+    jax.profiler.stop_trace()
+    files = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True))
+    if not files:
+        print(f"  [{name}] no perfetto trace written")
+        return
+    with gzip.open(files[-1]) as fh:
+        events = json.load(fh).get("traceEvents", [])
+    pids = {e["pid"]: e["args"].get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+    per = {}
+    for e in events:
+        if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), ""):
+            per.setdefault(e["name"][:70], []).append(e.get("dur", 0))
+    top = sorted(per.items(), key=lambda kv: -sum(kv[1]))[:6]
+    print(f"  [{name}] device kernels per program (us): " + "; ".join(
+        f"{k} x{len(v)}={sum(v):.0f}" for k, v in top))
+
+
+def _time(fn, args, name: str = "") -> float:
     out = fn(*args)
     jax.block_until_ready(out)  # compile + warm up
     jax.block_until_ready(fn(*args))
+    if FLAGS.profile_dir and name:
+        _trace_summary(fn, args, name)
     samples = []
     for _ in range(FLAGS.reps):
         t0 = time.perf_counter()
@@ -100,9 +131,9 @@ def main(argv):
             sets = [(xs[i], sw[i]) for i in range(FLAGS.rotate)]
             sets_d = [(xs[i], wd[i]) for i in range(FLAGS.rotate)]
             out_bytes = t * m * dtype.itemsize
-            record("single", t, "samoyeds", _time(ours, (sets,)), t,
+            record("single", t, "samoyeds", _time(ours, (sets,), f"single{t}_samoyeds"), t,
                    sw[0].nbytes + _nbytes(xs[0]) + out_bytes)
-            record("single", t, "xla_dense_dot", _time(dense, (sets_d,)), t,
+            record("single", t, "xla_dense_dot", _time(dense, (sets_d,), f"single{t}_dense"), t,
                    _nbytes(wd[0], xs[0]) + out_bytes)
         if "grouped" in FLAGS.cases:
             r = t * top_k
@@ -125,7 +156,7 @@ def main(argv):
             sets = [(xs[i], sels[i]) for i in range(FLAGS.rotate)]
             out_bytes = r * m * dtype.itemsize
             x_bytes = r * k * dtype.itemsize
-            record("grouped", t, "samoyeds", _time(ours, (sets,)), r,
+            record("grouped", t, "samoyeds", _time(ours, (sets,), f"grouped{t}_samoyeds"), r,
                    swe.nbytes + x_bytes + out_bytes)
             record("grouped", t, "xla_ragged_dot", _time(rd, (sets,)), r,
                    _nbytes(wde) + 2 * x_bytes + out_bytes)

@@ -51,7 +51,11 @@ struct TileCfg {
 using TileLarge = TileCfg<64, 64, 3, 2, 2>;
 // Decode (few rows per expert): 64 kept rows x 16 routed rows, 4 warps of 16 x 16, a
 // deeper pipeline to keep more weight bytes in flight.
-using TileSmall = TileCfg<64, 16, 5, 4, 1>;
+using TileSmall = TileCfg<64, 16, 4, 4, 1>;
+// Shared memory for the block's sub-row indices (N:V with V > 1), after the pipeline.
+constexpr int kIndexStageBytes = 16 * 1024;
+template <typename Tile, int V>
+constexpr int SmemBytes() { return Tile::kPipeBytes + (V > 1 ? kIndexStageBytes : 0); }
 // Mean routed rows per expert up to which the decode tile is used (host-side choice
 // from shapes only: group sizes stay on the device).
 constexpr int64_t kSmallTileMaxRowsPerExpert = 32;
@@ -305,21 +309,35 @@ __global__ void __launch_bounds__(Tile::kThreads)
   }
   // Sub-row index of each of this lane's kept rows in the current window.
   uint8_t sub[Tile::kFragsM][2];
+  // The block's sub-row indices are one contiguous span of kept_here * windows bytes;
+  // staged in shared memory once (behind the pipeline) when they fit, so the per-window
+  // reads never wait on global memory.
+  const uint8_t* idx_span = indices + static_cast<int64_t>(kept0) * windows;
+  uint8_t* idx_smem = smem + Tile::kPipeBytes;
+  const int idx_bytes = kept_here * windows;
+  const bool idx_staged = V > 1 && idx_bytes <= kIndexStageBytes;
+  if (idx_staged) {
+#pragma unroll 8
+    for (int i = tid; i < idx_bytes; i += Tile::kThreads) idx_smem[i] = __ldg(idx_span + i);
+  }
   auto load_sub = [&](int window, uint8_t (&dst)[Tile::kFragsM][2]) {
 #pragma unroll
     for (int i = 0; i < Tile::kFragsM; ++i)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        dst[i][h] = frag_ok[i] ? static_cast<uint8_t>(
-                                     __ldg(indices + static_cast<int64_t>(kept0 + my_kept[i][h]) *
-                                                         windows + window) % V)
-                               : 0;
+      for (int h = 0; h < 2; ++h) {
+        const int at = my_kept[i][h] * windows + window;
+        const uint8_t raw = !frag_ok[i] ? 0 : idx_staged ? idx_smem[at] : __ldg(idx_span + at);
+        dst[i][h] = static_cast<uint8_t>(raw % V);
+      }
   };
   // Windows are 1, 2 or 4 k-steps (sub_row 32, 64, 128): shifts, not divisions.
   const int window_shift = __ffs(a.sub_row / Tile::kStepK) - 1;
   const int window_mask = (1 << window_shift) - 1;
   uint8_t sub_next[Tile::kFragsM][2];
-  if constexpr (V > 1) load_sub(0, sub_next);
+  if constexpr (V > 1) {
+    if (idx_staged) __syncthreads();  // the staged indices are read from here on
+    load_sub(0, sub_next);
+  }
 
   // Prologue.
 #pragma unroll
@@ -470,13 +488,14 @@ __global__ void __launch_bounds__(Tile::kThreads)
 template <typename T, int N, int V, typename Tile>
 cudaError_t Launch(cudaStream_t stream, const Args& a) {
   auto kernel = RaggedDotKernel<T, N, V, Tile>;
+  constexpr int smem = SmemBytes<Tile, V>();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         Tile::kPipeBytes);
+                                         smem);
   if (err != cudaSuccess) return err;
   // Upper bound on the tiles: sum_e ceil(size_e / BN) <= R / BN + E, plus the zero tiles.
   const int64_t tiles = (a.rows + Tile::kBN - 1) / Tile::kBN + a.experts + 1;
   const dim3 grid(static_cast<unsigned>(tiles), (a.kept_rows + Tile::kBM - 1) / Tile::kBM);
-  kernel<<<grid, Tile::kThreads, Tile::kPipeBytes, stream>>>(a);
+  kernel<<<grid, Tile::kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 

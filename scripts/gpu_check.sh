@@ -35,7 +35,7 @@ fi
 [ "$MODE" = quick ] && exit 0
 if [ "$MODE" = profile ]; then
   step "ncu"
-  ncu --kernel-name regex:RaggedDot --launch-count 2 --section SpeedOfLight \
+  ncu --kernel-name kns=RaggedDot --launch-count 2 --section SpeedOfLight \
     --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \
     --section LaunchStats --section ComputeWorkloadAnalysis --section SchedulerStats \
     python3 "$REPO/scripts/profile_case.py" > "$OUT/ncu.txt" 2>&1
@@ -49,7 +49,7 @@ step "compute-sanitizer"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
 for tool in memcheck racecheck initcheck synccheck; do
   echo "--- $tool" >> "$OUT/sanitizer.log"
-  timeout 600 compute-sanitizer --tool $tool --kernel-name regex:RaggedDot --error-exitcode 9 \
+  timeout 600 compute-sanitizer --tool $tool --kernel-name kns=RaggedDot --error-exitcode 9 \
     python3 "$REPO/scripts/sanitize_case.py" >> "$OUT/sanitizer.log" 2>&1
   echo "$tool exit=$?" | tee -a "$OUT/sanitizer.log" "$OUT/summary.txt"
   [ "$MODE" = sanitize-memcheck ] && break
