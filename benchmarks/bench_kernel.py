@@ -17,6 +17,8 @@ actually reads and writes.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 
 import jax
@@ -25,6 +27,9 @@ import numpy as np
 from absl import app, flags
 
 import samoyeds_jax as sj
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _trace import device_time_us  # noqa: E402
 
 PRESETS = {  # d_model, d_ff, experts, top_k
     "mixtral-8x7b": (4096, 14336, 8, 2),
@@ -49,45 +54,22 @@ flags.DEFINE_string("profile_dir", "", "write a jax.profiler trace of one timed 
                     "path here and print the device time per kernel name")
 
 
-def _trace_summary(fn, args, name: str) -> None:
-    """Device time per kernel of one program run, from a jax.profiler Perfetto trace."""
-    import glob
-    import gzip
-    import os
-    logdir = os.path.join(FLAGS.profile_dir, name)
-    os.makedirs(logdir, exist_ok=True)
-    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+def _time(fn, args, name: str = "") -> tuple[float, float | None]:
+    """(wall seconds per call, device seconds per call or None off-GPU)."""
+    jax.block_until_ready(fn(*args))  # compile + warm up
     jax.block_until_ready(fn(*args))
-    jax.profiler.stop_trace()
-    files = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True))
-    if not files:
-        print(f"  [{name}] no perfetto trace written")
-        return
-    with gzip.open(files[-1]) as fh:
-        events = json.load(fh).get("traceEvents", [])
-    pids = {e["pid"]: e["args"].get("name", "") for e in events
-            if e.get("ph") == "M" and e.get("name") == "process_name"}
-    per = {}
-    for e in events:
-        if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), ""):
-            per.setdefault(e["name"][:70], []).append(e.get("dur", 0))
-    top = sorted(per.items(), key=lambda kv: -sum(kv[1]))[:6]
-    print(f"  [{name}] device kernels per program (us): " + "; ".join(
-        f"{k} x{len(v)}={sum(v):.0f}" for k, v in top))
-
-
-def _time(fn, args, name: str = "") -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)  # compile + warm up
-    jax.block_until_ready(fn(*args))
-    if FLAGS.profile_dir and name:
-        _trace_summary(fn, args, name)
+    logdir = os.path.join(FLAGS.profile_dir, name) if FLAGS.profile_dir else None
+    dev_us, per_kernel = device_time_us(fn, args, runs=5, logdir=logdir)
+    if per_kernel and FLAGS.profile_dir:
+        top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:4]
+        print(f"  [{name}] device us per program: " + "; ".join(f"{k}={v:.0f}" for k, v in top))
     samples = []
     for _ in range(FLAGS.reps):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         samples.append(time.perf_counter() - t0)
-    return float(np.median(samples)) / FLAGS.rotate
+    wall = float(np.median(samples)) / FLAGS.rotate
+    return wall, (dev_us * 1e-6 / FLAGS.rotate if dev_us is not None else None)
 
 
 def _unrolled(f):
@@ -118,9 +100,13 @@ def main(argv):
     del w
     rows = []
 
-    def record(case, t_tokens, name, secs, r, bytes_moved):
+    def record(case, t_tokens, name, times, r, bytes_moved):
+        # Device time when a trace has it (GPU), else wall clock.
+        wall, dev = times
+        secs = dev if dev is not None else wall
         flops = 2.0 * r * k * m
         rows.append(dict(case=case, tokens=t_tokens, path=name, ms=secs * 1e3,
+                         wall_ms=wall * 1e3, timer="device" if dev is not None else "wall",
                          tflops=flops / secs / 1e12, gbs=bytes_moved / secs / 1e9))
 
     for t in map(int, FLAGS.tokens):
@@ -148,29 +134,36 @@ def main(argv):
                 order = np.argsort(choice, kind="stable")
                 sels.append(jnp.asarray(order // top_k, jnp.int32))
             gs = jnp.full((experts,), per, jnp.int32)
-            swe, wde = sw[:experts], wd[:experts]
-            ours = _unrolled(lambda x, s: sj.ragged_dot(x, swe, gs, s))
-            rd = _unrolled(lambda x, s: jax.lax.ragged_dot(x[s], wde, gs))
-            ein = _unrolled(lambda x, s: jnp.einsum("egk,ekm->egm",
-                                                    x[s].reshape(experts, per, k), wde))
-            sets = [(xs[i], sels[i]) for i in range(FLAGS.rotate)]
+            swe = sw[:experts]
+            # One dense weight stack per rotated call: with a shared stack XLA merges the
+            # calls' dots and reads the weights once for all of them.
+            wdes = [wd[:experts] + jnp.asarray(i, dtype) for i in range(FLAGS.rotate)]
+            ours = _unrolled(lambda x, s, w: sj.ragged_dot(x, swe, gs, s))
+            rd = _unrolled(lambda x, s, w: jax.lax.ragged_dot(x[s], w, gs))
+            ein = _unrolled(lambda x, s, w: jnp.einsum("egk,ekm->egm",
+                                                       x[s].reshape(experts, per, k), w))
+            sets = [(xs[i], sels[i], wdes[i]) for i in range(FLAGS.rotate)]
+            sets_ours = [(xs[i], sels[i], None) for i in range(FLAGS.rotate)]
+            wde = wdes[0]
             out_bytes = r * m * dtype.itemsize
             x_bytes = r * k * dtype.itemsize
-            record("grouped", t, "samoyeds", _time(ours, (sets,), f"grouped{t}_samoyeds"), r,
+            record("grouped", t, "samoyeds", _time(ours, (sets_ours,), f"grouped{t}_samoyeds"), r,
                    swe.nbytes + x_bytes + out_bytes)
-            record("grouped", t, "xla_ragged_dot", _time(rd, (sets,)), r,
+            record("grouped", t, "xla_ragged_dot", _time(rd, (sets,), f"grouped{t}_ragged"), r,
                    _nbytes(wde) + 2 * x_bytes + out_bytes)
-            record("grouped", t, "xla_batched_einsum", _time(ein, (sets,)), r,
+            record("grouped", t, "xla_batched_einsum", _time(ein, (sets,), f"grouped{t}_einsum"),
+                   r,
                    _nbytes(wde) + 2 * x_bytes + out_bytes)
 
-    print(f"\n{'case':8} {'T':>6} {'path':20} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'speedup':>8}")
+    print(f"\n{'case':8} {'T':>6} {'path':20} {'ms':>9} {'wall ms':>9} {'TFLOP/s':>8} "
+          f"{'GB/s':>8} {'speedup':>8}   (ms: {rows[0]['timer'] if rows else ''} time per call)")
     for row in rows:
         base = [b for b in rows if b["case"] == row["case"] and b["tokens"] == row["tokens"]
                 and b["path"] != "samoyeds"]
         best = min(b["ms"] for b in base) if base else row["ms"]
         sp = f"{best / row['ms']:.2f}x" if row["path"] == "samoyeds" else ""
         print(f"{row['case']:8} {row['tokens']:>6} {row['path']:20} {row['ms']:9.4f} "
-              f"{row['tflops']:8.1f} {row['gbs']:8.0f} {sp:>8}")
+              f"{row['wall_ms']:9.4f} {row['tflops']:8.1f} {row['gbs']:8.0f} {sp:>8}")
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as fh:
             json.dump(dict(device=dev.device_kind, preset=FLAGS.preset, proj=FLAGS.proj,

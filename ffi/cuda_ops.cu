@@ -49,9 +49,9 @@ struct TileCfg {
 };
 // Prefill: 64 kept rows x 64 routed rows, 4 warps of 32 x 32.
 using TileLarge = TileCfg<64, 64, 3, 2, 2>;
-// Decode (few rows per expert): 64 kept rows x 16 routed rows, 4 warps of 16 x 16, a
-// deeper pipeline to keep more weight bytes in flight.
-using TileSmall = TileCfg<64, 16, 4, 4, 1>;
+// Decode (few rows per expert): 32 kept rows x 16 routed rows, 4 warps of 16 x 8, a
+// deeper pipeline; twice the blocks of the prefill tile so one expert fills the GPU.
+using TileSmall = TileCfg<32, 16, 4, 2, 2>;
 // Shared memory for the block's sub-row indices (N:V with V > 1), after the pipeline.
 constexpr int kIndexStageBytes = 16 * 1024;
 template <typename Tile, int V>
