@@ -10,13 +10,15 @@ import glob
 import gzip
 import json
 import os
+import re
 import tempfile
 
 import jax
 
 
-def device_events(fn, args, runs: int = 5, logdir: str | None = None) -> list[dict]:
-    """Complete ('X') events on GPU device tracks while `fn(*args)` runs `runs` times."""
+def trace_events(fn, args, runs: int = 5, logdir: str | None = None) -> list[dict]:
+    """All events of a Perfetto trace taken while `fn(*args)` runs `runs` times (after one
+    untraced warm-up run); [] when no trace was written."""
     logdir = logdir or tempfile.mkdtemp(prefix="samoyeds_trace_")
     os.makedirs(logdir, exist_ok=True)
     jax.block_until_ready(fn(*args))
@@ -29,9 +31,18 @@ def device_events(fn, args, runs: int = 5, logdir: str | None = None) -> list[di
     if not files:
         return []
     with gzip.open(files[-1]) as fh:
-        events = json.load(fh).get("traceEvents", [])
-    pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+        return json.load(fh).get("traceEvents", [])
+
+
+def _process_names(events: list[dict]) -> dict:
+    return {e["pid"]: e.get("args", {}).get("name", "") for e in events
             if e.get("ph") == "M" and e.get("name") == "process_name"}
+
+
+def device_events(fn, args, runs: int = 5, logdir: str | None = None) -> list[dict]:
+    """Complete ('X') events on GPU device tracks while `fn(*args)` runs `runs` times."""
+    events = trace_events(fn, args, runs, logdir)
+    pids = _process_names(events)
     return [e for e in events
             if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")]
 
@@ -46,3 +57,48 @@ def device_time_us(fn, args, runs: int = 5, logdir: str | None = None
     for e in events:
         per[e["name"][:80]] = per.get(e["name"][:80], 0.0) + e.get("dur", 0) / runs
     return sum(per.values()), per
+
+
+# --- ops per device and per category (benchmarks/bench_multi.py) ------------------------
+
+def device_ops(events: list[dict]) -> list[tuple[str, str, str, float]]:
+    """``(device, name, hlo_op, dur_us)`` of every device op of a trace.
+
+    GPU: the complete events of the ``/device:GPU:N`` tracks (kernel names; ``hlo_op`` when
+    XLA records it). Without GPU events (XLA:CPU, e.g. virtual CPU devices): the host events
+    that carry ``args.hlo_op`` (one per HLO op, with ``args.device_ordinal``).
+    """
+    pids = _process_names(events)
+    gpu = [(pids[e["pid"]], e.get("name", ""), e.get("args", {}).get("hlo_op", ""),
+            float(e.get("dur", 0))) for e in events
+           if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")]
+    if gpu:
+        return gpu
+    return [(f"cpu:{e['args'].get('device_ordinal', '?')}", e.get("name", ""),
+             e["args"]["hlo_op"], float(e.get("dur", 0))) for e in events
+            if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
+            and not e.get("name", "").startswith("end: ")]
+
+
+# Categories of the sharded MoE layer's ops; the first match (against hlo_op, then the
+# name: NCCL kernels such as ncclDevKernel_SendRecv carry no HLO opcode) wins.
+CATEGORIES: dict[str, str] = {
+    "all-to-all": r"all-to-all|alltoall|SendRecv",
+    "expert custom call": r"custom-call|samoyeds",
+    "other collectives": r"all-reduce|all-gather|reduce-scatter|collective-permute|nccl",
+}
+
+
+def time_by_category(ops, runs: int = 1, categories: dict[str, str] | None = None
+                     ) -> tuple[dict[str, float], int]:
+    """(mean microseconds per device and run in each category plus "other", device count)."""
+    cats = {k: re.compile(v, re.IGNORECASE) for k, v in (categories or CATEGORIES).items()}
+    total = {k: 0.0 for k in [*cats, "other"]}
+    devices = set()
+    for device, name, hlo_op, dur in ops:
+        devices.add(device)
+        key = next((k for k, rx in cats.items() if rx.search(hlo_op) or rx.search(name)),
+                   "other")
+        total[key] += dur
+    n = max(len(devices), 1)
+    return {k: v / n / runs for k, v in total.items()}, len(devices)

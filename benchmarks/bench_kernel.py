@@ -27,17 +27,11 @@ import numpy as np
 from absl import app, flags
 
 import samoyeds_jax as sj
+from samoyeds_jax.moe import PRESETS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _trace import device_time_us  # noqa: E402
 
-PRESETS = {  # d_model, d_ff, experts, top_k
-    "mixtral-8x7b": (4096, 14336, 8, 2),
-    "mixtral-8x22b": (6144, 16384, 8, 2),
-    "qwen2-moe": (2048, 1408, 60, 4),
-    "deepseek-moe": (2048, 1408, 64, 6),
-    "tiny": (256, 512, 4, 2),
-}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "mixtral-8x7b", list(PRESETS), "model shapes")
@@ -83,7 +77,8 @@ def _nbytes(*arrays) -> int:
 
 def main(argv):
     del argv
-    d, f, experts, top_k = PRESETS[FLAGS.preset]
+    p = PRESETS[FLAGS.preset]
+    d, f, experts, top_k = p["d_model"], p["d_ff"], p["num_experts"], p["top_k"]
     k, m = (d, f) if FLAGS.proj == "up" else (f, d)
     n, v = map(int, FLAGS.nv.split(":"))
     cfg = sj.SparsityConfig(n, v, FLAGS.sub_row)

@@ -1,8 +1,25 @@
 """samoyeds_jax: dual-side sparse (2:4 + N:V weights x routed activations) MoE for JAX."""
 
+from samoyeds_jax.calibrate import calibrate_moe, prune_calibrated, reconstruction_error
 from samoyeds_jax.format import SparseWeight, SparsityConfig, decode, encode, prune
+from samoyeds_jax.moe import (
+    MoEConfig, combine, decode_moe, dispatch, init_dense_moe, moe, moe_dense,
+    moe_param_bytes, prune_moe, route, sparsify_moe)
 from samoyeds_jax.ops import dot, ragged_dot
+from samoyeds_jax.sharding import moe_sharded, ragged_dot_sharded, shard_params
 
-__all__ = ["SparseWeight", "SparsityConfig", "decode", "dot", "encode", "prune",
-           "ragged_dot"]
+# The flax modules live in `samoyeds_jax.flax` (imported on demand: flax is optional).
+__all__ = ["MoEConfig", "SparseWeight", "SparsityConfig", "combine", "decode", "decode_moe",
+           "dispatch", "dot", "encode", "init_dense_moe", "moe", "moe_dense",
+           "moe_param_bytes", "prune", "prune_moe", "ragged_dot", "route", "sparsify_moe",
+           "calibrate_moe", "load_checkpoint", "prune_calibrated", "reconstruction_error",
+           "moe_sharded", "ragged_dot_sharded", "shard_params"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy, so that `python -m samoyeds_jax.checkpoint` does not import itself twice.
+    if name == "load_checkpoint":
+        from samoyeds_jax.checkpoint import load_checkpoint
+        return load_checkpoint
+    raise AttributeError(f"module 'samoyeds_jax' has no attribute {name!r}")

@@ -16,9 +16,15 @@ from __future__ import annotations
 import os
 import zlib
 
-import jax
-import numpy as np
-import pytest
+# 8 virtual CPU devices for tests/test_sharding.py (meshes 8x1, 2x4, 1x8); must be set
+# before jax initialises its backends. Other tests use CPU device 0 and are unaffected.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _base_seed() -> int:

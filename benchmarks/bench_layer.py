@@ -1,0 +1,235 @@
+"""Layer benchmark: the whole MoE layer (router -> dispatch -> experts -> combine), jitted.
+
+  python benchmarks/bench_layer.py --preset=mixtral-8x7b --tokens=16,512,4096,16384
+
+Paths per token count T (same weights: the dense paths run on the decoded pruned weights,
+so every path computes the same function up to dropped tokens):
+  samoyeds            sj.moe: SEL dispatch + 2 sparse ragged dots (fused gate_up, down)
+  xla_ragged_dot      sj.moe_dense: the same routing, x[sel] gathered, 3 jax.lax.ragged_dot
+  xla_capacity_einsum GShard-style capacity factor (--capacity_factor, 1.25): positions
+                      from a cumsum of the one-hot expert mask (first choices first),
+                      tokens over capacity dropped, dispatch [E, C, d] by scatter, batched
+                      einsums, combine by gather (the one-hot einsum dispatch would add
+                      O(T*E*C*d) FLOPs, so it is not used)
+  xla_all_experts     every expert on every token, masked by the routing weights (only
+                      where its [E, T, d_ff] intermediates fit --all_experts_max_gib)
+  samoyeds_kernels    kernel-only: the 2 sj.ragged_dot calls of sj.moe for the same routing
+                      (sel, group sizes and the GLU input precomputed)
+  xla_kernels         kernel-only: the 3 jax.lax.ragged_dot calls of the dense twin
+The overhead of routing, dispatch, GLU and combine is stated as layer - kernels. `err` is
+the relative error of a layer path against sj.moe_dense on the first token set (nonzero
+for the capacity path when tokens are dropped).
+Each timed program runs `--rotate` layer calls on distinct token sets back to back (so a
+warm L2 or launch overlap does not flatter anyone); the median over `--reps` programs is
+divided by `--rotate`. Shared experts (qwen2-moe, deepseek-moe) are in every layer path
+and in none of the kernel-only rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import samoyeds_jax as sj
+from samoyeds_jax.moe import PRESETS, preset_config, shared_experts
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "mixtral-8x7b", list(PRESETS), "model shapes")
+flags.DEFINE_list("tokens", ["16", "512", "4096"], "token counts T")
+flags.DEFINE_string("nv", "1:2", "N:V pattern")
+flags.DEFINE_integer("sub_row", 128, "sub-row length L")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16"], "dtype")
+flags.DEFINE_float("capacity_factor", 1.25, "capacity factor of the einsum path")
+flags.DEFINE_float("all_experts_max_gib", 8.0,
+                   "skip the all-experts path when its intermediates exceed this")
+flags.DEFINE_list("paths", ["samoyeds", "xla_ragged_dot", "xla_capacity_einsum",
+                            "xla_all_experts", "samoyeds_kernels", "xla_kernels"],
+                  "which paths")
+flags.DEFINE_integer("rotate", 4, "distinct token sets per timed program")
+flags.DEFINE_integer("reps", 10, "timed programs (median)")
+flags.DEFINE_integer("seed", 0, "PRNG seed")
+flags.DEFINE_string("json_out", "", "write results as JSON here")
+
+
+# --- the dense baselines -----------------------------------------------------------------
+
+def _glu(g, u, activation, dtype):
+    """Same rounding points as sj.moe: g, u rounded to the dtype, GLU in float32."""
+    g, u = g.astype(jnp.float32), u.astype(jnp.float32)
+    a = jax.nn.silu(g) if activation == "silu" else jax.nn.gelu(g, approximate=False)
+    return (a * u).astype(dtype)
+
+
+def _ein(spec, a, b, dtype):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def moe_capacity(params, x, cfg, capacity_factor):
+    """GShard-style capacity-factor MoE on dense weights; returns (out, dropped count)."""
+    t, d = x.shape
+    e, k = cfg.num_experts, cfg.top_k
+    dt = params["gate"].dtype
+    cap = max(1, math.ceil(capacity_factor * t * k / e))
+    weights, experts = sj.route(params["router"], x, cfg)              # [T, k]
+    e_flat = experts.T.reshape(-1)                                       # choice-major
+    onehot = jax.nn.one_hot(e_flat, e, dtype=jnp.int32)                 # [kT, E]
+    pos = ((jnp.cumsum(onehot, axis=0) - 1) * onehot).sum(-1)           # slot in expert
+    keep = pos < cap
+    slot = jnp.where(keep, e_flat * cap + pos, e * cap)                 # overflow: dump row
+    tok = jnp.tile(jnp.arange(t, dtype=jnp.int32), k)
+    xd = jnp.zeros((e * cap + 1, d), dt).at[slot].set(x.astype(dt)[tok])
+    xd = xd[:-1].reshape(e, cap, d)                                      # [E, C, d]
+    h = _glu(_ein("ecd,edf->ecf", xd, params["gate"], dt),
+             _ein("ecd,edf->ecf", xd, params["up"], dt), cfg.activation, dt)
+    y = _ein("ecf,efd->ecd", h, params["down"], dt).reshape(e * cap, d)
+    y = jnp.concatenate([y, jnp.zeros((1, d), dt)])
+    w = (weights.T.reshape(-1) * keep)[:, None]
+    out = jnp.zeros((t, d), jnp.float32).at[tok].add(w * y[slot].astype(jnp.float32))
+    if cfg.has_shared:
+        out = out + shared_experts(params, x, cfg)
+    return out.astype(x.dtype), (~keep).sum()
+
+
+def moe_all_experts(params, x, cfg):
+    """Every expert on every token, combined with the (mostly zero) dense routing weights."""
+    t = x.shape[0]
+    dt = params["gate"].dtype
+    weights, experts = sj.route(params["router"], x, cfg)
+    dense_w = jnp.zeros((t, cfg.num_experts), jnp.float32).at[
+        jnp.arange(t)[:, None], experts].set(weights)                   # [T, E]
+    xc = x.astype(dt)
+    h = _glu(_ein("td,edf->etf", xc, params["gate"], dt),
+             _ein("td,edf->etf", xc, params["up"], dt), cfg.activation, dt)
+    y = _ein("etf,efd->etd", h, params["down"], dt)
+    out = jnp.einsum("te,etd->td", dense_w, y.astype(jnp.float32))
+    if cfg.has_shared:
+        out = out + shared_experts(params, x, cfg)
+    return out.astype(x.dtype)
+
+
+# --- timing ------------------------------------------------------------------------------
+
+def _unrolled(f):
+    """One program that applies f(params, *set) to each of `rotate` argument sets. The
+    weights are an argument, never a closure (closed-over arrays become constants)."""
+    return jax.jit(lambda params, sets: tuple(f(params, *s) for s in sets))
+
+
+def _time(fn, args) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(FLAGS.reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples)) / FLAGS.rotate
+
+
+def main(argv):
+    del argv
+    n, v = map(int, FLAGS.nv.split(":"))
+    cfg = preset_config(FLAGS.preset, sj.SparsityConfig(n, v, FLAGS.sub_row))
+    dtype = jnp.dtype(FLAGS.dtype)
+    dev = jax.devices()[0]
+    e, k, d, f = cfg.num_experts, cfg.top_k, cfg.d_model, cfg.d_ff
+    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; preset "
+          f"{FLAGS.preset}: d={d} f={f} E={e} top-{k} {cfg.router}"
+          f"{f' shared={cfg.num_shared_experts}x{cfg.d_ff_shared}' if cfg.has_shared else ''}"
+          f"; {n}:{v} L={FLAGS.sub_row} {dtype.name}")
+    key = jax.random.key(FLAGS.seed)
+    dense = sj.init_dense_moe(key, cfg, dtype)
+    sparse = sj.sparsify_moe(dense, cfg, progress=True)
+    del dense
+    pruned = sj.decode_moe(sparse, cfg)  # every dense path runs on the same pruned weights
+    jax.block_until_ready((sparse, pruned))
+    print(f"weights: dense {sj.moe_param_bytes(pruned) / 2**20:.1f} MiB, sparse "
+          f"{sj.moe_param_bytes(sparse) / 2**20:.1f} MiB")
+    rng = np.random.default_rng(FLAGS.seed)
+    rows = []
+
+    def record(t, path, secs, **extra):
+        rows.append(dict(tokens=t, path=path, ms=secs * 1e3, **extra))
+        print(f"  T={t:6d} {path:20s} {secs * 1e3:10.4f} ms"
+              + "".join(f"  {a}={b}" for a, b in extra.items()), flush=True)
+
+    for t in map(int, FLAGS.tokens):
+        xs = [jnp.asarray(rng.standard_normal((t, d)), dtype) for _ in range(FLAGS.rotate)]
+        sets = [(x,) for x in xs]
+        paths = FLAGS.paths
+        twin = np.asarray(sj.moe_dense(pruned, xs[0], cfg), np.float64)
+
+        def err(y):  # relative error vs the dense twin on the first token set (a sanity check)
+            y = np.asarray(y, np.float64)
+            return f"{np.linalg.norm(y - twin) / np.linalg.norm(twin):.2g}"
+
+        if "samoyeds" in paths:
+            fn = _unrolled(lambda p, x: sj.moe(p, x, cfg))
+            record(t, "samoyeds", _time(fn, (sparse, sets)), err=err(fn(sparse, sets)[0]))
+        if "xla_ragged_dot" in paths:
+            record(t, "xla_ragged_dot",
+                   _time(_unrolled(lambda p, x: sj.moe_dense(p, x, cfg)), (pruned, sets)))
+        if "xla_capacity_einsum" in paths:
+            fn = _unrolled(lambda p, x: moe_capacity(p, x, cfg, FLAGS.capacity_factor))
+            y0, dropped = fn(pruned, sets)[0]
+            record(t, "xla_capacity_einsum", _time(fn, (pruned, sets)), err=err(y0),
+                   dropped=f"{int(dropped)}/{t * k}")
+        if "xla_all_experts" in paths:
+            gib = 3 * e * t * max(f, d) * dtype.itemsize / 2**30
+            if gib <= FLAGS.all_experts_max_gib:
+                fn = _unrolled(lambda p, x: moe_all_experts(p, x, cfg))
+                record(t, "xla_all_experts", _time(fn, (pruned, sets)),
+                       err=err(fn(pruned, sets)[0]))
+            else:
+                print(f"  T={t:6d} xla_all_experts      skipped ({gib:.1f} GiB > "
+                      f"--all_experts_max_gib={FLAGS.all_experts_max_gib})")
+        # Kernel-only: the same routing as the layer, computed outside the timed program.
+        if "samoyeds_kernels" in paths or "xla_kernels" in paths:
+            routed = []
+            for x in xs:
+                _, experts = sj.route(sparse["router"], x, cfg)
+                sel, gs, _ = sj.dispatch(experts, e)
+                h = jnp.asarray(rng.standard_normal((t * k, f)), dtype)
+                routed.append((x, sel, gs, h))
+            if "samoyeds_kernels" in paths:
+                fn = _unrolled(lambda p, x, sel, gs, h: (
+                    sj.ragged_dot(x, p["gate_up"], gs, sel), sj.ragged_dot(h, p["down"], gs)))
+                record(t, "samoyeds_kernels", _time(fn, (sparse, routed)))
+            if "xla_kernels" in paths:
+                def three(p, x, sel, gs, h):
+                    xs_ = x[sel]
+                    return (jax.lax.ragged_dot(xs_, p["gate"], gs),
+                            jax.lax.ragged_dot(xs_, p["up"], gs),
+                            jax.lax.ragged_dot(h, p["down"], gs))
+                record(t, "xla_kernels", _time(_unrolled(three), (pruned, routed)))
+
+    print(f"\n{'T':>6} {'path':20} {'ms':>10} {'vs samoyeds':>12}")
+    for row in rows:
+        same_t = {r["path"]: r["ms"] for r in rows if r["tokens"] == row["tokens"]}
+        ref = same_t.get("samoyeds")
+        rel = f"{row['ms'] / ref:.2f}x" if ref else ""
+        extra = "".join(f"  {name} {row[name]}" for name in ("err", "dropped") if name in row)
+        print(f"{row['tokens']:>6} {row['path']:20} {row['ms']:10.4f} {rel:>12}{extra}")
+    for t in map(int, FLAGS.tokens):
+        same_t = {r["path"]: r["ms"] for r in rows if r["tokens"] == t}
+        for layer, kern in (("samoyeds", "samoyeds_kernels"), ("xla_ragged_dot", "xla_kernels")):
+            if layer in same_t and kern in same_t:
+                over = same_t[layer] - same_t[kern]
+                print(f"T={t}: {layer} routing/dispatch/GLU/combine overhead = "
+                      f"{over:.4f} ms ({over / same_t[layer]:.0%} of the layer)")
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as fh:
+            json.dump(dict(device=dev.device_kind, preset=FLAGS.preset, nv=FLAGS.nv,
+                           sub_row=FLAGS.sub_row, dtype=dtype.name,
+                           capacity_factor=FLAGS.capacity_factor, rotate=FLAGS.rotate,
+                           reps=FLAGS.reps, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
