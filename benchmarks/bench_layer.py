@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 
 import jax
@@ -38,6 +40,9 @@ from absl import app, flags
 
 import samoyeds_jax as sj
 from samoyeds_jax.moe import PRESETS, preset_config, shared_experts
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _trace import device_time_us  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "mixtral-8x7b", list(PRESETS), "model shapes")
@@ -116,14 +121,26 @@ def moe_all_experts(params, x, cfg):
 # --- timing ------------------------------------------------------------------------------
 
 def _unrolled(f):
-    """One program that applies f(params, *set) to each of `rotate` argument sets. The
-    weights are an argument, never a closure (closed-over arrays become constants)."""
-    return jax.jit(lambda params, sets: tuple(f(params, *s) for s in sets))
+    """One program that applies f(params_i, *set_i) to `rotate` (params, argument) pairs.
+    The weights are arguments, never closures (closed-over arrays become constants), and
+    the dense paths get one weight copy per call: with a shared copy XLA merges the calls'
+    dots and reads the weights once for all of them."""
+    return jax.jit(lambda params, sets: tuple(f(p, *s) for p, s in zip(params, sets)))
+
+
+def _copies(params):
+    # Adding i to every weight keeps the routing (a constant shift of all router logits).
+    return [jax.tree.map(lambda a, i=i: a + jnp.asarray(i, a.dtype), params)
+            for i in range(FLAGS.rotate)]
 
 
 def _time(fn, args) -> float:
+    """Seconds per call: device time from a profiler trace on a GPU, else wall clock."""
     jax.block_until_ready(fn(*args))  # compile + warm up
     jax.block_until_ready(fn(*args))
+    dev_us, _ = device_time_us(fn, args, runs=5)
+    if dev_us is not None:
+        return dev_us * 1e-6 / FLAGS.rotate
     samples = []
     for _ in range(FLAGS.reps):
         t0 = time.perf_counter()
@@ -149,6 +166,7 @@ def main(argv):
     del dense
     pruned = sj.decode_moe(sparse, cfg)  # every dense path runs on the same pruned weights
     jax.block_until_ready((sparse, pruned))
+    sparse_sets, pruned_sets = [sparse] * FLAGS.rotate, _copies(pruned)
     print(f"weights: dense {sj.moe_param_bytes(pruned) / 2**20:.1f} MiB, sparse "
           f"{sj.moe_param_bytes(sparse) / 2**20:.1f} MiB")
     rng = np.random.default_rng(FLAGS.seed)
@@ -171,21 +189,22 @@ def main(argv):
 
         if "samoyeds" in paths:
             fn = _unrolled(lambda p, x: sj.moe(p, x, cfg))
-            record(t, "samoyeds", _time(fn, (sparse, sets)), err=err(fn(sparse, sets)[0]))
+            record(t, "samoyeds", _time(fn, (sparse_sets, sets)),
+                   err=err(fn(sparse_sets, sets)[0]))
         if "xla_ragged_dot" in paths:
             record(t, "xla_ragged_dot",
-                   _time(_unrolled(lambda p, x: sj.moe_dense(p, x, cfg)), (pruned, sets)))
+                   _time(_unrolled(lambda p, x: sj.moe_dense(p, x, cfg)), (pruned_sets, sets)))
         if "xla_capacity_einsum" in paths:
             fn = _unrolled(lambda p, x: moe_capacity(p, x, cfg, FLAGS.capacity_factor))
-            y0, dropped = fn(pruned, sets)[0]
-            record(t, "xla_capacity_einsum", _time(fn, (pruned, sets)), err=err(y0),
+            y0, dropped = fn(pruned_sets, sets)[0]
+            record(t, "xla_capacity_einsum", _time(fn, (pruned_sets, sets)), err=err(y0),
                    dropped=f"{int(dropped)}/{t * k}")
         if "xla_all_experts" in paths:
             gib = 3 * e * t * max(f, d) * dtype.itemsize / 2**30
             if gib <= FLAGS.all_experts_max_gib:
                 fn = _unrolled(lambda p, x: moe_all_experts(p, x, cfg))
-                record(t, "xla_all_experts", _time(fn, (pruned, sets)),
-                       err=err(fn(pruned, sets)[0]))
+                record(t, "xla_all_experts", _time(fn, (pruned_sets, sets)),
+                       err=err(fn(pruned_sets, sets)[0]))
             else:
                 print(f"  T={t:6d} xla_all_experts      skipped ({gib:.1f} GiB > "
                       f"--all_experts_max_gib={FLAGS.all_experts_max_gib})")
@@ -200,14 +219,14 @@ def main(argv):
             if "samoyeds_kernels" in paths:
                 fn = _unrolled(lambda p, x, sel, gs, h: (
                     sj.ragged_dot(x, p["gate_up"], gs, sel), sj.ragged_dot(h, p["down"], gs)))
-                record(t, "samoyeds_kernels", _time(fn, (sparse, routed)))
+                record(t, "samoyeds_kernels", _time(fn, (sparse_sets, routed)))
             if "xla_kernels" in paths:
                 def three(p, x, sel, gs, h):
                     xs_ = x[sel]
                     return (jax.lax.ragged_dot(xs_, p["gate"], gs),
                             jax.lax.ragged_dot(xs_, p["up"], gs),
                             jax.lax.ragged_dot(h, p["down"], gs))
-                record(t, "xla_kernels", _time(_unrolled(three), (pruned, routed)))
+                record(t, "xla_kernels", _time(_unrolled(three), (pruned_sets, routed)))
 
     print(f"\n{'T':>6} {'path':20} {'ms':>10} {'vs samoyeds':>12}")
     for row in rows:
