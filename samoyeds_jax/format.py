@@ -301,6 +301,11 @@ def decode(sw: SparseWeight) -> jax.Array:
     """
     if not isinstance(sw, SparseWeight):
         raise TypeError(f"sw must be a SparseWeight, got {type(sw).__name__}")
+    return _decode(sw)
+
+
+@jax.jit  # one compiled program per shape instead of dozens of eager ops
+def _decode(sw: SparseWeight) -> jax.Array:
     cfg = sw.config
     n, v, L = cfg.n, cfg.v, cfg.sub_row
     *lead, k, m = sw.shape
