@@ -1,7 +1,8 @@
 """samoyeds_jax: dual-side sparse (2:4 + N:V weights x routed activations) MoE for JAX."""
 
 from samoyeds_jax.calibrate import calibrate_moe, prune_calibrated, reconstruction_error
-from samoyeds_jax.format import SparseWeight, SparsityConfig, decode, encode, prune
+from samoyeds_jax.format import (
+    SparseWeight, SparsityConfig, decode, encode, prune, validate)
 from samoyeds_jax.moe import (
     MoEConfig, combine, decode_moe, dispatch, init_dense_moe, moe, moe_dense,
     moe_param_bytes, prune_moe, route, sparsify_moe)
@@ -13,7 +14,7 @@ __all__ = ["MoEConfig", "SparseWeight", "SparsityConfig", "combine", "decode", "
            "dispatch", "dot", "encode", "init_dense_moe", "moe", "moe_dense",
            "moe_param_bytes", "prune", "prune_moe", "ragged_dot", "route", "sparsify_moe",
            "calibrate_moe", "load_checkpoint", "prune_calibrated", "reconstruction_error",
-           "moe_sharded", "ragged_dot_sharded", "shard_params"]
+           "moe_sharded", "ragged_dot_sharded", "shard_params", "validate"]
 __version__ = "0.1.0"
 
 

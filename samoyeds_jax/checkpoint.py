@@ -847,7 +847,7 @@ def load_checkpoint(path: str, top_k: int | None = None, load_other: bool = True
     import jax.numpy as jnp
     from safetensors import safe_open
 
-    from samoyeds_jax.format import SparseWeight, SparsityConfig
+    from samoyeds_jax.format import SparseWeight, SparsityConfig, validate
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -871,9 +871,12 @@ def load_checkpoint(path: str, top_k: int | None = None, load_other: bool = True
         for lm in info["layers"]:
             p = {"router": jnp.asarray(get(lm["router"]).T)}
             for wname in ("gate_up", "down"):
-                parts = [jnp.asarray(get(f"{lm['prefix']}.{wname}.{part}"))
-                         for part in SPARSE_PARTS]
-                p[wname] = SparseWeight(*parts, sp)
+                parts = [get(f"{lm['prefix']}.{wname}.{part}") for part in SPARSE_PARTS]
+                try:  # a tampered or corrupt file is refused here, not read by a kernel
+                    validate(SparseWeight(*parts, sp), f"{lm['prefix']}.{wname}")
+                except ValueError as err:
+                    raise ConversionError(f"{path}: {err}") from None
+                p[wname] = SparseWeight(*(jnp.asarray(a) for a in parts), sp)
             for key in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate"):
                 if key in lm:
                     p[key] = jnp.asarray(get(lm[key]).T)

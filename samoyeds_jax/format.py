@@ -326,3 +326,55 @@ def _decode(sw: SparseWeight) -> jax.Array:
         hit = idx[..., j, None, :] == jnp.arange(v)[:, None]      # [..., M/V, V, K/L]
         a5 = jnp.where(hit[..., None], segs[..., j, None, :, :], a5)
     return jnp.swapaxes(a5.reshape(*lead, m, k), -1, -2)
+
+
+def validate(sw: SparseWeight, name: str = "sw") -> SparseWeight:
+    """Refuse a SparseWeight whose arrays :func:`encode` could not have produced.
+
+    Host-side (reads the arrays back); for weights that come from outside, e.g. a loaded
+    checkpoint. Checks dtypes and shapes against ``sw.config``, sub-row indices below V and
+    increasing within each block, and every metadata nibble an ordered 2:4 pair
+    (first < second). Raises ValueError naming the array and the first bad place; returns
+    ``sw`` unchanged. (The kernels stay in bounds even on unchecked arrays: positions are
+    2-bit, indices are taken modulo V on the GPU and refused on the CPU.)
+    """
+    if not isinstance(sw, SparseWeight):
+        raise TypeError(f"{name} must be a SparseWeight, got {type(sw).__name__}")
+    cfg = sw.config
+    vals, idx, meta = (np.asarray(a) for a in (sw.values, sw.indices, sw.metadata))
+    if vals.ndim < 2 or jnp.dtype(vals.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}.values must be bfloat16/float16 [..., Mk, K/2], got "
+                         f"{vals.dtype}{list(vals.shape)}")
+    *lead, mk, half_k = vals.shape
+    k = half_k * KEPT_PER_GROUP
+    if mk % ROW_TILE or mk % cfg.n or k % cfg.sub_row:
+        raise ValueError(f"{name}.values {list(vals.shape)}: Mk must be a multiple of "
+                         f"{ROW_TILE} and of N={cfg.n}, K=2*{half_k} a multiple of "
+                         f"sub_row={cfg.sub_row}")
+    want_idx, want_meta = (*lead, mk, k // cfg.sub_row), (*lead, mk, k // META_COLS_PER_WORD)
+    if idx.dtype != np.uint8 or idx.shape != want_idx:
+        raise ValueError(f"{name}.indices must be uint8{list(want_idx)}, got "
+                         f"{idx.dtype}{list(idx.shape)}")
+    if meta.dtype != np.uint32 or meta.shape != want_meta:
+        raise ValueError(f"{name}.metadata must be uint32{list(want_meta)}, got "
+                         f"{meta.dtype}{list(meta.shape)}")
+    if (idx >= cfg.v).any():
+        at = tuple(int(i) for i in np.argwhere(idx >= cfg.v)[0])
+        raise ValueError(f"{name}.indices{list(at)} = {idx[at]} is not below V={cfg.v}")
+    blocks = idx.reshape(*lead, mk // cfg.n, cfg.n, -1)
+    if cfg.n > 1 and not (np.diff(blocks.astype(np.int16), axis=-2) > 0).all():
+        at = tuple(int(i) for i in np.argwhere(np.diff(blocks.astype(np.int16), axis=-2) <= 0)[0])
+        raise ValueError(f"{name}.indices: the N={cfg.n} sub-row indices of block "
+                         f"{list(at[:-2])} in window {at[-1]} are not distinct and increasing")
+    canon = swap_metadata(meta)
+    groups = META_COLS_PER_WORD // GROUP_WIDTH
+    shifts = np.arange(groups, dtype=np.uint32) * META_BITS_PER_GROUP
+    nib = (canon[..., None] >> shifts) & np.uint32(0xF)
+    bad = (nib & 3) >= (nib >> 2)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        col = at[-2] * META_COLS_PER_WORD + at[-1] * GROUP_WIDTH
+        raise ValueError(f"{name}.metadata: kept row {list(at[:-2])}, columns {col}..{col + 3} "
+                         f"hold positions ({int(nib[at] & 3)}, {int(nib[at] >> 2)}); a 2:4 "
+                         f"group needs two increasing positions")
+    return sw

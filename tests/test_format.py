@@ -449,3 +449,30 @@ def test_sparse_weight_properties(dtype, rng, seed):
     assert isinstance(again_jit, sj.SparseWeight) and again_jit.config == cfg
     np.testing.assert_array_equal(np.asarray(decode_jit(again_jit), np.float64),
                                   np.asarray(wp, np.float64), err_msg=f"seed={seed}")
+
+
+# --- validate: arrays from outside (a checkpoint) are refused before any kernel ---------
+
+@pytest.mark.parametrize("nv", [(1, 2), (2, 4)])
+def test_validate_accepts_encoded_and_refuses_tampering(nv, rng):
+    cfg = sj.SparsityConfig(*nv, sub_row=32)
+    w = jnp.asarray(rng.standard_normal((2, 64, cfg.m_multiple * 2)), jnp.bfloat16)
+    sw = sj.encode(sj.prune(w, cfg), cfg)
+    assert sj.validate(sw) is sw
+    idx = np.asarray(sw.indices).copy()
+    idx[1, 3, 0] = cfg.v  # out of range
+    with pytest.raises(ValueError, match=r"sw\.indices\[1, 3, 0\] = .* not below V"):
+        sj.validate(sj.SparseWeight(sw.values, idx, sw.metadata, cfg))
+    if cfg.n > 1:
+        idx = np.asarray(sw.indices).copy()
+        idx[0, 1, 0] = idx[0, 0, 0]  # two kept rows of a block name the same sub-row
+        with pytest.raises(ValueError, match="not distinct and increasing"):
+            sj.validate(sj.SparseWeight(sw.values, idx, sw.metadata, cfg))
+    meta = np.asarray(sw.metadata).copy()
+    meta[0, 5, 1] = np.uint32(0x44444444) | np.uint32(0x5)  # group 0: positions (1, 1)
+    canon_bad = sj.format.swap_metadata(meta)
+    assert canon_bad.shape == meta.shape
+    with pytest.raises(ValueError, match="two increasing positions"):
+        sj.validate(sj.SparseWeight(sw.values, sw.indices, meta, cfg))
+    with pytest.raises(ValueError, match=r"sw\.metadata must be uint32"):
+        sj.validate(sj.SparseWeight(sw.values, sw.indices, np.asarray(sw.metadata)[..., :1], cfg))

@@ -589,3 +589,38 @@ def test_bad_input_raises_before_any_kernel(case, rng):
         jax.eval_shape(lambda: fn(d))
     with pytest.raises(exc, match=pattern):
         jax.jit(lambda: fn(d)).lower()
+
+
+# --- edge sizes and non-finite inputs (the reliability matrix, docs/bad_inputs.md) ------
+
+def test_zero_rows_and_zero_tokens(rng):
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 128), jnp.bfloat16)
+    gs0 = jnp.zeros((E,), jnp.int32)
+    x = rand(rng, (5, K), jnp.bfloat16)
+    y = jax.jit(sj.ragged_dot)(x, sw, gs0, jnp.zeros((0,), jnp.int32))        # R = 0
+    assert y.shape == (0, M)
+    y = jax.jit(sj.ragged_dot)(x[:0], sw, gs0)                                # T = R = 0
+    assert y.shape == (0, M)
+    sel = jnp.zeros((7,), jnp.int32)
+    y = jax.jit(sj.ragged_dot)(x, sw, gs0, sel)             # rows exist, no group owns them
+    assert y.shape == (7, M) and not np.asarray(y, np.float64).any()
+    assert jax.jit(sj.dot)(x[:0], sw[0]).shape == (0, M)
+
+
+def test_nan_and_inf_propagate_without_crashing(rng):
+    cfg = sj.SparsityConfig(1, 2, 128)
+    sw = make_sw(rng, cfg, jnp.bfloat16)
+    x = np.asarray(rand(rng, (12, K), jnp.bfloat16)).copy()
+    x[3, :] = np.nan                     # a whole NaN token
+    x[7, 5] = np.inf                     # one infinite feature
+    gs = jnp.asarray([4, 4, 0, 4], jnp.int32)
+    y = np.asarray(jax.jit(sj.ragged_dot)(jnp.asarray(x), sw, gs), np.float64)
+    # NaN reaches every output whose stored weights read the token (as in a sparse matmul:
+    # an output column with no stored weight stays 0, where a dense matmul gives NaN).
+    touched = dense64(sw)[0].any(axis=0)
+    assert np.isnan(y[3][touched]).all()
+    assert (np.isnan(y[3]) | (y[3] == 0)).all()
+    assert not np.isfinite(y[7]).all()   # Inf reaches the rows whose stored weights read it
+    clean = [r for r in range(12) if r not in (3, 7)]
+    ref = ref_ragged_dot(np.where(np.isfinite(x), x, 0), dense64(sw), gs)
+    np.testing.assert_allclose(y[clean], ref[clean], rtol=2e-2, atol=2e-2 * np.abs(ref).max())
