@@ -844,14 +844,24 @@ def load_checkpoint(path: str, top_k: int | None = None, load_other: bool = True
         :class:`~samoyeds_jax.MoEConfig` (``None`` when top_k is unknown);
       * ``other``: every other tensor (name -> numpy array), as in the source checkpoint.
     """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path!r} does not exist")
+    try:
+        return _load_checkpoint(path, top_k, load_other)
+    except ConversionError:
+        raise
+    except Exception as err:  # an untrusted file: every parse failure is this error
+        raise ConversionError(f"{path}: not a readable samoyeds-convert output "
+                              f"({type(err).__name__}: {err})") from None
+
+
+def _load_checkpoint(path: str, top_k: int | None, load_other: bool):
     import jax.numpy as jnp
     from safetensors import safe_open
 
     from samoyeds_jax.format import SparseWeight, SparsityConfig, validate
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path!r} does not exist")
     _, fmeta = _read_header(path)
     if fmeta.get("format") != FORMAT or "samoyeds" not in fmeta:
         raise ConversionError(f"{path}: not a samoyeds-convert output (metadata format is "

@@ -369,3 +369,13 @@ def test_load_checkpoint_rejects_unconverted_and_needs_top_k(tmp_path, rng):
     with pytest.raises(ValueError, match="needs top_k"):
         ck.convert(str(src), str(tmp_path / "c.safetensors"), "1:2", 32,
                    calibration=str(tmp_path / "missing.npz"), progress=False, verbose=False)
+
+
+def test_load_checkpoint_refuses_garbage_with_its_own_error(tmp_path):
+    # Found by scripts/fuzz_checkpoint.py: a 4-byte file leaked a raw SafetensorError.
+    from samoyeds_jax.checkpoint import ConversionError
+    bad = tmp_path / "garbage.safetensors"
+    for blob in (b"\x01\x00N\n", b"", b"\xff" * 64):
+        bad.write_bytes(blob)
+        with pytest.raises(ConversionError, match="garbage.safetensors"):
+            sj.load_checkpoint(str(bad))
