@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ import samoyeds_jax as sj
 from samoyeds_jax.moe import PRESETS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _trace import device_time_us  # noqa: E402
+from _trace import time_per_call  # noqa: E402
 
 
 FLAGS = flags.FLAGS
@@ -50,20 +49,12 @@ flags.DEFINE_string("profile_dir", "", "write a jax.profiler trace of one timed 
 
 def _time(fn, args, name: str = "") -> tuple[float, float | None]:
     """(wall seconds per call, device seconds per call or None off-GPU)."""
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
     logdir = os.path.join(FLAGS.profile_dir, name) if FLAGS.profile_dir else None
-    dev_us, per_kernel = device_time_us(fn, args, runs=5, logdir=logdir)
+    wall, dev, per_kernel = time_per_call(fn, args, FLAGS.rotate, FLAGS.reps, logdir)
     if per_kernel and FLAGS.profile_dir:
         top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:4]
         print(f"  [{name}] device us per program: " + "; ".join(f"{k}={v:.0f}" for k, v in top))
-    samples = []
-    for _ in range(FLAGS.reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - t0)
-    wall = float(np.median(samples)) / FLAGS.rotate
-    return wall, (dev_us * 1e-6 / FLAGS.rotate if dev_us is not None else None)
+    return wall, dev
 
 
 def _unrolled(f):

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ import samoyeds_jax as sj
 from samoyeds_jax.moe import PRESETS, preset_config, shared_experts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _trace import device_time_us  # noqa: E402
+from _trace import time_per_call  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "mixtral-8x7b", list(PRESETS), "model shapes")
@@ -136,17 +135,8 @@ def _copies(params):
 
 def _time(fn, args) -> float:
     """Seconds per call: device time from a profiler trace on a GPU, else wall clock."""
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
-    dev_us, _ = device_time_us(fn, args, runs=5)
-    if dev_us is not None:
-        return dev_us * 1e-6 / FLAGS.rotate
-    samples = []
-    for _ in range(FLAGS.reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples)) / FLAGS.rotate
+    wall, dev, _ = time_per_call(fn, args, FLAGS.rotate, FLAGS.reps)
+    return dev if dev is not None else wall
 
 
 def main(argv):

@@ -46,6 +46,8 @@ struct TileCfg {
   static constexpr int kMetaBytes = kBM * kMetaRow;
   static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
+  static_assert(kStepK == kMetaColsPerWord, "one metadata word per mma k-step");
+  static_assert(kSteps % 2 == 0, "metadata words are consumed in selector pairs");
 };
 // Prefill: 64 kept rows x 64 routed rows, 4 warps of 32 x 32.
 using TileLarge = TileCfg<64, 64, 3, 2, 2>;
@@ -60,9 +62,6 @@ constexpr int SmemBytes() { return Tile::kPipeBytes + (V > 1 ? kIndexStageBytes 
 // from shapes only: group sizes stay on the device).
 constexpr int64_t kSmallTileMaxRowsPerExpert = 32;
 
-using Tile = TileLarge;  // for the static checks below
-static_assert(Tile::kStepK == kMetaColsPerWord, "one metadata word per mma k-step");
-static_assert(Tile::kSteps % 2 == 0, "metadata words are consumed in selector pairs");
 // Metadata for MMA rows that hold no kept row (their values are zero): positions 0 and 1
 // in every group, a valid ordered pattern.
 constexpr uint32_t kFillerMeta = 0x44444444u;
