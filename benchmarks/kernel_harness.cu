@@ -1,11 +1,14 @@
 // Standalone driver of the CUDA kernel (no JAX) for ncu and kernel-only timing:
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Iffi -I$(jax ffi include) \
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi -I$(jax ffi include) \
 //        benchmarks/kernel_harness.cu -o harness
 //   ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS]
 // Random values, metadata (valid sorted 2:4 pairs) and sub-row indices; one expert stack
 // with TOKENS rows split evenly over EXPERTS; CUDA-event timing, median of REPS launches
-// rotating over enough weight copies to defeat the L2.
+// rotating over enough weight copies to defeat the L2, of both kernels (warp-level and,
+// on Hopper, wgmma.sp), and a comparison of their outputs.
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -67,33 +70,74 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(dgs, gs.data(), E * 4, cudaMemcpyHostToDevice));
 
   auto args = [&](int c) {
-    return samoyeds::Args{dx, dv[c], static_cast<uint8_t*>(di[c]), static_cast<uint32_t*>(dm[c]),
-                          nullptr, static_cast<int32_t*>(dgs), dout, T, K, M, E, Mk, T, L,
-                          false};
+    return samoyeds::cuda::Args{dx, dv[c], static_cast<uint8_t*>(di[c]),
+                                static_cast<uint32_t*>(dm[c]), nullptr,
+                                static_cast<int32_t*>(dgs), dout, T, K, M, E, Mk, T, L, false};
   };
-  auto launch = [&](int c) {
-    cudaError_t err = samoyeds::Dispatch<__nv_bfloat16>(0, args(c), n, v);
-    CHECK(err);
+  using samoyeds::cuda::Path;
+  auto launch = [&](int c, Path path) {
+    CHECK(samoyeds::cuda::Dispatch<__nv_bfloat16>(0, args(c), n, v, path));
   };
-  for (int i = 0; i < 3; ++i) launch(i % copies);
-  CHECK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  std::vector<float> ms;
-  for (int i = 0; i < reps; ++i) {
-    CHECK(cudaEventRecord(a));
-    launch(i % copies);
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    float t;
-    CHECK(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  const double med = ms[ms.size() / 2] * 1e-3;
+  // Median time of one path, rotating weight copies past the L2.
+  auto time_path = [&](Path path) {
+    for (int i = 0; i < 3; ++i) launch(i % copies, path);
+    CHECK(cudaDeviceSynchronize());
+    cudaEvent_t a, b;
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&b));
+    std::vector<float> ms;
+    for (int i = 0; i < reps; ++i) {
+      CHECK(cudaEventRecord(a));
+      launch(i % copies, path);
+      CHECK(cudaEventRecord(b));
+      CHECK(cudaEventSynchronize(b));
+      float t;
+      CHECK(cudaEventElapsedTime(&t, a, b));
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2] * 1e-3;
+  };
+  // The output of one path on weight copy 0, poisoned first so unwritten rows show.
+  auto output_of = [&](Path path) {
+    CHECK(cudaMemset(dout, 0xFF, size_t(T) * M * 2));  // bf16 0xFFFF is a NaN
+    launch(0, path);
+    CHECK(cudaDeviceSynchronize());
+    std::vector<uint16_t> h(size_t(T) * M);
+    CHECK(cudaMemcpy(h.data(), dout, h.size() * 2, cudaMemcpyDeviceToHost));
+    return h;
+  };
+  auto bf16 = [](uint16_t h) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
   const double bytes = double(wbytes) + double(T) * K * 2 + double(T) * M * 2;
-  std::printf("K=%d M=%d T=%d E=%d %d:%d L=%d  median %.2f us  %.0f GB/s  %.1f dense-equiv TFLOP/s\n",
-              K, M, T, E, n, v, L, med * 1e6, bytes / med / 1e9, 2.0 * T * K * M / med / 1e12);
+  auto report = [&](const char* name, double med) {
+    std::printf("%-6s K=%d M=%d T=%d E=%d %d:%d L=%d  median %.2f us  %.0f GB/s  %.1f dense-equiv TFLOP/s\n",
+                name, K, M, T, E, n, v, L, med * 1e6, bytes / med / 1e9,
+                2.0 * T * K * M / med / 1e12);
+  };
+  report("warp", time_path(Path::kWarp));
+  int major = 0;
+  CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  if (major == 9) {
+    report("hopper", time_path(Path::kHopper));
+    // The two kernels accumulate in fp32 in different orders: agreement to a few bf16
+    // ulps of the output scale; a layout bug shows as O(1) differences or NaNs.
+    const auto w = output_of(Path::kWarp), h = output_of(Path::kHopper);
+    double max_diff = 0, max_ref = 0;
+    size_t bad = 0;
+    for (size_t i = 0; i < w.size(); ++i) {
+      const float a = bf16(w[i]), b = bf16(h[i]);
+      if (!std::isfinite(a) || !std::isfinite(b)) { ++bad; continue; }
+      max_diff = std::max(max_diff, double(std::fabs(a - b)));
+      max_ref = std::max(max_ref, double(std::fabs(a)));
+    }
+    std::printf("check  hopper vs warp: max|diff| %.4g of max|out| %.4g (rel %.2e), non-finite %zu -> %s\n",
+                max_diff, max_ref, max_diff / std::max(max_ref, 1e-30), bad,
+                bad == 0 && max_diff <= 2e-2 * max_ref ? "OK" : "MISMATCH");
+  }
   return 0;
 }

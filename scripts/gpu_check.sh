@@ -1,70 +1,159 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one script: build, SASS check, GPU tests,
-# compute-sanitizer, benchmarks and the demo. Logs go to $OUT (at most 8 files come back).
-#   bash scripts/gpu_check.sh [tests|perf|profile|all]
-#     tests   : build, SASS, GPU tests (kernel + layer on the GPU), 4 sanitizer tools
-#     perf    : build, Mixtral demo, kernel and layer benchmarks (device time from traces)
-#     profile : build, ncu-free kernel harness timings (needs .devbin/harness carried)
-#     all     : tests then perf (longer than one 10-minute device call)
+# compute-sanitizer, soak, benchmarks and the demo. Logs go to $OUT (at most 8 files
+# come back, so logs are appended to a few files).
+#   bash scripts/gpu_check.sh MODE [MODE...]
+#     kernel   : harness (carried .devbin/harness): both kernels timed and compared
+#     tests    : GPU tests (auto kernel choice, then the Hopper kernel forced everywhere)
+#     sanitize : 4 compute-sanitizer tools, auto and Hopper-forced
+#     soak     : GPU hypothesis fuzz test and the randomized soak
+#     perf     : Mixtral demo, kernel and layer benchmarks (device time from traces)
+#     suite    : the issue-6 suite: stack and memory benchmarks, plots, profiler trace
+#     calib    : calibrated vs magnitude pruning on the GPU
+# Every mode but `kernel` builds and installs the package first (once).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 REPO=$(pwd)
-MODE=${1:-tests}
 export PYTHONUNBUFFERED=1
 step() { echo; echo "=== $* ($(date +%T))"; }
 quiet() { grep -v "^[WI][0-9]\{4\} "; }  # absl/XLA info and warning lines
+BUILT=0
 
-step "machine"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/summary.txt"
-python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" | tee -a "$OUT/summary.txt"
+machine() {
+  step "machine"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee -a "$OUT/summary.txt"
+  python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" | tee -a "$OUT/summary.txt"
+}
 
-step "build"
-SAMOYEDS_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 \
-  || { tail -50 "$OUT/build.log"; exit 1; }
-grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -12
-cd /tmp  # import the installed package, not the source tree
-SO=$(python3 -c "import samoyeds_jax._samoyeds as m; print(m.__file__)")
-python3 -c "import samoyeds_jax._samoyeds as m; print('HAS_CUDA', m.HAS_CUDA, 'FFI', m.FFI_API_VERSION)" | tee -a "$OUT/summary.txt"
+build() {
+  [ $BUILT = 1 ] && return 0
+  step "build"
+  local t0=$SECONDS
+  SAMOYEDS_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -v "$REPO" > "$OUT/build.log" 2>&1 \
+    || { tail -50 "$OUT/build.log"; exit 1; }
+  echo "build took $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+  grep -E "C751[0-8]|spill" "$OUT/build.log" | grep -v " 0 bytes spill" | sort | uniq -c | head -12
+  cd /tmp  # import the installed package, not the source tree
+  SO=$(python3 -c "import samoyeds_jax._samoyeds as m; print(m.__file__)")
+  python3 -c "import samoyeds_jax._samoyeds as m; print('HAS_CUDA', m.HAS_CUDA, 'FFI', m.FFI_API_VERSION)" | tee -a "$OUT/summary.txt"
+  step "sass"
+  cuobjdump -sass "$SO" > /tmp/sass.txt 2>&1
+  { echo "per kernel: HMMA.SP / HGMMA.SP count, local-memory (LDL/STL) count";
+    awk '/Function :/ {f=$3} /HMMA\.SP|HGMMA\.SP/ {sp[f]++} /LDL|STL/ {l[f]++} END {for (k in sp) printf "  %s SP-MMA=%d LDL/STL=%d\n", substr(k, 1, 150), sp[k], l[k]+0}' /tmp/sass.txt; } \
+    | sed 's/_ZN8samoyeds4cuda[0-9]*//' | tee -a "$OUT/summary.txt"
+  BUILT=1
+}
 
-step "sass"
-cuobjdump -sass "$SO" > /tmp/sass.txt 2>&1
-{ echo "per kernel: HMMA.SP count, local-memory (LDL/STL) count";
-  awk '/Function :/ {f=$3} /HMMA\.SP/ {sp[f]++} /LDL|STL/ {l[f]++} END {for (k in sp) printf "  %s HMMA.SP=%d LDL/STL=%d\n", substr(k, 1, 150), sp[k], l[k]+0}' /tmp/sass.txt; } \
-  | sed 's/_ZN8samoyeds[^R]*RaggedDotKernel/RaggedDotKernel/' | tee -a "$OUT/summary.txt"
+kernel() {
+  step "kernel harness: warp-level vs Hopper, outputs compared"
+  local H="$REPO/.devbin/harness"
+  {
+    $H 4096 14336 4096 1 2 128 1 20; $H 4096 14336 4096 1 1 128 1 20
+    $H 4096 14336 4096 1 4 128 1 20; $H 4096 14336 4096 2 4 128 1 20
+    $H 4096 14336 4096 1 2 64 1 20;  $H 4096 14336 4096 1 2 32 1 20
+    $H 14336 4096 4096 1 2 128 1 20; $H 4096 14336 8192 1 2 128 8 20
+    $H 4096 14336 512 1 2 128 1 20;  $H 4096 14336 128 1 2 128 1 20
+    $H 4096 14336 16 1 2 128 1 20
+    # tails: M with a 16-row kept tail, K not a multiple of the 128-column stage, odd T
+    $H 4160 14368 1000 1 2 32 3 10;  $H 2112 1440 333 2 4 64 5 10
+    $H 4096 1408 4099 1 1 128 7 10
+  } 2>&1 | tee -a "$OUT/kernel.log"
+  grep -c MISMATCH "$OUT/kernel.log" | sed 's/^/harness mismatches: /' | tee -a "$OUT/summary.txt"
+}
 
-if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
-  step "gpu tests: kernel and layer"
+tests() {
+  build
+  step "gpu tests: kernel and layer (auto kernel choice)"
   python3 -m pytest -q "$REPO/tests/test_gpu.py" "$REPO/tests/test_moe.py" --rootdir="$REPO" \
-    -p no:cacheprovider --import-mode=importlib 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-  grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1 >> "$OUT/summary.txt"
+    -p no:cacheprovider --import-mode=importlib 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -8
+  grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1 | sed 's/^/auto: /' >> "$OUT/summary.txt"
+  step "gpu tests: Hopper kernel forced for every shape"
+  SAMOYEDS_KERNEL=hopper python3 -m pytest -q "$REPO/tests/test_gpu.py" --rootdir="$REPO" \
+    -p no:cacheprovider --import-mode=importlib 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -8
+  grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1 | sed 's/^/hopper: /' >> "$OUT/summary.txt"
+}
 
+sanitize() {
+  build
   step "compute-sanitizer"
   export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
-  for tool in memcheck racecheck initcheck synccheck; do
-    echo "--- $tool" >> "$OUT/sanitizer.log"
-    timeout 400 compute-sanitizer --tool $tool --kernel-name kns=RaggedDot --error-exitcode 9 \
-      python3 "$REPO/scripts/sanitize_case.py" >> "$OUT/sanitizer.log" 2>&1
-    echo "$tool exit=$? $(grep -c 'RaggedDot' "$OUT/sanitizer.log") report lines" | tee -a "$OUT/summary.txt"
+  for kern in auto hopper; do
+    for tool in memcheck racecheck initcheck synccheck; do
+      echo "--- $kern $tool" >> "$OUT/sanitizer.log"
+      SAMOYEDS_KERNEL=$kern timeout 300 compute-sanitizer --tool $tool --kernel-name kns=RaggedDot \
+        --error-exitcode 9 python3 "$REPO/scripts/sanitize_case.py" >> "$OUT/sanitizer.log" 2>&1
+      echo "$kern $tool exit=$? $(tail -3 "$OUT/sanitizer.log" | grep -o 'ERROR SUMMARY.*\|cases run.*' | tr '\n' ' ')" \
+        | tee -a "$OUT/summary.txt"
+    done
   done
-  grep "ERROR SUMMARY\|cases run" "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
   unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
-fi
+}
 
-if [ "$MODE" = perf ] || [ "$MODE" = all ]; then
+soak() {
+  build
+  step "GPU hypothesis fuzz"
+  python3 -m pytest -q "$REPO/tests/test_gpu_fuzz.py" --rootdir="$REPO" -p no:cacheprovider \
+    --import-mode=importlib 2>&1 | tee -a "$OUT/soak.log" | tail -5
+  step "soak"
+  python3 "$REPO/scripts/soak.py" --seconds="${SOAK_SECONDS:-240}" --json_out="$OUT/soak.json" 2>&1 \
+    | quiet | tee -a "$OUT/soak.log" | tail -6
+  grep -E "SOAK|passed|failed" "$OUT/soak.log" | tail -2 >> "$OUT/summary.txt"
+}
+
+perf() {
+  build
   step "demo (Mixtral-8x7B layer, full size)"
-  python3 -m samoyeds_jax.demo --preset=mixtral-8x7b --tokens=4096 2>&1 | quiet | tee "$OUT/demo.log" | tail -15
+  python3 -m samoyeds_jax.demo --preset=mixtral-8x7b --tokens=4096 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -12
   step "kernel benchmark"
   python3 "$REPO/benchmarks/bench_kernel.py" --preset=mixtral-8x7b --proj=up --tokens=16,4096 \
-    --reps=10 --json_out="$OUT/bench_kernel_up.json" 2>&1 | quiet | tee "$OUT/bench.log" | tail -12
+    --reps=10 --json_out="$OUT/bench_kernel_up.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -12
   python3 "$REPO/benchmarks/bench_kernel.py" --preset=mixtral-8x7b --proj=up --nv=1:1 \
     --cases=single --tokens=4096 --reps=10 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -3
   step "layer benchmark"
-  python3 "$REPO/benchmarks/bench_layer.py" --preset=mixtral-8x7b --tokens=16,4096 \
+  python3 "$REPO/benchmarks/bench_layer.py" --preset=mixtral-8x7b --tokens=16,512,4096 \
     --json_out="$OUT/bench_layer.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -14
-fi
+}
 
-if [ "$MODE" = profile ]; then
-  step "kernel harness"
-  for t in 16 64 4096; do "$REPO/.devbin/harness" 4096 14336 $t 1 2 128 1 30; done
-  "$REPO/.devbin/harness" 4096 14336 32 1 2 128 8 30
-fi
+suite() {
+  build
+  step "benchmark suite (issue 6)"
+  [ -f "$REPO/scripts/bench_suite.sh" ] && bash "$REPO/scripts/bench_suite.sh" "$OUT" 2>&1 | quiet | tee -a "$OUT/suite.log" | tail -30
+}
+
+calib() {
+  build
+  step "calibrated vs magnitude pruning (GPU)"
+  python3 -m samoyeds_jax.calibrate --help > /dev/null 2>&1
+  python3 - <<'EOF' 2>&1 | quiet | tee -a "$OUT/calib.log"
+import jax, numpy as np, jax.numpy as jnp, time
+import samoyeds_jax as sj
+from samoyeds_jax.calibrate import prune_calibrated, reconstruction_error
+rng = np.random.default_rng(0)
+k, m, n_cal = 4096, 1408, 2048
+# Realistic structure: correlated features with a few outlier channels.
+mix = rng.standard_normal((k, 64)) @ rng.standard_normal((64, k)) / 8
+x = rng.standard_normal((n_cal, k)) @ (np.eye(k) + 0.3 * mix)
+x[:, rng.choice(k, 16, replace=False)] *= 20
+x = jnp.asarray(x, jnp.float32)
+w = jnp.asarray(rng.standard_normal((k, m)) / np.sqrt(k), jnp.float32)
+print("device", jax.devices()[0].device_kind, "K", k, "M", m, "calibration rows", n_cal)
+for nv in sj.format.SUPPORTED_NV:
+    cfg = sj.SparsityConfig(*nv, sub_row=128)
+    t = time.perf_counter()
+    wc = jax.block_until_ready(prune_calibrated(w, x, cfg))
+    dt = time.perf_counter() - t
+    em = float(reconstruction_error(x, w, sj.prune(w, cfg)))
+    ec = float(reconstruction_error(x, w, wc))
+    print(f"{nv[0]}:{nv[1]}  magnitude {em:.4f}  calibrated {ec:.4f}  ratio {ec / em:.3f}  ({dt:.1f} s)")
+EOF
+}
+
+machine
+for mode in "$@"; do
+  case $mode in
+    kernel|tests|sanitize|soak|perf|suite|calib) $mode ;;
+    *) echo "unknown mode $mode"; exit 2 ;;
+  esac
+done
+step "summary"
+cat "$OUT/summary.txt"

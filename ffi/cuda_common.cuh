@@ -1,0 +1,215 @@
+// Pieces shared by the two CUDA kernels of the sparse ragged dot (the warp-level mma.sp
+// kernel in mma_sp.cuh, the Hopper wgmma.sp kernel in wgmma_sp.cuh): the launch
+// arguments, the device-side tile schedule, async copies, the sub-row index stage and
+// the epilogue. Both kernels compute C^T[M, R] = A[M, K] * X^T[K, R] per expert, with the
+// sparse weight as the A operand and the routed rows as the N dimension.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "format.h"
+
+namespace samoyeds::cuda {
+
+struct Args {
+  const void* x;
+  const void* values;
+  const uint8_t* indices;
+  const uint32_t* metadata;
+  const int32_t* sel;
+  const int32_t* group_sizes;
+  void* out;
+  int tokens, k, m, experts, kept_rows, rows, sub_row;
+  bool has_sel;
+};
+
+// Metadata for MMA rows that hold no kept row (their values are zero): positions 0 and 1
+// in every group, a valid ordered pattern.
+constexpr uint32_t kFillerMeta = 0x44444444u;
+// Shared memory for the block's sub-row indices (N:V with V > 1), after the pipeline.
+constexpr int kIndexStageBytes = 16 * 1024;
+// Dense K of one sparse MMA k-step (m16n8k32 and m64nNk32 alike): one metadata word.
+constexpr int kStepK = 32;
+static_assert(kStepK == kMetaColsPerWord, "one metadata word per MMA k-step");
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes == 0 fills zeros without reading global memory.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+// 16-byte async copy issued only when `pred` holds (no branch, no zero fill).
+__device__ __forceinline__ void CpAsync16If(uint32_t dst, const void* src, bool pred) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
+      " @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(dst),
+      "l"(src), "r"(static_cast<int>(pred)));
+}
+__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Which (expert, row tile) this block computes, from group_sizes on the device.
+// Negative sizes count as 0 and ranges are clipped to the R output rows, so a bad
+// group_sizes can never make the kernel touch memory outside its buffers.
+struct Work {
+  int expert;     // -1: a zero-fill tile of rows past sum(group_sizes)
+  int row_begin;  // first output row of this tile
+  int row_end;    // one past the last valid output row of this tile
+};
+
+template <int BN>
+__device__ Work FindWork(const Args& a, int tile) {
+  int seen = 0, row = 0;
+  for (int e = 0; e < a.experts; ++e) {
+    const int size = min(max(__ldg(a.group_sizes + e), 0), a.rows - row);
+    const int tiles = (size + BN - 1) / BN;
+    if (tile < seen + tiles) {
+      const int begin = row + (tile - seen) * BN;
+      return {e, begin, min(begin + BN, row + size)};
+    }
+    seen += tiles;
+    row += size;
+  }
+  const int begin = row + (tile - seen) * BN;
+  return {-1, begin, min(begin + BN, a.rows)};
+}
+
+// Grid x extent for row tiles of BN: sum_e ceil(size_e / BN) <= R / BN + E, plus the
+// zero-fill tiles.
+template <int BN>
+inline unsigned RowTiles(const Args& a) {
+  return static_cast<unsigned>((static_cast<int64_t>(a.rows) + BN - 1) / BN + a.experts + 1);
+}
+
+// Rows past sum(group_sizes) are zero.
+template <typename T, int kThreads>
+__device__ void ZeroFillTile(const Args& a, const Work& work, int out0, int out_here) {
+  T* out = static_cast<T*>(a.out);
+  const int vec = out_here / 8;
+  for (int i = threadIdx.x; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
+    const int r = work.row_begin + i / vec, c = out0 + (i % vec) * 8;
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(r) * a.m + c) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Token id of each routed row of the tile, -1 when absent or an invalid SEL entry (read
+// as a zero row: never an out-of-bounds read).
+template <int BN, int kThreads>
+__device__ void LoadSourceRows(const Args& a, const Work& work, int (&src_row)[BN]) {
+  for (int i = threadIdx.x; i < BN; i += kThreads) {
+    const int r = work.row_begin + i;
+    int t = -1;
+    if (r < work.row_end) {
+      t = a.has_sel ? __ldg(a.sel + r) : r;
+      if (t < 0 || t >= a.tokens) t = -1;
+    }
+    src_row[i] = t;
+  }
+}
+
+// The block's sub-row indices are one contiguous span of kept_here * windows bytes;
+// staged in shared memory once when they fit, so per-window reads never wait on global
+// memory. Returns whether they were staged (the caller syncs before reading).
+template <int kThreads>
+__device__ bool StageIndices(const uint8_t* idx_span, uint8_t* idx_smem, int idx_bytes) {
+  if (idx_bytes > kIndexStageBytes) return false;
+#pragma unroll 8
+  for (int i = threadIdx.x; i < idx_bytes; i += kThreads) idx_smem[i] = __ldg(idx_span + i);
+  return true;
+}
+
+// Exchanges a and b when swap holds, with two selects. Written in PTX so the compiler
+// cannot turn it into a branch: a branchy exchange of loop-carried registers makes
+// it copy the wgmma accumulators at the loop latch, which serializes the wgmmas.
+__device__ __forceinline__ void SwapIf(float& a, float& b, bool swap) {
+  float a2, b2;
+  asm("{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n selp.f32 %0, %3, %2, p;\n"
+      " selp.f32 %1, %2, %3, p;\n}\n"
+      : "=f"(a2), "=f"(b2)
+      : "f"(a), "f"(b), "r"(static_cast<int>(swap)));
+  a = a2;
+  b = b2;
+}
+
+// Swap-to-front N:V steering. acc[0] is always the candidate output row the current
+// window adds to; slot[h][c] says which candidate acc[c] holds for the lane's row h
+// (rows g and g + 8 of an MMA fragment). At a window boundary the new window's
+// candidate is swapped to the front with 2 selects per accumulator.
+//   acc: [V][kFrags][4] of one m16 fragment row (q = 2h, 2h+1 belong to row h).
+template <int V, int kFrags>
+__device__ __forceinline__ void SteerToFront(float (&acc)[V][kFrags][4], uint8_t (&slot)[2][V],
+                                             const uint8_t (&sub)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int c = 1; c < V; ++c) {
+      const bool swap = slot[h][c] == sub[h];
+      const uint8_t held = slot[h][0];
+      slot[h][0] = swap ? slot[h][c] : held;
+      slot[h][c] = swap ? held : slot[h][c];
+#pragma unroll
+      for (int j = 0; j < kFrags; ++j)
+#pragma unroll
+        for (int q = 2 * h; q < 2 * h + 2; ++q) SwapIf(acc[0][j][q], acc[c][j][q], swap);
+    }
+}
+
+// Epilogue, part 1: one m16 fragment row of accumulators -> shared c_tile[routed row]
+// [output row] (fp32). kept: the lane's two kept rows (block-relative); n0: the first
+// routed column of the lane's fragments; slot_n: which of the N kept rows of a block
+// is written in this pass (the N passes add up, separated by barriers).
+template <int N, int V, int kFrags, int kCStride>
+__device__ __forceinline__ void AccToShared(const float (&acc)[V][kFrags][4],
+                                            const uint8_t (&slot)[2][V], const int (&kept)[2],
+                                            int n0, int tq, int slot_n, float* c_tile) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (kept[h] % N != slot_n) continue;
+    const int block_row = kept[h] / N * V;
+#pragma unroll
+    for (int j = 0; j < kFrags; ++j)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int n = n0 + j * 8 + 2 * tq + q;
+#pragma unroll
+        for (int c = 0; c < V; ++c) {
+          float& dst = c_tile[n * kCStride + block_row + (V > 1 ? slot[h][c] : 0)];
+          dst = (slot_n == 0 ? 0.0f : dst) + acc[c][j][2 * h + q];
+        }
+      }
+  }
+}
+
+// Epilogue, part 2: shared fp32 tile -> out [R, M] rows with 16-byte stores.
+template <typename T, int kThreads, int kCStride>
+__device__ __forceinline__ void SharedToOut(const Args& a, const Work& work, int out0,
+                                            int out_here, const float* c_tile) {
+  T* out = static_cast<T*>(a.out);
+  const int vec = out_here / 8;
+  for (int i = threadIdx.x; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
+    const int n = i / vec, c = (i % vec) * 8;
+    const float* src = c_tile + n * kCStride + c;
+    alignas(16) T packed[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) packed[q] = static_cast<T>(src[q]);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.m + out0 + c) =
+        *reinterpret_cast<const uint4*>(packed);
+  }
+}
+
+}  // namespace samoyeds::cuda

@@ -1,0 +1,355 @@
+// The warp-level kernel (Ampere-style sparse tensor cores, runs on sm_80 and later):
+//   * mma.sp::ordered_metadata m16n8k32, fp32 accumulation;
+//   * global -> shared through a multi-stage cp.async pipeline (values, metadata and
+//     activation rows); shared -> registers through ldmatrix; metadata arrives in
+//     hardware order (ffi/format.h), one aligned 32-bit word per lane covers two k-steps;
+//   * the SEL gather is fused into the activation loads (per-row source addresses);
+//   * N:V: swap-to-front steering of V accumulators per kept row (cuda_common.cuh);
+//   * device-side tile schedule from group_sizes; epilogue through shared memory.
+#pragma once
+
+#include "cuda_common.cuh"
+
+namespace samoyeds::cuda {
+
+// A tile configuration; every size below derives from these.
+template <int BM, int BN, int Stages, int WarpsM, int WarpsN>
+struct TileCfg {
+  static constexpr int kBM = BM;   // kept rows per block
+  static constexpr int kBN = BN;   // routed rows per block
+  static constexpr int kBK = 128;  // dense K per pipeline stage
+  static constexpr int kStages = Stages;
+  static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kFragsM = kBM / kWarpsM / 16;  // m16 fragments per warp
+  static constexpr int kFragsN = kBN / kWarpsN / 8;   // n8 fragments per warp
+  static constexpr int kSteps = kBK / kStepK;         // mma k-steps per stage
+  static constexpr int kARow = kBK / 2 * 2;           // bytes of one compressed row per stage
+  static constexpr int kBRow = kBK * 2;               // bytes of one activation row per stage
+  static constexpr int kMetaRow = kSteps * 4;         // bytes of metadata per kept row per stage
+  static constexpr int kABytes = kBM * kARow;
+  static constexpr int kBBytes = kBN * kBRow;
+  static constexpr int kMetaBytes = kBM * kMetaRow;
+  static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static_assert(kSteps % 2 == 0, "metadata words are consumed in selector pairs");
+};
+// Prefill: 64 kept rows x 64 routed rows, 4 warps of 32 x 32.
+using TileLarge = TileCfg<64, 64, 3, 2, 2>;
+// Decode (few rows per expert): 32 kept rows x 16 routed rows, 4 warps of 16 x 8, a
+// deeper pipeline; twice the blocks of the prefill tile so one expert fills the GPU.
+using TileSmall = TileCfg<32, 16, 4, 2, 2>;
+template <typename Tile, int V>
+constexpr int SmemBytes() { return Tile::kPipeBytes + (V > 1 ? kIndexStageBytes : 0); }
+// Mean routed rows per expert up to which the decode tile is used (host-side choice
+// from shapes only: group sizes stay on the device).
+constexpr int64_t kSmallTileMaxRowsPerExpert = 32;
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T, int kSelector>
+__device__ __forceinline__ void MmaSp(float (&d)[4], const uint32_t (&a)[4],
+                                      const uint32_t (&b)[4], uint32_t meta) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(meta), "n"(kSelector));
+  } else {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(meta), "n"(kSelector));
+  }
+}
+
+// XOR swizzles of 16-byte chunks: ldmatrix's 8 row addresses land in distinct banks.
+template <typename Tile>
+__device__ __forceinline__ int SwizzleA(int row, int chunk) {
+  return row * Tile::kARow + ((chunk ^ (row & 7)) << 4);
+}
+template <typename Tile>
+__device__ __forceinline__ int SwizzleB(int row, int chunk) {
+  return row * Tile::kBRow + ((chunk ^ (row & 7)) << 4);
+}
+
+template <typename T, int N, int V, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads)
+    RaggedDotWarpKernel(const Args a) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ int src_row[Tile::kBN];  // token id of each routed row, -1 when absent
+
+  constexpr int kOutRows = Tile::kBM / N * V;  // output rows (of M) per block
+  const int m_tile = blockIdx.y;
+  const int kept0 = m_tile * Tile::kBM;
+  const int kept_here = min(Tile::kBM, a.kept_rows - kept0);
+  const int out0 = kept0 / N * V;
+  const int out_here = kept_here / N * V;
+  const Work work = FindWork<Tile::kBN>(a, blockIdx.x);
+  if (work.row_begin >= work.row_end) return;
+  if (work.expert < 0) {
+    ZeroFillTile<T, Tile::kThreads>(a, work, out0, out_here);
+    return;
+  }
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp % Tile::kWarpsM, warp_n = warp / Tile::kWarpsM;
+  const int e = work.expert;
+  const int rows_here = work.row_end - work.row_begin;
+  LoadSourceRows<Tile::kBN, Tile::kThreads>(a, work, src_row);
+  __syncthreads();
+
+  const int half_k = a.k / 2, words = a.k / kMetaColsPerWord, windows = a.k / a.sub_row;
+  const T* x = static_cast<const T*>(a.x);
+  const T* values = static_cast<const T*>(a.values) + static_cast<int64_t>(e) * a.kept_rows * half_k;
+  const uint32_t* meta = a.metadata + static_cast<int64_t>(e) * a.kept_rows * words;
+  const uint8_t* indices = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
+  const int k_steps = a.k / kStepK;
+  const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
+  const uint32_t smem_base = SmemAddr(smem);
+
+  // Each thread copies fixed chunks of every stage: its rows, columns and shared-memory
+  // offsets are computed once here; a stage only adds its K offset.
+  constexpr int kAChunks = Tile::kARow / 16, kBChunks = Tile::kBRow / 16;
+  constexpr int kAPer = Tile::kBM * kAChunks / Tile::kThreads;       // 16-byte copies
+  constexpr int kBPer = Tile::kBN * kBChunks / Tile::kThreads;       // 16-byte copies
+  constexpr int kMPer = Tile::kBM * Tile::kSteps / Tile::kThreads;   // 4-byte copies
+  static_assert(kAPer * Tile::kThreads == Tile::kBM * kAChunks, "A copies divide evenly");
+  static_assert(kBPer * Tile::kThreads == Tile::kBN * kBChunks, "B copies divide evenly");
+  static_assert(kMPer * Tile::kThreads == Tile::kBM * Tile::kSteps, "meta copies divide");
+  constexpr int kARowStep = Tile::kThreads / kAChunks;  // rows between a thread's copies
+  constexpr int kBRowStep = Tile::kThreads / kBChunks;
+  constexpr int kMRowStep = Tile::kThreads / Tile::kSteps;
+  const int a_row = tid / kAChunks, a_chunk = tid % kAChunks;
+  const int b_row = tid / kBChunks, b_chunk = tid % kBChunks;
+  const int m_row = tid / Tile::kSteps, m_word = tid % Tile::kSteps;
+  // Swizzle depends on row & 7, identical for all of a thread's rows (steps are multiples of 8).
+  static_assert(kARowStep % 8 == 0 && kBRowStep % 8 == 0, "row steps keep the swizzle");
+  const uint32_t a_dst = SwizzleA<Tile>(a_row, a_chunk), b_dst = SwizzleB<Tile>(b_row, b_chunk);
+  const uint32_t m_dst = m_row * Tile::kMetaRow + m_word * 4;
+  const T* a_src = values + static_cast<int64_t>(kept0 + a_row) * half_k + a_chunk * 8;
+  const uint32_t* m_src = meta + static_cast<int64_t>(kept0 + m_row) * words + m_word;
+  int b_tok[kBPer];
+#pragma unroll
+  for (int c = 0; c < kBPer; ++c) {
+    const int row = b_row + c * kBRowStep;
+    b_tok[c] = row < rows_here ? src_row[row] : -1;
+  }
+
+  auto load_stage = [&](int stage, int buf) {
+    const uint32_t sa = smem_base + buf * Tile::kStageBytes;
+    const uint32_t sb = sa + Tile::kABytes;
+    const uint32_t sm = sb + Tile::kBBytes;
+    const int k0 = stage * Tile::kBK;
+    const bool a_col_ok = k0 / 2 + a_chunk * 8 < half_k;
+#pragma unroll
+    for (int c = 0; c < kAPer; ++c) {
+      const bool ok = a_col_ok && a_row + c * kARowStep < kept_here;
+      const T* src = ok ? a_src + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2 : values;
+      CpAsync16(sa + a_dst + c * kARowStep * Tile::kARow, src, ok ? 16 : 0);
+    }
+    // Activation rows through SEL; absent rows are not copied at all (their output
+    // columns are never stored), so decode shapes move only the rows they have.
+    const bool b_col_ok = k0 + b_chunk * 8 < a.k;
+#pragma unroll
+    for (int c = 0; c < kBPer; ++c) {
+      const int t = b_tok[c];
+      const T* src = x + static_cast<int64_t>(max(t, 0)) * a.k + k0 + b_chunk * 8;
+      CpAsync16If(sb + b_dst + c * kBRowStep * Tile::kBRow, src, t >= 0 && b_col_ok);
+    }
+    const int word0 = k0 / kMetaColsPerWord;
+#pragma unroll
+    for (int c = 0; c < kMPer; ++c) {
+      const bool ok = m_row + c * kMRowStep < kept_here && word0 + m_word < words;
+      const uint32_t* src =
+          ok ? m_src + static_cast<int64_t>(c * kMRowStep) * words + word0 : meta;
+      CpAsync4(sm + m_dst + c * kMRowStep * Tile::kMetaRow, src, ok ? 4 : 0);
+    }
+  };
+
+  // Accumulators: V per kept row (N:V candidates), steered by SteerToFront.
+  float acc[Tile::kFragsM][V][Tile::kFragsN][4];
+#pragma unroll
+  for (int i = 0; i < Tile::kFragsM; ++i)
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+#pragma unroll
+      for (int j = 0; j < Tile::kFragsN; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][v][j][q] = 0.0f;
+  uint8_t slot[Tile::kFragsM][2][V];
+#pragma unroll
+  for (int i = 0; i < Tile::kFragsM; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int c = 0; c < V; ++c) slot[i][h][c] = static_cast<uint8_t>(c);
+
+  const int g = lane >> 2, tq = lane & 3;
+  // Kept rows of this lane's accumulator entries (rows g and g + 8 of each fragment).
+  int my_kept[Tile::kFragsM][2];
+  bool frag_ok[Tile::kFragsM];
+#pragma unroll
+  for (int i = 0; i < Tile::kFragsM; ++i) {
+    const int r0 = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16;
+    frag_ok[i] = r0 < kept_here;  // kept_here is a multiple of 16
+    my_kept[i][0] = r0 + g;
+    my_kept[i][1] = r0 + g + 8;
+  }
+  // Sub-row index of each of this lane's kept rows in the current window.
+  uint8_t sub[Tile::kFragsM][2];
+  const uint8_t* idx_span = indices + static_cast<int64_t>(kept0) * windows;
+  uint8_t* idx_smem = smem + Tile::kPipeBytes;
+  const bool idx_staged =
+      V > 1 && StageIndices<Tile::kThreads>(idx_span, idx_smem, kept_here * windows);
+  auto load_sub = [&](int window, uint8_t (&dst)[Tile::kFragsM][2]) {
+#pragma unroll
+    for (int i = 0; i < Tile::kFragsM; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int at = my_kept[i][h] * windows + window;
+        const uint8_t raw = !frag_ok[i] ? 0 : idx_staged ? idx_smem[at] : __ldg(idx_span + at);
+        dst[i][h] = static_cast<uint8_t>(raw % V);
+      }
+  };
+  // Windows are 1, 2 or 4 k-steps (sub_row 32, 64, 128): shifts, not divisions.
+  const int window_shift = __ffs(a.sub_row / kStepK) - 1;
+  const int window_mask = (1 << window_shift) - 1;
+  uint8_t sub_next[Tile::kFragsM][2];
+  if constexpr (V > 1) {
+    if (idx_staged) __syncthreads();  // the staged indices are read from here on
+    load_sub(0, sub_next);
+  }
+
+  // Prologue.
+#pragma unroll
+  for (int s = 0; s < Tile::kStages - 1; ++s) {
+    if (s < k_stages) load_stage(s, s);
+    CpAsyncCommit();
+  }
+
+  for (int stage = 0; stage < k_stages; ++stage) {
+    CpAsyncWait<Tile::kStages - 2>();
+    __syncthreads();
+    {
+      const int next = stage + Tile::kStages - 1;
+      if (next < k_stages) load_stage(next, next % Tile::kStages);
+      CpAsyncCommit();
+    }
+    const int buf = stage % Tile::kStages;
+    const uint32_t sa = smem_base + buf * Tile::kStageBytes;
+    const uint32_t sb = sa + Tile::kABytes;
+    const uint8_t* sm = smem + buf * Tile::kStageBytes + Tile::kABytes + Tile::kBBytes;
+
+    uint32_t meta_word[Tile::kFragsM];
+    // Swap this window's candidates to the front of the accumulators.
+    auto window_start = [&](int ks) {
+      const int window = ks >> window_shift;
+      // This window's indices were fetched a window ago; fetch the next ones now so
+      // their latency hides behind this window's MMAs.
+#pragma unroll
+      for (int i = 0; i < Tile::kFragsM; ++i) {
+        sub[i][0] = sub_next[i][0];
+        sub[i][1] = sub_next[i][1];
+      }
+      if (window + 1 < windows) load_sub(window + 1, sub_next);
+#pragma unroll
+      for (int i = 0; i < Tile::kFragsM; ++i) SteerToFront<V, Tile::kFragsN>(acc[i], slot[i], sub[i]);
+    };
+    auto mma_step = [&](int s) {
+      if (s % 2 == 0) {
+        // Lane (g, t) holds rows g + 8*(t&1) of step s + (t>>1): selector 0 then 1.
+        // Fragments past the kept rows read zero values; give them a valid pattern.
+#pragma unroll
+        for (int i = 0; i < Tile::kFragsM; ++i) {
+          const int row = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16 + g + 8 * (tq & 1);
+          const uint32_t w =
+              reinterpret_cast<const uint32_t*>(sm + row * Tile::kMetaRow)[s + (tq >> 1)];
+          meta_word[i] = frag_ok[i] ? w : kFillerMeta;
+        }
+      }
+      uint32_t bfrag[Tile::kFragsN][4];
+#pragma unroll
+      for (int j = 0; j < Tile::kFragsN; ++j) {
+        const int row = warp_n * (Tile::kBN / Tile::kWarpsN) + j * 8 + (lane & 7);
+        LdMatrixX4(sb + SwizzleB<Tile>(row, s * 4 + (lane >> 3)), bfrag[j]);
+      }
+#pragma unroll
+      for (int i = 0; i < Tile::kFragsM; ++i) {
+        uint32_t afrag[4];
+        const int row = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16 + (lane & 15);
+        LdMatrixX4(sa + SwizzleA<Tile>(row, s * 2 + (lane >> 4)), afrag);
+#pragma unroll
+        for (int j = 0; j < Tile::kFragsN; ++j) {
+          if (s % 2 == 0)
+            MmaSp<T, 0>(acc[i][0][j], afrag, bfrag[j], meta_word[i]);
+          else
+            MmaSp<T, 1>(acc[i][0][j], afrag, bfrag[j], meta_word[i]);
+        }
+      }
+    };
+    const int ks0 = stage * Tile::kSteps;
+    if (ks0 + Tile::kSteps <= k_steps && window_shift == 2) {
+      // A full stage that is exactly one window (sub_row 128, the default): no branch
+      // between the k-steps, so loads of step s + 1 overlap the MMAs of step s.
+      if constexpr (V > 1) window_start(ks0);
+#pragma unroll
+      for (int s = 0; s < Tile::kSteps; ++s) mma_step(s);
+    } else {
+#pragma unroll
+      for (int s = 0; s < Tile::kSteps; ++s) {
+        const int ks = ks0 + s;
+        if (ks >= k_steps) break;  // only in a partial last stage
+        if constexpr (V > 1) {
+          if ((ks & window_mask) == 0) window_start(ks);
+        }
+        mma_step(s);
+      }
+    }
+  }
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  // Epilogue: accumulators -> shared [routed row][output row] fp32 -> 16-byte stores.
+  constexpr int kCStride = kOutRows + 4;
+  static_assert(Tile::kBN * kCStride * 4 <= Tile::kPipeBytes, "epilogue tile fits the pipeline");
+  float* c_tile = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int slot_n = 0; slot_n < N; ++slot_n) {
+#pragma unroll
+    for (int i = 0; i < Tile::kFragsM; ++i)
+      AccToShared<N, V, Tile::kFragsN, kCStride>(acc[i], slot[i], my_kept[i],
+                                                 warp_n * (Tile::kBN / Tile::kWarpsN), tq,
+                                                 slot_n, c_tile);
+    __syncthreads();
+  }
+  SharedToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile);
+}
+
+template <typename T, int N, int V, typename Tile>
+cudaError_t Launch(cudaStream_t stream, const Args& a) {
+  auto kernel = RaggedDotWarpKernel<T, N, V, Tile>;
+  constexpr int smem = SmemBytes<Tile, V>();
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(RowTiles<Tile::kBN>(a), (a.kept_rows + Tile::kBM - 1) / Tile::kBM);
+  kernel<<<grid, Tile::kThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, int N, int V>
+cudaError_t LaunchWarpLevel(cudaStream_t stream, const Args& a) {
+  if (a.rows <= kSmallTileMaxRowsPerExpert * a.experts) return Launch<T, N, V, TileSmall>(stream, a);
+  return Launch<T, N, V, TileLarge>(stream, a);
+}
+
+}  // namespace samoyeds::cuda

@@ -1,0 +1,401 @@
+// The Hopper kernel (sm_90a): warpgroup-wide sparse tensor-core MMAs.
+//   * wgmma.mma_async.sp m64nNk32, fp32 accumulation: A (the compressed weight tile) and
+//     B (the routed activation rows) are read from shared memory by descriptor, so the
+//     per-MMA instruction stream of the warp-level kernel (ldmatrix, fragment moves)
+//     disappears; the metadata is one register per thread per k-step pair;
+//   * 2 warpgroups x 64 kept rows, N = 128 routed rows (64 when V = 4: the V
+//     accumulator sets must fit the register file), K stages of 128 dense columns;
+//   * operand tiles in the 128-byte swizzled K-major layout the descriptors describe,
+//     filled by cp.async (the SEL gather needs per-row addresses: no TMA tile load);
+//   * N:V: swap-to-front steering between windows (the warpgroup waits for its MMAs
+//     before it touches the accumulators).
+#pragma once
+
+#include "cuda_common.cuh"
+
+// The sm_90a device pass defines this; elsewhere the kernel body compiles to nothing and
+// the host never launches it (DeviceIsHopper in cuda_ops.cu).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SAMOYEDS_HOPPER_DEVICE_PASS 1
+#endif
+
+namespace samoyeds::cuda {
+
+// Whether the build contains sm_90a code (CMake defines SAMOYEDS_SM90A with arch 90a).
+constexpr bool HopperKernelBuilt() {
+#ifdef SAMOYEDS_SM90A
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <int V>
+struct HopperCfg {
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  static constexpr int kBM = 64 * kWarpGroups;   // kept rows per block
+  static constexpr int kBN = V == 4 ? 64 : 128;  // routed rows per block (wgmma N)
+  static constexpr int kBK = 128;                // dense K per stage
+  static constexpr int kStages = 4;
+  static constexpr int kSteps = kBK / kStepK;    // wgmma k-steps per stage
+  // One stage of a compressed A row is kBK / 2 values = 128 bytes = one swizzle row.
+  static constexpr int kARow = kBK / 2 * 2;
+  static constexpr int kABytes = kBM * kARow;
+  // B is stored as two K halves of 64 values (128 bytes) for every routed row.
+  static constexpr int kBHalf = kBN * 128;
+  static constexpr int kBBytes = 2 * kBHalf;
+  static constexpr int kMetaRow = kSteps * 4;
+  static constexpr int kMetaBytes = kBM * kMetaRow;
+  static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kFrags = kBN / 8;         // n8 column groups of one warp's accumulators
+  // Dynamic shared memory: pipeline, staged sub-row indices, SEL rows, alignment slack.
+  static constexpr int kSmemBytes = kPipeBytes + kIndexStageBytes + kBN * 4 + 1024;
+  static_assert(kARow == 128, "A stage rows are one 128-byte swizzle row");
+  static_assert(kABytes % 1024 == 0 && kBHalf % 1024 == 0 && kStageBytes % 1024 == 0,
+                "swizzled tiles start on 1024-byte boundaries");
+  static_assert(kSmemBytes <= 227 * 1024, "fits an H100 block's shared memory");
+};
+
+// Mean routed rows per expert above which the Hopper kernel is used (below it the
+// warp-level decode tile wastes less of its N).
+constexpr int64_t kHopperMinRowsPerExpert = 32;
+inline bool UseHopperFor(const Args& a) {
+  return a.rows > kHopperMinRowsPerExpert * a.experts;
+}
+
+// 128-byte swizzle of 16-byte chunks: chunk c of row r lives at chunk c ^ (r % 8).
+__device__ __forceinline__ uint32_t Swizzle128(int row, int chunk) {
+  return row * 128 + ((chunk ^ (row & 7)) << 4);
+}
+
+// sm_90 shared-memory matrix descriptor, K-major with 128-byte swizzle: start address,
+// leading byte offset (unused for this layout: 1), stride byte offset 1024 (8 rows of
+// 128 bytes), layout type 1 (128B swizzle) in bits 62-63.
+__device__ __forceinline__ uint64_t Desc128(uint32_t smem_addr) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes are generic-proxy writes; the tensor cores read through the async proxy.
+__device__ __forceinline__ void FenceProxyAsync() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keeps the compiler from moving accumulator reads or writes across a wgmma wait/fence.
+template <int V, int kFrags>
+__device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+#pragma unroll
+    for (int j = 0; j < kFrags; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) asm volatile("" : "+f"(acc[v][j][q])::"memory");
+}
+
+// wgmma.mma_async.sp with A and B by descriptor; scale-d = 1 (accumulate), no
+// negation, no transpose (both operands K-major). Generated operand lists: N/2
+// accumulator registers per thread.
+template <typename T, int kSel>
+__device__ __forceinline__ void WgmmaSp64(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
+                                          uint32_t meta) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, %34, %35, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.f16.f16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, %34, %35, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));
+  }
+}
+
+template <typename T, int kSel>
+__device__ __forceinline__ void WgmmaSp128(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b,
+                                          uint32_t meta) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, %66, %67, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, %66, %67, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));
+  }
+}
+
+template <typename T, int kSel, int kFrags>
+__device__ __forceinline__ void WgmmaSp(float (&d)[kFrags][4], uint64_t desc_a, uint64_t desc_b,
+                                        uint32_t meta) {
+  if constexpr (kFrags == 8)
+    WgmmaSp64<T, kSel>(d, desc_a, desc_b, meta);
+  else
+    WgmmaSp128<T, kSel>(d, desc_a, desc_b, meta);
+}
+
+template <typename T, int N, int V>
+__global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
+    RaggedDotHopperKernel(const Args a) {
+#ifdef SAMOYEDS_HOPPER_DEVICE_PASS
+  using Cfg = HopperCfg<V>;
+  extern __shared__ uint8_t smem_raw[];
+  // The swizzled operand tiles need 1024-byte aligned addresses.
+  uint8_t* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
+  uint8_t* idx_smem = smem + Cfg::kPipeBytes;
+  int(&src_row)[Cfg::kBN] =
+      *reinterpret_cast<int(*)[Cfg::kBN]>(smem + Cfg::kPipeBytes + kIndexStageBytes);
+
+  constexpr int kOutRows = Cfg::kBM / N * V;
+  const int kept0 = blockIdx.y * Cfg::kBM;
+  const int kept_here = min(Cfg::kBM, a.kept_rows - kept0);
+  const int out0 = kept0 / N * V;
+  const int out_here = kept_here / N * V;
+  const Work work = FindWork<Cfg::kBN>(a, blockIdx.x);
+  if (work.row_begin >= work.row_end) return;
+  if (work.expert < 0) {
+    ZeroFillTile<T, Cfg::kThreads>(a, work, out0, out_here);
+    return;
+  }
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int e = work.expert;
+  const int rows_here = work.row_end - work.row_begin;
+  LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
+  __syncthreads();
+
+  const int half_k = a.k / 2, words = a.k / kMetaColsPerWord, windows = a.k / a.sub_row;
+  const T* x = static_cast<const T*>(a.x);
+  const T* values = static_cast<const T*>(a.values) + static_cast<int64_t>(e) * a.kept_rows * half_k;
+  const uint32_t* meta = a.metadata + static_cast<int64_t>(e) * a.kept_rows * words;
+  const uint8_t* indices = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
+  const int k_steps = a.k / kStepK;
+  const int k_stages = (a.k + Cfg::kBK - 1) / Cfg::kBK;
+  const uint32_t smem_base = SmemAddr(smem);
+
+  // Fixed per-thread copy assignments (rows step by multiples of 8: same swizzle).
+  constexpr int kAChunks = Cfg::kARow / 16, kBChunks = Cfg::kBK * 2 / 16;
+  constexpr int kAPer = Cfg::kBM * kAChunks / Cfg::kThreads;
+  constexpr int kBPer = Cfg::kBN * kBChunks / Cfg::kThreads;
+  constexpr int kMPer = Cfg::kBM * Cfg::kSteps / Cfg::kThreads;
+  static_assert(kAPer * Cfg::kThreads == Cfg::kBM * kAChunks, "A copies divide evenly");
+  static_assert(kBPer * Cfg::kThreads == Cfg::kBN * kBChunks, "B copies divide evenly");
+  static_assert(kMPer * Cfg::kThreads == Cfg::kBM * Cfg::kSteps, "meta copies divide evenly");
+  constexpr int kARowStep = Cfg::kThreads / kAChunks;
+  constexpr int kBRowStep = Cfg::kThreads / kBChunks;
+  constexpr int kMRowStep = Cfg::kThreads / Cfg::kSteps;
+  static_assert(kARowStep % 8 == 0 && kBRowStep % 8 == 0, "row steps keep the swizzle");
+  const int a_row = tid / kAChunks, a_chunk = tid % kAChunks;
+  const int b_row = tid / kBChunks, b_chunk = tid % kBChunks;
+  const int m_row = tid / Cfg::kSteps, m_word = tid % Cfg::kSteps;
+  const uint32_t a_dst = Swizzle128(a_row, a_chunk);
+  const uint32_t b_dst = (b_chunk >> 3) * Cfg::kBHalf + Swizzle128(b_row, b_chunk & 7);
+  const uint32_t m_dst = m_row * Cfg::kMetaRow + m_word * 4;
+  const T* a_src = values + static_cast<int64_t>(kept0 + a_row) * half_k + a_chunk * 8;
+  const uint32_t* m_src = meta + static_cast<int64_t>(kept0 + m_row) * words + m_word;
+  int b_tok[kBPer];
+#pragma unroll
+  for (int c = 0; c < kBPer; ++c) {
+    const int row = b_row + c * kBRowStep;
+    b_tok[c] = row < rows_here ? src_row[row] : -1;
+  }
+
+  auto load_stage = [&](int stage, int buf) {
+    const uint32_t sa = smem_base + buf * Cfg::kStageBytes;
+    const uint32_t sb = sa + Cfg::kABytes;
+    const uint32_t sm = sb + Cfg::kBBytes;
+    const int k0 = stage * Cfg::kBK;
+    const bool a_col_ok = k0 / 2 + a_chunk * 8 < half_k;
+#pragma unroll
+    for (int c = 0; c < kAPer; ++c) {
+      const bool ok = a_col_ok && a_row + c * kARowStep < kept_here;
+      const T* src = ok ? a_src + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2 : values;
+      CpAsync16(sa + a_dst + c * kARowStep * Cfg::kARow, src, ok ? 16 : 0);
+    }
+    // Absent routed rows are not copied: their output columns are never stored.
+    const bool b_col_ok = k0 + b_chunk * 8 < a.k;
+#pragma unroll
+    for (int c = 0; c < kBPer; ++c) {
+      const int t = b_tok[c];
+      const T* src = x + static_cast<int64_t>(max(t, 0)) * a.k + k0 + b_chunk * 8;
+      CpAsync16If(sb + b_dst + c * kBRowStep * 128, src, t >= 0 && b_col_ok);
+    }
+    const int word0 = k0 / kMetaColsPerWord;
+#pragma unroll
+    for (int c = 0; c < kMPer; ++c) {
+      const bool ok = m_row + c * kMRowStep < kept_here && word0 + m_word < words;
+      const uint32_t* src = ok ? m_src + static_cast<int64_t>(c * kMRowStep) * words + word0 : meta;
+      CpAsync4(sm + m_dst + c * kMRowStep * Cfg::kMetaRow, src, ok ? 4 : 0);
+    }
+  };
+
+  // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows
+  // g and g + 8 of them, columns 8j + 2t + {0, 1} (the m16n8 fragment layout per warp).
+  const int wg = warp / 4;
+  const int g = lane >> 2, tq = lane & 3;
+  const int row0 = wg * 64 + (warp % 4) * 16;
+  const bool frag_ok = row0 < kept_here;  // kept_here is a multiple of 16
+  const int my_kept[2] = {row0 + g, row0 + g + 8};
+
+  float acc[V][Cfg::kFrags][4];
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+#pragma unroll
+    for (int j = 0; j < Cfg::kFrags; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[v][j][q] = 0.0f;
+  uint8_t slot[2][V];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int c = 0; c < V; ++c) slot[h][c] = static_cast<uint8_t>(c);
+
+  const uint8_t* idx_span = indices + static_cast<int64_t>(kept0) * windows;
+  const bool idx_staged =
+      V > 1 && StageIndices<Cfg::kThreads>(idx_span, idx_smem, kept_here * windows);
+  uint8_t sub[2], sub_next[2];
+  auto load_sub = [&](int window, uint8_t (&dst)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int at = my_kept[h] * windows + window;
+      const uint8_t raw = !frag_ok ? 0 : idx_staged ? idx_smem[at] : __ldg(idx_span + at);
+      dst[h] = static_cast<uint8_t>(raw % V);
+    }
+  };
+  const int window_shift = __ffs(a.sub_row / kStepK) - 1;
+  const int window_mask = (1 << window_shift) - 1;
+  if constexpr (V > 1) {
+    if (idx_staged) __syncthreads();
+    load_sub(0, sub_next);
+  }
+
+  // Prologue: kStages - 2 stages in flight; the buffer a stage overwrites was read by
+  // the MMAs of two stages earlier, which every warpgroup has waited for.
+  constexpr int kAhead = Cfg::kStages - 2;
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < k_stages) load_stage(s, s);
+    CpAsyncCommit();
+  }
+
+  for (int stage = 0; stage < k_stages; ++stage) {
+    CpAsyncWait<kAhead - 1>();
+    FenceProxyAsync();
+    __syncthreads();
+    {
+      const int next = stage + kAhead;
+      if (next < k_stages) load_stage(next, next % Cfg::kStages);
+      CpAsyncCommit();
+    }
+    const int buf = stage % Cfg::kStages;
+    const uint32_t sa = smem_base + buf * Cfg::kStageBytes + wg * 64 * Cfg::kARow;
+    const uint32_t sb = smem_base + buf * Cfg::kStageBytes + Cfg::kABytes;
+    const uint8_t* sm = smem + buf * Cfg::kStageBytes + Cfg::kABytes + Cfg::kBBytes;
+    // Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1): selector 0 for
+    // the even step, 1 for the odd one (the mma.sp m16n8k32 per-warp layout).
+    const int meta_row = row0 + g + 8 * (tq & 1);
+    const uint32_t* meta_words = reinterpret_cast<const uint32_t*>(sm + meta_row * Cfg::kMetaRow);
+    // Window boundary: the accumulators must be at rest before they are steered.
+    auto steer = [&](int ks) {
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceAcc(acc);
+      const int window = ks >> window_shift;
+      sub[0] = sub_next[0];
+      sub[1] = sub_next[1];
+      if (window + 1 < windows) load_sub(window + 1, sub_next);
+      SteerToFront<V, Cfg::kFrags>(acc, slot, sub);
+      FenceAcc(acc);
+    };
+    auto meta_of = [&](int s) { return frag_ok ? meta_words[(s & ~1) + (tq >> 1)] : kFillerMeta; };
+    auto issue = [&](int s, uint32_t mw) {
+      const uint64_t da = Desc128(sa + s * 32);
+      const uint64_t db = Desc128(sb + (s >> 1) * Cfg::kBHalf + (s & 1) * 64);
+      if (s % 2 == 0)
+        WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw);
+      else
+        WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw);
+    };
+    const int ks0 = stage * Cfg::kSteps;
+    if (ks0 + Cfg::kSteps <= k_steps && window_shift == 2) {
+      // A full stage that is exactly one window (sub_row 128, the default): the four
+      // MMAs issue back to back.
+      if constexpr (V > 1) steer(ks0);
+      // Metadata registers are set before the fence, so none is written between MMAs.
+      uint32_t mw[Cfg::kSteps];
+#pragma unroll
+      for (int s = 0; s < Cfg::kSteps; ++s) mw[s] = meta_of(s);
+      WgmmaFence();
+#pragma unroll
+      for (int s = 0; s < Cfg::kSteps; ++s) issue(s, mw[s]);
+    } else {
+      WgmmaFence();
+#pragma unroll
+      for (int s = 0; s < Cfg::kSteps; ++s) {
+        const int ks = ks0 + s;
+        if (ks >= k_steps) break;  // only in a partial last stage
+        if constexpr (V > 1) {
+          if ((ks & window_mask) == 0) {
+            steer(ks);
+            WgmmaFence();
+          }
+        }
+        issue(s, meta_of(s));
+      }
+    }
+    WgmmaCommit();
+    WgmmaWait<1>();
+  }
+  WgmmaWait<0>();
+  FenceAcc(acc);
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  // Epilogue: accumulators -> shared [routed row][output row] fp32 -> 16-byte stores.
+  constexpr int kCStride = kOutRows + 4;
+  static_assert(Cfg::kBN * kCStride * 4 <= Cfg::kPipeBytes, "epilogue tile fits the pipeline");
+  float* c_tile = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int slot_n = 0; slot_n < N; ++slot_n) {
+    AccToShared<N, V, Cfg::kFrags, kCStride>(acc, slot, my_kept, 0, tq, slot_n, c_tile);
+    __syncthreads();
+  }
+  SharedToOut<T, Cfg::kThreads, kCStride>(a, work, out0, out_here, c_tile);
+#endif  // SAMOYEDS_HOPPER_DEVICE_PASS
+}
+
+template <typename T, int N, int V>
+cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
+  using Cfg = HopperCfg<V>;
+  auto kernel = RaggedDotHopperKernel<T, N, V>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(RowTiles<Cfg::kBN>(a), (a.kept_rows + Cfg::kBM - 1) / Cfg::kBM);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace samoyeds::cuda
