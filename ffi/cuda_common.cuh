@@ -137,13 +137,11 @@ __device__ bool StageIndices(const uint8_t* idx_span, uint8_t* idx_smem, int idx
 // cannot turn it into a branch: a branchy exchange of loop-carried registers makes
 // it copy the wgmma accumulators at the loop latch, which serializes the wgmmas.
 __device__ __forceinline__ void SwapIf(float& a, float& b, bool swap) {
-  float a2, b2;
-  asm("{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n selp.f32 %0, %3, %2, p;\n"
-      " selp.f32 %1, %2, %3, p;\n}\n"
-      : "=f"(a2), "=f"(b2)
-      : "f"(a), "f"(b), "r"(static_cast<int>(swap)));
-  a = a2;
-  b = b2;
+  // In-out operands (never an output aliasing an input that is read later).
+  asm("{\n .reg .pred p;\n .reg .f32 t;\n setp.ne.b32 p, %2, 0;\n mov.f32 t, %0;\n"
+      " selp.f32 %0, %1, %0, p;\n selp.f32 %1, t, %1, p;\n}\n"
+      : "+f"(a), "+f"(b)
+      : "r"(static_cast<int>(swap)));
 }
 
 // Swap-to-front N:V steering. acc[0] is always the candidate output row the current
