@@ -16,7 +16,6 @@ actually reads and writes.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -29,6 +28,7 @@ import samoyeds_jax as sj
 from samoyeds_jax.moe import PRESETS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _report  # noqa: E402
 from _trace import time_per_call  # noqa: E402
 
 
@@ -43,6 +43,8 @@ flags.DEFINE_list("cases", ["single", "grouped"], "which cases")
 flags.DEFINE_integer("rotate", 4, "distinct input sets per timed program")
 flags.DEFINE_integer("reps", 20, "timed programs (median)")
 flags.DEFINE_string("json_out", "", "write results as JSON here")
+flags.DEFINE_string("csv_out", "", "write the result rows as CSV here")
+flags.DEFINE_string("plot", "", "write the speedup plot (PNG) here; needs matplotlib")
 flags.DEFINE_string("profile_dir", "", "write a jax.profiler trace of one timed program per "
                     "path here and print the device time per kernel name")
 
@@ -68,6 +70,11 @@ def _nbytes(*arrays) -> int:
 
 def main(argv):
     del argv
+    if FLAGS.plot:  # fail before the run, not after it
+        try:
+            _report.require_matplotlib()
+        except ImportError as err:
+            raise app.UsageError(str(err)) from None
     p = PRESETS[FLAGS.preset]
     d, f, experts, top_k = p["d_model"], p["d_ff"], p["num_experts"], p["top_k"]
     k, m = (d, f) if FLAGS.proj == "up" else (f, d)
@@ -150,11 +157,26 @@ def main(argv):
         sp = f"{best / row['ms']:.2f}x" if row["path"] == "samoyeds" else ""
         print(f"{row['case']:8} {row['tokens']:>6} {row['path']:20} {row['ms']:9.4f} "
               f"{row['wall_ms']:9.4f} {row['tflops']:8.1f} {row['gbs']:8.0f} {sp:>8}")
+    # Speedup of samoyeds over each dense path, per case and T (JSON "speedup", the plot).
+    speed = _report.speedups(rows, ("case", "tokens"), "samoyeds",
+                             ("xla_dense_dot", "xla_ragged_dot", "xla_batched_einsum"))
+    for r in speed:
+        # single: T tokens on one expert; grouped: T * top_k rows over E experts.
+        r["tokens_per_expert"] = (r["tokens"] if r["case"] == "single"
+                                  else r["tokens"] * top_k / experts)
+        r["label"] = f"{r['case']} {FLAGS.proj} {k}x{m} {FLAGS.nv} vs {r['baseline']}"
     if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as fh:
-            json.dump(dict(device=dev.device_kind, preset=FLAGS.preset, proj=FLAGS.proj,
-                           k=k, m=m, config=FLAGS.nv, sub_row=FLAGS.sub_row,
-                           dtype=dtype.name, rows=rows), fh, indent=1)
+        _report.write_json(FLAGS.json_out, dict(
+            device=dev.device_kind, preset=FLAGS.preset, proj=FLAGS.proj, k=k, m=m,
+            config=FLAGS.nv, sub_row=FLAGS.sub_row, dtype=dtype.name), rows, speedup=speed)
+    if FLAGS.csv_out:
+        _report.write_csv(FLAGS.csv_out, rows, dict(device=dev.device_kind,
+                                                    preset=FLAGS.preset, proj=FLAGS.proj,
+                                                    k=k, m=m, config=FLAGS.nv))
+    if FLAGS.plot:
+        _report.plot_speedup(speed, FLAGS.plot, f"{FLAGS.preset} {FLAGS.proj} projection "
+                             f"(K={k}, M={m}), {FLAGS.nv} L={FLAGS.sub_row}, {dtype.name}, "
+                             f"{dev.device_kind}")
 
 
 if __name__ == "__main__":

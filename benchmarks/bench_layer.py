@@ -6,7 +6,8 @@ Paths per token count T (same weights: the dense paths run on the decoded pruned
 so every path computes the same function up to dropped tokens):
   samoyeds            sj.moe: SEL dispatch + 2 sparse ragged dots (fused gate_up, down)
   xla_ragged_dot      sj.moe_dense: the same routing, x[sel] gathered, 3 jax.lax.ragged_dot
-  xla_capacity_einsum GShard-style capacity factor (--capacity_factor, 1.25): positions
+  xla_capacity_einsum GShard-style capacity factor (--capacity_factor, 1.25; the two
+                      einsum paths live in benchmarks/_baselines.py): positions
                       from a cumsum of the one-hot expert mask (first choices first),
                       tokens over capacity dropped, dispatch [E, C, d] by scatter, batched
                       einsums, combine by gather (the one-hot einsum dispatch would add
@@ -27,8 +28,6 @@ and in none of the kernel-only rows.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 
@@ -38,9 +37,11 @@ import numpy as np
 from absl import app, flags
 
 import samoyeds_jax as sj
-from samoyeds_jax.moe import PRESETS, preset_config, shared_experts
+from samoyeds_jax.moe import PRESETS, preset_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _report  # noqa: E402
+from _baselines import moe_all_experts, moe_capacity  # noqa: E402
 from _trace import time_per_call  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -59,62 +60,8 @@ flags.DEFINE_integer("rotate", 4, "distinct token sets per timed program")
 flags.DEFINE_integer("reps", 10, "timed programs (median)")
 flags.DEFINE_integer("seed", 0, "PRNG seed")
 flags.DEFINE_string("json_out", "", "write results as JSON here")
-
-
-# --- the dense baselines -----------------------------------------------------------------
-
-def _glu(g, u, activation, dtype):
-    """Same rounding points as sj.moe: g, u rounded to the dtype, GLU in float32."""
-    g, u = g.astype(jnp.float32), u.astype(jnp.float32)
-    a = jax.nn.silu(g) if activation == "silu" else jax.nn.gelu(g, approximate=False)
-    return (a * u).astype(dtype)
-
-
-def _ein(spec, a, b, dtype):
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
-
-
-def moe_capacity(params, x, cfg, capacity_factor):
-    """GShard-style capacity-factor MoE on dense weights; returns (out, dropped count)."""
-    t, d = x.shape
-    e, k = cfg.num_experts, cfg.top_k
-    dt = params["gate"].dtype
-    cap = max(1, math.ceil(capacity_factor * t * k / e))
-    weights, experts = sj.route(params["router"], x, cfg)              # [T, k]
-    e_flat = experts.T.reshape(-1)                                       # choice-major
-    onehot = jax.nn.one_hot(e_flat, e, dtype=jnp.int32)                 # [kT, E]
-    pos = ((jnp.cumsum(onehot, axis=0) - 1) * onehot).sum(-1)           # slot in expert
-    keep = pos < cap
-    slot = jnp.where(keep, e_flat * cap + pos, e * cap)                 # overflow: dump row
-    tok = jnp.tile(jnp.arange(t, dtype=jnp.int32), k)
-    xd = jnp.zeros((e * cap + 1, d), dt).at[slot].set(x.astype(dt)[tok])
-    xd = xd[:-1].reshape(e, cap, d)                                      # [E, C, d]
-    h = _glu(_ein("ecd,edf->ecf", xd, params["gate"], dt),
-             _ein("ecd,edf->ecf", xd, params["up"], dt), cfg.activation, dt)
-    y = _ein("ecf,efd->ecd", h, params["down"], dt).reshape(e * cap, d)
-    y = jnp.concatenate([y, jnp.zeros((1, d), dt)])
-    w = (weights.T.reshape(-1) * keep)[:, None]
-    out = jnp.zeros((t, d), jnp.float32).at[tok].add(w * y[slot].astype(jnp.float32))
-    if cfg.has_shared:
-        out = out + shared_experts(params, x, cfg)
-    return out.astype(x.dtype), (~keep).sum()
-
-
-def moe_all_experts(params, x, cfg):
-    """Every expert on every token, combined with the (mostly zero) dense routing weights."""
-    t = x.shape[0]
-    dt = params["gate"].dtype
-    weights, experts = sj.route(params["router"], x, cfg)
-    dense_w = jnp.zeros((t, cfg.num_experts), jnp.float32).at[
-        jnp.arange(t)[:, None], experts].set(weights)                   # [T, E]
-    xc = x.astype(dt)
-    h = _glu(_ein("td,edf->etf", xc, params["gate"], dt),
-             _ein("td,edf->etf", xc, params["up"], dt), cfg.activation, dt)
-    y = _ein("etf,efd->etd", h, params["down"], dt)
-    out = jnp.einsum("te,etd->td", dense_w, y.astype(jnp.float32))
-    if cfg.has_shared:
-        out = out + shared_experts(params, x, cfg)
-    return out.astype(x.dtype)
+flags.DEFINE_string("csv_out", "", "write the result rows as CSV here")
+flags.DEFINE_string("plot", "", "write the speedup plot (PNG) here; needs matplotlib")
 
 
 # --- timing ------------------------------------------------------------------------------
@@ -141,6 +88,11 @@ def _time(fn, args) -> float:
 
 def main(argv):
     del argv
+    if FLAGS.plot:  # fail before the run, not after it
+        try:
+            _report.require_matplotlib()
+        except ImportError as err:
+            raise app.UsageError(str(err)) from None
     n, v = map(int, FLAGS.nv.split(":"))
     cfg = preset_config(FLAGS.preset, sj.SparsityConfig(n, v, FLAGS.sub_row))
     dtype = jnp.dtype(FLAGS.dtype)
@@ -232,12 +184,25 @@ def main(argv):
                 over = same_t[layer] - same_t[kern]
                 print(f"T={t}: {layer} routing/dispatch/GLU/combine overhead = "
                       f"{over:.4f} ms ({over / same_t[layer]:.0%} of the layer)")
+    # Speedup of the sparse layer over each dense layer path, and kernels over kernels.
+    speed = (_report.speedups(rows, ("tokens",), "samoyeds",
+                              ("xla_ragged_dot", "xla_capacity_einsum", "xla_all_experts"))
+             + _report.speedups(rows, ("tokens",), "samoyeds_kernels", ("xla_kernels",)))
+    for r in speed:
+        r["tokens_per_expert"] = r["tokens"] * k / e
+        what = "kernels" if r["baseline"] == "xla_kernels" else "layer"
+        r["label"] = f"{FLAGS.preset} {what} {FLAGS.nv} vs {r['baseline']}"
     if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as fh:
-            json.dump(dict(device=dev.device_kind, preset=FLAGS.preset, nv=FLAGS.nv,
-                           sub_row=FLAGS.sub_row, dtype=dtype.name,
-                           capacity_factor=FLAGS.capacity_factor, rotate=FLAGS.rotate,
-                           reps=FLAGS.reps, rows=rows), fh, indent=1)
+        _report.write_json(FLAGS.json_out, dict(
+            device=dev.device_kind, preset=FLAGS.preset, nv=FLAGS.nv, sub_row=FLAGS.sub_row,
+            dtype=dtype.name, capacity_factor=FLAGS.capacity_factor, rotate=FLAGS.rotate,
+            reps=FLAGS.reps), rows, speedup=speed)
+    if FLAGS.csv_out:
+        _report.write_csv(FLAGS.csv_out, rows, dict(device=dev.device_kind,
+                                                    preset=FLAGS.preset, nv=FLAGS.nv))
+    if FLAGS.plot:
+        _report.plot_speedup(speed, FLAGS.plot, f"{FLAGS.preset}: one MoE layer, {FLAGS.nv} "
+                             f"L={FLAGS.sub_row}, {dtype.name}, {dev.device_kind}")
 
 
 if __name__ == "__main__":

@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   // Prologue: kStages - 2 stages in flight; the buffer a stage overwrites was read by
   // the MMAs of two stages earlier, which every warpgroup has waited for (one MMA group
   // is left pending at a stage's end) before the barrier. (Measured: one more stage in
-  // flight with the MMAs drained at each stage's end was 7 % slower at 1:2.)
+  // flight, with the MMAs drained at each stage's end, gained nothing: 795 vs 786 us.)
   constexpr int kPendingMma = 1;
   constexpr int kAhead = Cfg::kStages - 2;
 #pragma unroll
