@@ -90,17 +90,22 @@ ffi::Error RaggedDotCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer v
       return ffi::Error::Internal("samoyeds_ragged_dot: cudaMemsetAsync failed");
     return ffi::Error::Success();
   }
-  const cuda::Args a{x.untyped_data(), values.untyped_data(), indices.typed_data(),
-               metadata.typed_data(), sel.typed_data(), group_sizes.typed_data(),
-               out->untyped_data(), static_cast<int>(p.tokens), static_cast<int>(p.k),
-               static_cast<int>(p.m), static_cast<int>(p.experts),
-               static_cast<int>(p.kept_rows), static_cast<int>(p.rows),
-               static_cast<int>(p.sub_row), p.has_sel};
+  if (cuda::ForcedPath() == cuda::Path::kHopper && !cuda::DeviceIsHopper())
+    return ffi::Error::InvalidArgument(
+        "samoyeds_ragged_dot: SAMOYEDS_KERNEL=hopper needs an sm_90 GPU and a build for "
+        "sm_90a");
+  const cuda::Args a{x.untyped_data(),        values.untyped_data(),
+                     indices.typed_data(),    metadata.typed_data(),
+                     sel.typed_data(),        group_sizes.typed_data(),
+                     out->untyped_data(),     static_cast<int>(p.tokens),
+                     static_cast<int>(p.k),   static_cast<int>(p.m),
+                     static_cast<int>(p.experts), static_cast<int>(p.kept_rows),
+                     static_cast<int>(p.rows), static_cast<int>(p.sub_row),
+                     p.has_sel};
+  const int ni = static_cast<int>(n), vi = static_cast<int>(v);
   const cudaError_t err = p.dtype == ffi::DataType::BF16
-                              ? cuda::Dispatch<__nv_bfloat16>(stream, a, static_cast<int>(n),
-                                                        static_cast<int>(v))
-                              : cuda::Dispatch<__half>(stream, a, static_cast<int>(n),
-                                                 static_cast<int>(v));
+                              ? cuda::Dispatch<__nv_bfloat16>(stream, a, ni, vi)
+                              : cuda::Dispatch<__half>(stream, a, ni, vi);
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("samoyeds_ragged_dot: kernel launch failed: ") +
                                 cudaGetErrorString(err));
