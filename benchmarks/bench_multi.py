@@ -49,6 +49,7 @@ from samoyeds_jax.sharding import moe_sharded, shard_params
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _trace import device_ops, time_by_category, trace_events  # noqa: E402
+from _weights import pruned_sparse_layer, random_sparse_layer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "tiny", list(PRESETS), "model shapes (samoyeds_jax.moe.PRESETS)")
@@ -65,6 +66,13 @@ flags.DEFINE_integer("seed", 0, "PRNG seed")
 flags.DEFINE_string("profile_dir", "", "trace one call per mesh here and print the time "
                     "split (all-to-all vs expert custom calls)")
 flags.DEFINE_string("json_out", "", "write results as JSON here")
+flags.DEFINE_list("paths", ["samoyeds", "dense"],
+                  "samoyeds: sparse experts; dense: the dense expert-parallel twin "
+                  "(jax.lax.ragged_dot on dense weights of the same shapes)")
+flags.DEFINE_enum("weights", "random", ["random", "pruned"],
+                  "random: valid encoded weights drawn on the device (fast; the kernels do "
+                  "the same work whatever the values); pruned: sj.sparsify_moe of random dense "
+                  "weights (host encode, ~1 min per Mixtral layer)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first")
 
 
@@ -117,73 +125,80 @@ def main(argv):
          f"shared={cfg.d_ff_shared}; {n}:{v} L={FLAGS.sub_row} {dtype.name}; "
          f"{FLAGS.scaling} scaling; capacity {'drop-free' if cf is None else cf}")
 
-    # Same values on every process (deterministic PRNG), encoded once on the host.
-    dense = sj.init_dense_moe(jax.random.key(FLAGS.seed), cfg, dtype)
-    params = sj.sparsify_moe(dense, cfg)
-    del dense
+    # Same values on every process (deterministic PRNG).
+    def make_params(path):
+        key = jax.random.key(FLAGS.seed)
+        if path == "dense":
+            return sj.init_dense_moe(key, cfg, dtype)
+        if FLAGS.weights == "random":
+            return random_sparse_layer(key, cfg, dtype)
+        return pruned_sparse_layer(key, cfg, dtype)
 
     shapes = mesh_shapes(FLAGS.mesh, len(devices), cfg.num_experts)
     rows = []
-    for t_flag in map(int, FLAGS.tokens):
-        base = None
-        for d_ax, x_ax in shapes:
-            size = d_ax * x_ax
-            t = t_flag * size if FLAGS.scaling == "weak" else t_flag
-            mesh = Mesh(np.array(devices[:size]).reshape(d_ax, x_ax), ("data", "expert"))
-            ps = shard_params(params, mesh)
-            tok = NamedSharding(mesh, P(("data", "expert")))
-            x = jax.jit(lambda k: jax.random.normal(k, (t, cfg.d_model), dtype),
-                        out_shardings=tok)(jax.random.key(FLAGS.seed + 1))
-            fn = jax.jit(functools.partial(moe_sharded, cfg=cfg, mesh=mesh,
-                                           capacity_factor=cf, return_stats=True))
-            t0 = time.perf_counter()
-            out, stats = jax.block_until_ready(fn(ps, x))
-            compile_s = time.perf_counter() - t0
-            samples = []
-            for _ in range(FLAGS.reps):
+    for path in FLAGS.paths:
+        params = make_params(path)
+        for t_flag in map(int, FLAGS.tokens):
+            base = None
+            for d_ax, x_ax in shapes:
+                size = d_ax * x_ax
+                t = t_flag * size if FLAGS.scaling == "weak" else t_flag
+                mesh = Mesh(np.array(devices[:size]).reshape(d_ax, x_ax), ("data", "expert"))
+                ps = shard_params(params, mesh)
+                tok = NamedSharding(mesh, P(("data", "expert")))
+                x = jax.jit(lambda k: jax.random.normal(k, (t, cfg.d_model), dtype),
+                            out_shardings=tok)(jax.random.key(FLAGS.seed + 1))
+                fn = jax.jit(functools.partial(moe_sharded, cfg=cfg, mesh=mesh,
+                                               capacity_factor=cf, return_stats=True))
                 t0 = time.perf_counter()
-                jax.block_until_ready(fn(ps, x))
-                samples.append(time.perf_counter() - t0)
-            secs = float(np.median(samples))
-            load = np.asarray(stats["expert_load"])
-            t_local = -(-t // size)
-            cap = (t_local * cfg.top_k if cf is None else
-                   max(1, min(t_local * cfg.top_k, math.ceil(cf * t_local * cfg.top_k / x_ax))))
-            a2a_bytes = 0 if x_ax == 1 else x_ax * cap * (cfg.d_model * dtype.itemsize + 4)
-            row = dict(tokens=t, mesh=f"{d_ax}x{x_ax}", devices=size, ms=secs * 1e3,
-                       tokens_per_s=t / secs, compile_s=compile_s,
-                       dropped=int(stats["dropped"]),
-                       imbalance=float(load.max() / max(load.mean(), 1e-9)),
-                       a2a_send_mib=a2a_bytes / 2**20)
-            if base is None:
-                base = row
-            ideal = size / base["devices"]
-            if FLAGS.scaling == "strong":
-                row["speedup"] = base["ms"] / row["ms"]
-            else:  # weak: the same time at every size is ideal
-                row["speedup"] = ideal * base["ms"] / row["ms"]
-            row["efficiency"] = row["speedup"] / ideal
-            if FLAGS.profile_dir:
-                logdir = os.path.join(FLAGS.profile_dir, f"t{t}_{d_ax}x{x_ax}")
-                ops = device_ops(trace_events(fn, (ps, x), runs=1, logdir=logdir))
-                cats, n_seen = time_by_category(ops)
-                row["profile_us_per_device"] = cats
-                _log(f"  [T={t} mesh {d_ax}x{x_ax}] per device ({n_seen} traced): " +
-                     "; ".join(f"{k} {val:.0f} us" for k, val in cats.items()))
-            rows.append(row)
-            del ps, x, out
+                out, stats = jax.block_until_ready(fn(ps, x))
+                compile_s = time.perf_counter() - t0
+                samples = []
+                for _ in range(FLAGS.reps):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(ps, x))
+                    samples.append(time.perf_counter() - t0)
+                secs = float(np.median(samples))
+                load = np.asarray(stats["expert_load"])
+                t_local = -(-t // size)
+                cap = (t_local * cfg.top_k if cf is None else
+                       max(1, min(t_local * cfg.top_k, math.ceil(cf * t_local * cfg.top_k / x_ax))))
+                a2a_bytes = 0 if x_ax == 1 else x_ax * cap * (cfg.d_model * dtype.itemsize + 4)
+                row = dict(path=path, tokens=t, mesh=f"{d_ax}x{x_ax}", devices=size, ms=secs * 1e3,
+                           tokens_per_s=t / secs, compile_s=compile_s,
+                           dropped=int(stats["dropped"]),
+                           imbalance=float(load.max() / max(load.mean(), 1e-9)),
+                           a2a_send_mib=a2a_bytes / 2**20)
+                if base is None:
+                    base = row
+                ideal = size / base["devices"]
+                if FLAGS.scaling == "strong":
+                    row["speedup"] = base["ms"] / row["ms"]
+                else:  # weak: the same time at every size is ideal
+                    row["speedup"] = ideal * base["ms"] / row["ms"]
+                row["efficiency"] = row["speedup"] / ideal
+                if FLAGS.profile_dir:
+                    logdir = os.path.join(FLAGS.profile_dir, f"t{t}_{d_ax}x{x_ax}")
+                    ops = device_ops(trace_events(fn, (ps, x), runs=1, logdir=logdir))
+                    cats, n_seen = time_by_category(ops)
+                    row["profile_us_per_device"] = cats
+                    _log(f"  [T={t} mesh {d_ax}x{x_ax}] per device ({n_seen} traced): " +
+                         "; ".join(f"{k} {val:.0f} us" for k, val in cats.items()))
+                rows.append(row)
+                del ps, x, out
+        del params
 
-    _log(f"\n{'T':>7} {'mesh':>5} {'dev':>4} {'ms':>9} {'tokens/s':>11} {'speedup':>8} "
+    _log(f"\n{'path':>9} {'T':>7} {'mesh':>5} {'dev':>4} {'ms':>9} {'tokens/s':>11} {'speedup':>8} "
          f"{'eff':>5} {'a2a MiB':>8} {'imbal':>6} {'dropped':>7}")
     for r in rows:
-        _log(f"{r['tokens']:>7} {r['mesh']:>5} {r['devices']:>4} {r['ms']:9.3f} "
+        _log(f"{r['path']:>9} {r['tokens']:>7} {r['mesh']:>5} {r['devices']:>4} {r['ms']:9.3f} "
              f"{r['tokens_per_s']:11.0f} {r['speedup']:7.2f}x {r['efficiency']:5.2f} "
              f"{r['a2a_send_mib']:8.2f} {r['imbalance']:6.2f} {r['dropped']:>7}")
     if any("profile_us_per_device" in r for r in rows):
-        _log(f"\n{'T':>7} {'mesh':>5} " + " ".join(
+        _log(f"\n{'path':>9} {'T':>7} {'mesh':>5} " + " ".join(
             f"{k:>18}" for k in rows[0]["profile_us_per_device"]) + "   (us per device)")
         for r in rows:
-            _log(f"{r['tokens']:>7} {r['mesh']:>5} " + " ".join(
+            _log(f"{r['path']:>9} {r['tokens']:>7} {r['mesh']:>5} " + " ".join(
                 f"{val:18.0f}" for val in r["profile_us_per_device"].values()))
     if FLAGS.json_out and jax.process_index() == 0:
         with open(FLAGS.json_out, "w") as fh:

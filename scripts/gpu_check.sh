@@ -10,6 +10,7 @@
 #     perf     : Mixtral demo, kernel and layer benchmarks (device time from traces)
 #     suite    : the issue-6 suite: stack and memory benchmarks, plots, profiler trace
 #     calib    : calibrated vs magnitude pruning on the GPU
+#     multi    : several GPUs (issue 9): sharded == single device, bench_multi scaling
 # Every mode but `kernel` builds and installs the package first (once).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -148,10 +149,29 @@ for nv in sj.format.SUPPORTED_NV:
 EOF
 }
 
+multi() {
+  # Issue 9: several GPUs of one host. NVLink multicast stays off.
+  build
+  export NCCL_NVLS_ENABLE=0
+  step "sharded layer == single-device layer on $(nvidia-smi -L | wc -l) GPUs"
+  timeout 240 python3 "$REPO/scripts/multi_gpu_equal.py" 2>&1 | quiet | tee -a "$OUT/multi.log"
+  grep "failures" "$OUT/multi.log" | tail -1 >> "$OUT/summary.txt"
+  local B="$REPO/benchmarks/bench_multi.py" P="${MULTI_PRESETS:-mixtral-8x7b mixtral-8x22b}"
+  for p in $P; do
+    step "bench_multi $p strong (T=4096) and weak (2048 per GPU), sparse and dense EP"
+    local prof=""
+    [ "$p" = mixtral-8x7b ] && prof="--profile_dir=/tmp/multi_trace"
+    timeout 200 python3 "$B" --preset=$p --tokens=4096 --scaling=strong --reps=5 $prof \
+      --json_out="$OUT/multi_${p}_strong.json" 2>&1 | quiet | tee -a "$OUT/multi.log" | tail -14
+    timeout 150 python3 "$B" --preset=$p --tokens=2048 --scaling=weak --reps=5 \
+      --json_out="$OUT/multi_${p}_weak.json" 2>&1 | quiet | tee -a "$OUT/multi.log" | tail -6
+  done
+}
+
 machine
 for mode in "$@"; do
   case $mode in
-    kernel|tests|sanitize|soak|perf|suite|calib) $mode ;;
+    kernel|tests|sanitize|soak|perf|suite|calib|multi) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done
