@@ -95,6 +95,17 @@ def require_matplotlib() -> None:
             "--json=RESULT.json --plot=OUT.png") from err
 
 
+def check_plot_flag(plot: str) -> None:
+    """For a script's --plot flag: a clear usage error before the run (not after it) when
+    plotting is asked for without matplotlib."""
+    if plot:
+        from absl import app
+        try:
+            require_matplotlib()
+        except ImportError as err:
+            raise app.UsageError(str(err)) from None
+
+
 def plot_speedup(records: Sequence[dict[str, Any]], path: str, title: str = "",
                  x_key: str = "tokens_per_expert", label_key: str = "label") -> None:
     """PNG of speedup vs tokens per expert: one line per label, log2 x axis, and the dense

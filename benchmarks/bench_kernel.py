@@ -70,11 +70,7 @@ def _nbytes(*arrays) -> int:
 
 def main(argv):
     del argv
-    if FLAGS.plot:  # fail before the run, not after it
-        try:
-            _report.require_matplotlib()
-        except ImportError as err:
-            raise app.UsageError(str(err)) from None
+    _report.check_plot_flag(FLAGS.plot)
     p = PRESETS[FLAGS.preset]
     d, f, experts, top_k = p["d_model"], p["d_ff"], p["num_experts"], p["top_k"]
     k, m = (d, f) if FLAGS.proj == "up" else (f, d)

@@ -88,11 +88,7 @@ def _time(fn, args) -> float:
 
 def main(argv):
     del argv
-    if FLAGS.plot:  # fail before the run, not after it
-        try:
-            _report.require_matplotlib()
-        except ImportError as err:
-            raise app.UsageError(str(err)) from None
+    _report.check_plot_flag(FLAGS.plot)
     n, v = map(int, FLAGS.nv.split(":"))
     cfg = preset_config(FLAGS.preset, sj.SparsityConfig(n, v, FLAGS.sub_row))
     dtype = jnp.dtype(FLAGS.dtype)

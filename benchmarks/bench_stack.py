@@ -95,11 +95,7 @@ def _measure(path: str, cfg, t: int, x: jax.Array, params: list[dict]
 
 def main(argv: list[str]) -> None:
     del argv
-    if FLAGS.plot:
-        try:
-            _report.require_matplotlib()
-        except ImportError as err:
-            raise app.UsageError(str(err)) from None
+    _report.check_plot_flag(FLAGS.plot)
     _stack.check_paths()
     cfg, dtype = _stack.config_from_flags()
     dev = jax.devices()[0]

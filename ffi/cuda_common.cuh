@@ -122,6 +122,98 @@ __device__ void LoadSourceRows(const Args& a, const Work& work, int (&src_row)[B
   }
 }
 
+// Copies one K stage of a block's tiles into shared memory with cp.async: the compressed
+// values of its kept rows (A), the routed activation rows gathered through SEL (B), and
+// the metadata words. Each thread's rows, columns and shared-memory offsets are fixed
+// once, at construction; a stage only adds its K offset. Cfg gives the tile sizes and the
+// shared-memory layouts: AOffset/BOffset(row, chunk) place 16-byte chunk `chunk` of a row,
+// kBRowStride is the distance between rows 8 apart divided by 8 (the swizzles repeat
+// every 8 rows), and a stage holds [A | B | metadata].
+template <typename Cfg, typename T>
+class StageLoader {
+ public:
+  static constexpr int kAChunks = Cfg::kARow / 16, kBChunks = Cfg::kBK * 2 / 16;
+  static constexpr int kAPer = Cfg::kBM * kAChunks / Cfg::kThreads;     // 16-byte copies
+  static constexpr int kBPer = Cfg::kBN * kBChunks / Cfg::kThreads;     // 16-byte copies
+  static constexpr int kMPer = Cfg::kBM * Cfg::kSteps / Cfg::kThreads;  // 4-byte copies
+  static_assert(kAPer * Cfg::kThreads == Cfg::kBM * kAChunks, "A copies divide evenly");
+  static_assert(kBPer * Cfg::kThreads == Cfg::kBN * kBChunks, "B copies divide evenly");
+  static_assert(kMPer * Cfg::kThreads == Cfg::kBM * Cfg::kSteps, "meta copies divide evenly");
+  static constexpr int kARowStep = Cfg::kThreads / kAChunks;  // rows between a thread's copies
+  static constexpr int kBRowStep = Cfg::kThreads / kBChunks;
+  static constexpr int kMRowStep = Cfg::kThreads / Cfg::kSteps;
+  static_assert(kARowStep % 8 == 0 && kBRowStep % 8 == 0, "row steps keep the swizzle");
+
+  // values/meta: this expert's arrays; src_row: the tile's token ids (-1: absent).
+  __device__ __forceinline__ StageLoader(const Args& a, const T* values, const uint32_t* meta,
+                                         const int* src_row, int kept0, int kept_here,
+                                         int rows_here)
+      : a_(a), values_(values), meta_(meta), kept_here_(kept_here) {
+    const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
+    const int tid = threadIdx.x;
+    a_row_ = tid / kAChunks;
+    a_chunk_ = tid % kAChunks;
+    b_chunk_ = tid % kBChunks;
+    m_row_ = tid / Cfg::kSteps;
+    m_word_ = tid % Cfg::kSteps;
+    const int b_row = tid / kBChunks;
+    a_dst_ = Cfg::AOffset(a_row_, a_chunk_);
+    b_dst_ = Cfg::BOffset(b_row, b_chunk_);
+    m_dst_ = m_row_ * Cfg::kMetaRow + m_word_ * 4;
+    a_src_ = values + static_cast<int64_t>(kept0 + a_row_) * half_k + a_chunk_ * 8;
+    m_src_ = meta + static_cast<int64_t>(kept0 + m_row_) * words + m_word_;
+#pragma unroll
+    for (int c = 0; c < kBPer; ++c) {
+      const int row = b_row + c * kBRowStep;
+      b_tok_[c] = row < rows_here ? src_row[row] : -1;
+    }
+  }
+
+  // Issues the copies of K stage `stage` into the stage buffer at shared address `dst`.
+  __device__ __forceinline__ void Load(uint32_t dst, int stage) const {
+    const uint32_t sa = dst, sb = sa + Cfg::kABytes, sm = sb + Cfg::kBBytes;
+    // Sizes are read from the kernel parameters (constant bank), not kept in registers.
+    const int k = a_.k, half_k = k / 2, words = k / kMetaColsPerWord;
+    const T* x = static_cast<const T*>(a_.x);
+    const int k0 = stage * Cfg::kBK;
+    const bool a_col_ok = k0 / 2 + a_chunk_ * 8 < half_k;
+#pragma unroll
+    for (int c = 0; c < kAPer; ++c) {
+      const bool ok = a_col_ok && a_row_ + c * kARowStep < kept_here_;
+      const T* src = ok ? a_src_ + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2 : values_;
+      CpAsync16(sa + a_dst_ + c * kARowStep * Cfg::kARow, src, ok ? 16 : 0);
+    }
+    // Absent routed rows are not copied at all: their output columns are never stored,
+    // so decode shapes move only the rows they have.
+    const bool b_col_ok = k0 + b_chunk_ * 8 < k;
+#pragma unroll
+    for (int c = 0; c < kBPer; ++c) {
+      const int t = b_tok_[c];
+      const T* src = x + static_cast<int64_t>(max(t, 0)) * k + k0 + b_chunk_ * 8;
+      CpAsync16If(sb + b_dst_ + c * kBRowStep * Cfg::kBRowStride, src, t >= 0 && b_col_ok);
+    }
+    const int word0 = k0 / kMetaColsPerWord;
+#pragma unroll
+    for (int c = 0; c < kMPer; ++c) {
+      const bool ok = m_row_ + c * kMRowStep < kept_here_ && word0 + m_word_ < words;
+      const uint32_t* src =
+          ok ? m_src_ + static_cast<int64_t>(c * kMRowStep) * words + word0 : meta_;
+      CpAsync4(sm + m_dst_ + c * kMRowStep * Cfg::kMetaRow, src, ok ? 4 : 0);
+    }
+  }
+
+ private:
+  const Args& a_;  // the kernel's parameters
+  const T* values_;
+  const uint32_t* meta_;
+  const T* a_src_;
+  const uint32_t* m_src_;
+  int kept_here_;
+  int a_row_, a_chunk_, b_chunk_, m_row_, m_word_;
+  uint32_t a_dst_, b_dst_, m_dst_;
+  int b_tok_[kBPer];
+};
+
 // The block's sub-row indices are one contiguous span of kept_here * windows bytes;
 // staged in shared memory once when they fit, so per-window reads never wait on global
 // memory. Returns whether they were staged (the caller syncs before reading).

@@ -32,7 +32,15 @@ struct TileCfg {
   static constexpr int kMetaBytes = kBM * kMetaRow;
   static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kBRowStride = kBRow;
   static_assert(kSteps % 2 == 0, "metadata words are consumed in selector pairs");
+  // XOR swizzles of 16-byte chunks: ldmatrix's 8 row addresses land in distinct banks.
+  static __device__ __forceinline__ int AOffset(int row, int chunk) {
+    return row * kARow + ((chunk ^ (row & 7)) << 4);
+  }
+  static __device__ __forceinline__ int BOffset(int row, int chunk) {
+    return row * kBRow + ((chunk ^ (row & 7)) << 4);
+  }
 };
 // Prefill: 64 kept rows x 64 routed rows, 4 warps of 32 x 32.
 using TileLarge = TileCfg<64, 64, 3, 2, 2>;
@@ -71,18 +79,8 @@ __device__ __forceinline__ void MmaSp(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
-// XOR swizzles of 16-byte chunks: ldmatrix's 8 row addresses land in distinct banks.
-template <typename Tile>
-__device__ __forceinline__ int SwizzleA(int row, int chunk) {
-  return row * Tile::kARow + ((chunk ^ (row & 7)) << 4);
-}
-template <typename Tile>
-__device__ __forceinline__ int SwizzleB(int row, int chunk) {
-  return row * Tile::kBRow + ((chunk ^ (row & 7)) << 4);
-}
-
 template <typename T, int N, int V, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads)
+__global__ void __launch_bounds__(Tile::kThreads, 2)
     RaggedDotWarpKernel(const Args a) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int src_row[Tile::kBN];  // token id of each routed row, -1 when absent
@@ -108,7 +106,6 @@ __global__ void __launch_bounds__(Tile::kThreads)
   __syncthreads();
 
   const int half_k = a.k / 2, words = a.k / kMetaColsPerWord, windows = a.k / a.sub_row;
-  const T* x = static_cast<const T*>(a.x);
   const T* values = static_cast<const T*>(a.values) + static_cast<int64_t>(e) * a.kept_rows * half_k;
   const uint32_t* meta = a.metadata + static_cast<int64_t>(e) * a.kept_rows * words;
   const uint8_t* indices = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
@@ -116,63 +113,9 @@ __global__ void __launch_bounds__(Tile::kThreads)
   const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
   const uint32_t smem_base = SmemAddr(smem);
 
-  // Each thread copies fixed chunks of every stage: its rows, columns and shared-memory
-  // offsets are computed once here; a stage only adds its K offset.
-  constexpr int kAChunks = Tile::kARow / 16, kBChunks = Tile::kBRow / 16;
-  constexpr int kAPer = Tile::kBM * kAChunks / Tile::kThreads;       // 16-byte copies
-  constexpr int kBPer = Tile::kBN * kBChunks / Tile::kThreads;       // 16-byte copies
-  constexpr int kMPer = Tile::kBM * Tile::kSteps / Tile::kThreads;   // 4-byte copies
-  static_assert(kAPer * Tile::kThreads == Tile::kBM * kAChunks, "A copies divide evenly");
-  static_assert(kBPer * Tile::kThreads == Tile::kBN * kBChunks, "B copies divide evenly");
-  static_assert(kMPer * Tile::kThreads == Tile::kBM * Tile::kSteps, "meta copies divide");
-  constexpr int kARowStep = Tile::kThreads / kAChunks;  // rows between a thread's copies
-  constexpr int kBRowStep = Tile::kThreads / kBChunks;
-  constexpr int kMRowStep = Tile::kThreads / Tile::kSteps;
-  const int a_row = tid / kAChunks, a_chunk = tid % kAChunks;
-  const int b_row = tid / kBChunks, b_chunk = tid % kBChunks;
-  const int m_row = tid / Tile::kSteps, m_word = tid % Tile::kSteps;
-  // Swizzle depends on row & 7, identical for all of a thread's rows (steps are multiples of 8).
-  static_assert(kARowStep % 8 == 0 && kBRowStep % 8 == 0, "row steps keep the swizzle");
-  const uint32_t a_dst = SwizzleA<Tile>(a_row, a_chunk), b_dst = SwizzleB<Tile>(b_row, b_chunk);
-  const uint32_t m_dst = m_row * Tile::kMetaRow + m_word * 4;
-  const T* a_src = values + static_cast<int64_t>(kept0 + a_row) * half_k + a_chunk * 8;
-  const uint32_t* m_src = meta + static_cast<int64_t>(kept0 + m_row) * words + m_word;
-  int b_tok[kBPer];
-#pragma unroll
-  for (int c = 0; c < kBPer; ++c) {
-    const int row = b_row + c * kBRowStep;
-    b_tok[c] = row < rows_here ? src_row[row] : -1;
-  }
-
+  const StageLoader<Tile, T> loader(a, values, meta, src_row, kept0, kept_here, rows_here);
   auto load_stage = [&](int stage, int buf) {
-    const uint32_t sa = smem_base + buf * Tile::kStageBytes;
-    const uint32_t sb = sa + Tile::kABytes;
-    const uint32_t sm = sb + Tile::kBBytes;
-    const int k0 = stage * Tile::kBK;
-    const bool a_col_ok = k0 / 2 + a_chunk * 8 < half_k;
-#pragma unroll
-    for (int c = 0; c < kAPer; ++c) {
-      const bool ok = a_col_ok && a_row + c * kARowStep < kept_here;
-      const T* src = ok ? a_src + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2 : values;
-      CpAsync16(sa + a_dst + c * kARowStep * Tile::kARow, src, ok ? 16 : 0);
-    }
-    // Activation rows through SEL; absent rows are not copied at all (their output
-    // columns are never stored), so decode shapes move only the rows they have.
-    const bool b_col_ok = k0 + b_chunk * 8 < a.k;
-#pragma unroll
-    for (int c = 0; c < kBPer; ++c) {
-      const int t = b_tok[c];
-      const T* src = x + static_cast<int64_t>(max(t, 0)) * a.k + k0 + b_chunk * 8;
-      CpAsync16If(sb + b_dst + c * kBRowStep * Tile::kBRow, src, t >= 0 && b_col_ok);
-    }
-    const int word0 = k0 / kMetaColsPerWord;
-#pragma unroll
-    for (int c = 0; c < kMPer; ++c) {
-      const bool ok = m_row + c * kMRowStep < kept_here && word0 + m_word < words;
-      const uint32_t* src =
-          ok ? m_src + static_cast<int64_t>(c * kMRowStep) * words + word0 : meta;
-      CpAsync4(sm + m_dst + c * kMRowStep * Tile::kMetaRow, src, ok ? 4 : 0);
-    }
+    loader.Load(smem_base + buf * Tile::kStageBytes, stage);
   };
 
   // Accumulators: V per kept row (N:V candidates), steered by SteerToFront.
@@ -280,13 +223,13 @@ __global__ void __launch_bounds__(Tile::kThreads)
 #pragma unroll
       for (int j = 0; j < Tile::kFragsN; ++j) {
         const int row = warp_n * (Tile::kBN / Tile::kWarpsN) + j * 8 + (lane & 7);
-        LdMatrixX4(sb + SwizzleB<Tile>(row, s * 4 + (lane >> 3)), bfrag[j]);
+        LdMatrixX4(sb + Tile::BOffset(row, s * 4 + (lane >> 3)), bfrag[j]);
       }
 #pragma unroll
       for (int i = 0; i < Tile::kFragsM; ++i) {
         uint32_t afrag[4];
         const int row = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16 + (lane & 15);
-        LdMatrixX4(sa + SwizzleA<Tile>(row, s * 2 + (lane >> 4)), afrag);
+        LdMatrixX4(sa + Tile::AOffset(row, s * 2 + (lane >> 4)), afrag);
 #pragma unroll
         for (int j = 0; j < Tile::kFragsN; ++j) {
           if (s % 2 == 0)

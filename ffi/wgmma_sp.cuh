@@ -50,6 +50,15 @@ struct HopperCfg {
   static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
   static constexpr int kFrags = kBN / 8;         // n8 column groups of one warp's accumulators
+  static constexpr int kBRowStride = 128;
+  // 128-byte swizzle of 16-byte chunks (the layout the descriptors name): chunk c of row
+  // r lives at chunk c ^ (r % 8). B's two K halves are separate [kBN x 128 B] slabs.
+  static __device__ __forceinline__ uint32_t AOffset(int row, int chunk) {
+    return row * 128 + ((chunk ^ (row & 7)) << 4);
+  }
+  static __device__ __forceinline__ uint32_t BOffset(int row, int chunk) {
+    return (chunk >> 3) * kBHalf + AOffset(row, chunk & 7);
+  }
   // Dynamic shared memory: pipeline, staged sub-row indices, SEL rows, alignment slack.
   static constexpr int kSmemBytes = kPipeBytes + kIndexStageBytes + kBN * 4 + 1024;
   static_assert(kARow == 128, "A stage rows are one 128-byte swizzle row");
@@ -65,11 +74,6 @@ struct HopperCfg {
 constexpr int64_t kHopperMinRowsPerExpert = 128;
 inline bool UseHopperFor(const Args& a) {
   return a.rows > kHopperMinRowsPerExpert * a.experts;
-}
-
-// 128-byte swizzle of 16-byte chunks: chunk c of row r lives at chunk c ^ (r % 8).
-__device__ __forceinline__ uint32_t Swizzle128(int row, int chunk) {
-  return row * 128 + ((chunk ^ (row & 7)) << 4);
 }
 
 // sm_90 shared-memory matrix descriptor, K-major with 128-byte swizzle: start address,
@@ -111,43 +115,35 @@ __device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
 template <typename T, int kSel>
 __device__ __forceinline__ void WgmmaSp64(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
                                           uint32_t meta) {
-  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.bf16.bf16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, %34, %35, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-        : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, %34, %35, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-        : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));
-  }
+#define SAMOYEDS_WGMMA_SP64(TYPE)                                                    \
+  asm volatile(                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                     \
+      "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32." TYPE "." TYPE " "            \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, %34, %35, p, 1, 1, 0, 0;\n}\n"                      \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                                                       \
+      : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    SAMOYEDS_WGMMA_SP64("bf16");
+  else
+    SAMOYEDS_WGMMA_SP64("f16");
+#undef SAMOYEDS_WGMMA_SP64
 }
 
 template <typename T, int kSel>
 __device__ __forceinline__ void WgmmaSp128(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b,
                                           uint32_t meta) {
-  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, %66, %67, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-        : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, %66, %67, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-        : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));
-  }
+#define SAMOYEDS_WGMMA_SP128(TYPE)                                                    \
+  asm volatile(                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                     \
+      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." TYPE "." TYPE " "            \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, %66, %67, p, 1, 1, 0, 0;\n}\n"                      \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                                                                       \
+      : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    SAMOYEDS_WGMMA_SP128("bf16");
+  else
+    SAMOYEDS_WGMMA_SP128("f16");
+#undef SAMOYEDS_WGMMA_SP128
 }
 
 template <typename T, int kSel, int kFrags>
@@ -189,7 +185,6 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   __syncthreads();
 
   const int half_k = a.k / 2, words = a.k / kMetaColsPerWord, windows = a.k / a.sub_row;
-  const T* x = static_cast<const T*>(a.x);
   const T* values = static_cast<const T*>(a.values) + static_cast<int64_t>(e) * a.kept_rows * half_k;
   const uint32_t* meta = a.metadata + static_cast<int64_t>(e) * a.kept_rows * words;
   const uint8_t* indices = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
@@ -197,60 +192,9 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   const int k_stages = (a.k + Cfg::kBK - 1) / Cfg::kBK;
   const uint32_t smem_base = SmemAddr(smem);
 
-  // Fixed per-thread copy assignments (rows step by multiples of 8: same swizzle).
-  constexpr int kAChunks = Cfg::kARow / 16, kBChunks = Cfg::kBK * 2 / 16;
-  constexpr int kAPer = Cfg::kBM * kAChunks / Cfg::kThreads;
-  constexpr int kBPer = Cfg::kBN * kBChunks / Cfg::kThreads;
-  constexpr int kMPer = Cfg::kBM * Cfg::kSteps / Cfg::kThreads;
-  static_assert(kAPer * Cfg::kThreads == Cfg::kBM * kAChunks, "A copies divide evenly");
-  static_assert(kBPer * Cfg::kThreads == Cfg::kBN * kBChunks, "B copies divide evenly");
-  static_assert(kMPer * Cfg::kThreads == Cfg::kBM * Cfg::kSteps, "meta copies divide evenly");
-  constexpr int kARowStep = Cfg::kThreads / kAChunks;
-  constexpr int kBRowStep = Cfg::kThreads / kBChunks;
-  constexpr int kMRowStep = Cfg::kThreads / Cfg::kSteps;
-  static_assert(kARowStep % 8 == 0 && kBRowStep % 8 == 0, "row steps keep the swizzle");
-  const int a_row = tid / kAChunks, a_chunk = tid % kAChunks;
-  const int b_row = tid / kBChunks, b_chunk = tid % kBChunks;
-  const int m_row = tid / Cfg::kSteps, m_word = tid % Cfg::kSteps;
-  const uint32_t a_dst = Swizzle128(a_row, a_chunk);
-  const uint32_t b_dst = (b_chunk >> 3) * Cfg::kBHalf + Swizzle128(b_row, b_chunk & 7);
-  const uint32_t m_dst = m_row * Cfg::kMetaRow + m_word * 4;
-  const T* a_src = values + static_cast<int64_t>(kept0 + a_row) * half_k + a_chunk * 8;
-  const uint32_t* m_src = meta + static_cast<int64_t>(kept0 + m_row) * words + m_word;
-  int b_tok[kBPer];
-#pragma unroll
-  for (int c = 0; c < kBPer; ++c) {
-    const int row = b_row + c * kBRowStep;
-    b_tok[c] = row < rows_here ? src_row[row] : -1;
-  }
-
+  const StageLoader<Cfg, T> loader(a, values, meta, src_row, kept0, kept_here, rows_here);
   auto load_stage = [&](int stage, int buf) {
-    const uint32_t sa = smem_base + buf * Cfg::kStageBytes;
-    const uint32_t sb = sa + Cfg::kABytes;
-    const uint32_t sm = sb + Cfg::kBBytes;
-    const int k0 = stage * Cfg::kBK;
-    const bool a_col_ok = k0 / 2 + a_chunk * 8 < half_k;
-#pragma unroll
-    for (int c = 0; c < kAPer; ++c) {
-      const bool ok = a_col_ok && a_row + c * kARowStep < kept_here;
-      const T* src = ok ? a_src + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2 : values;
-      CpAsync16(sa + a_dst + c * kARowStep * Cfg::kARow, src, ok ? 16 : 0);
-    }
-    // Absent routed rows are not copied: their output columns are never stored.
-    const bool b_col_ok = k0 + b_chunk * 8 < a.k;
-#pragma unroll
-    for (int c = 0; c < kBPer; ++c) {
-      const int t = b_tok[c];
-      const T* src = x + static_cast<int64_t>(max(t, 0)) * a.k + k0 + b_chunk * 8;
-      CpAsync16If(sb + b_dst + c * kBRowStep * 128, src, t >= 0 && b_col_ok);
-    }
-    const int word0 = k0 / kMetaColsPerWord;
-#pragma unroll
-    for (int c = 0; c < kMPer; ++c) {
-      const bool ok = m_row + c * kMRowStep < kept_here && word0 + m_word < words;
-      const uint32_t* src = ok ? m_src + static_cast<int64_t>(c * kMRowStep) * words + word0 : meta;
-      CpAsync4(sm + m_dst + c * kMRowStep * Cfg::kMetaRow, src, ok ? 4 : 0);
-    }
+    loader.Load(smem_base + buf * Cfg::kStageBytes, stage);
   };
 
   // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows
