@@ -11,6 +11,7 @@
 #     suite    : the issue-6 suite: stack and memory benchmarks, plots, profiler trace
 #     calib    : calibrated vs magnitude pruning on the GPU
 #     multi    : several GPUs (issue 9): sharded == single device, bench_multi scaling
+#     profile  : wgmma rate and ncu of the Hopper kernel (carried .devbin), NVIDIA's 2:4 for context
 # Every mode but `kernel` builds and installs the package first (once).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -149,6 +150,21 @@ for nv in sj.format.SUPPORTED_NV:
 EOF
 }
 
+profile() {
+  local H="$REPO/.devbin/harness"
+  step "wgmma issue rate from shared memory, no loads (carried .devbin/wgmma_rate)"
+  "$REPO/.devbin/wgmma_rate" 2>&1 | tee -a "$OUT/summary.txt"
+  for nv in "1 1" "1 2"; do
+    step "ncu: Hopper kernel, Mixtral up-projection, 4096 tokens, N:V ${nv/ /:}"
+    ncu --clock-control none --set full -k regex:Hopper --launch-count 1 \
+      $H 4096 14336 4096 $nv 128 1 1 > "$OUT/ncu_${nv/ /_}.txt" 2>&1
+    grep -E "Duration|Throughput|Pipe|Tensor|L2 Hit|Registers|Warp Cycles|Issued Ipc|Stall" \
+      "$OUT/ncu_${nv/ /_}.txt" | head -40
+  done
+  step "PyTorch dense vs 2:4 (cuSPARSELt, CUTLASS), same sizes"
+  python3 "$REPO/benchmarks/torch_semistructured.py" 2>&1 | tee -a "$OUT/summary.txt"
+}
+
 multi() {
   # Issue 9: several GPUs of one host. NVLink multicast stays off.
   build
@@ -171,7 +187,7 @@ multi() {
 machine
 for mode in "$@"; do
   case $mode in
-    kernel|tests|sanitize|soak|perf|suite|calib|multi) $mode ;;
+    kernel|tests|sanitize|soak|perf|suite|calib|multi|profile) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done
