@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s K M TOKENS N V SUB_ROW [EXPERTS] [REPS]\n", argv[0]);
     return 2;
   }
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines show up even if a kernel hangs later
   const int K = std::atoi(argv[1]), M = std::atoi(argv[2]), T = std::atoi(argv[3]);
   const int n = std::atoi(argv[4]), v = std::atoi(argv[5]), L = std::atoi(argv[6]);
   const int E = argc > 7 ? std::atoi(argv[7]) : 1, reps = argc > 8 ? std::atoi(argv[8]) : 50;

@@ -122,10 +122,11 @@ __device__ void LoadSourceRows(const Args& a, const Work& work, int (&src_row)[B
   }
 }
 
-// Copies one K stage of a block's tiles into shared memory with cp.async: the compressed
-// values of its kept rows (A), the routed activation rows gathered through SEL (B), and
-// the metadata words. Each thread's rows, columns and shared-memory offsets are fixed
-// once, at construction; a stage only adds its K offset. Cfg gives the tile sizes and the
+// The warp-level kernel's loader (every thread loads; the Hopper kernel's producer
+// warpgroup has its own, ProducerLoader in wgmma_sp.cuh). Copies one K stage of a
+// block's tiles into shared memory with cp.async: the compressed values of its kept
+// rows (A), the routed activation rows gathered through SEL (B), and the metadata
+// words. Each thread's rows, columns and shared-memory offsets are fixed once, at construction; a stage only adds its K offset. Cfg gives the tile sizes and the
 // shared-memory layouts: AOffset/BOffset(row, chunk) place 16-byte chunk `chunk` of a row,
 // kBRowStride is the distance between rows 8 apart divided by 8 (the swizzles repeat
 // every 8 rows), and a stage holds [A | B | metadata].
@@ -286,12 +287,13 @@ __device__ __forceinline__ void AccToShared(const float (&acc)[V][kFrags][4],
 }
 
 // Epilogue, part 2: shared fp32 tile -> out [R, M] rows with 16-byte stores.
+// tid: the thread's index among the kThreads that store.
 template <typename T, int kThreads, int kCStride>
 __device__ __forceinline__ void SharedToOut(const Args& a, const Work& work, int out0,
-                                            int out_here, const float* c_tile) {
+                                            int out_here, const float* c_tile, int tid) {
   T* out = static_cast<T*>(a.out);
   const int vec = out_here / 8;
-  for (int i = threadIdx.x; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
+  for (int i = tid; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
     const int n = i / vec, c = (i % vec) * 8;
     const float* src = c_tile + n * kCStride + c;
     alignas(16) T packed[8];

@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
                                                  slot_n, c_tile);
     __syncthreads();
   }
-  SharedToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile);
+  SharedToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile, tid);
 }
 
 template <typename T, int N, int V, typename Tile>

@@ -3,10 +3,14 @@
 //     B (the routed activation rows) are read from shared memory by descriptor, so the
 //     per-MMA instruction stream of the warp-level kernel (ldmatrix, fragment moves)
 //     disappears; the metadata is one register per thread per k-step pair;
-//   * 2 warpgroups x 64 kept rows, N = 128 routed rows (64 when V = 4: the V
-//     accumulator sets must fit the register file), K stages of 128 dense columns;
-//   * operand tiles in the 128-byte swizzled K-major layout the descriptors describe,
-//     filled by cp.async (the SEL gather needs per-row addresses: no TMA tile load);
+//   * warp-specialised: a producer warpgroup fills a 4-stage ring with cp.async (the SEL
+//     gather needs per-row addresses: no TMA tile load) and signals each stage's `full`
+//     mbarrier; 2 consumer warpgroups x 64 kept rows wait on it, issue, and release the
+//     stage on its `empty` mbarrier once their MMAs retire. No CTA-wide barrier in the
+//     loop, so one consumer's steering overlaps the other's MMAs;
+//   * N = 128 routed rows (64 when V = 4: the V accumulator sets must fit the register
+//     file), K stages of 128 dense columns, tiles in the 128-byte swizzled K-major layout
+//     the descriptors describe;
 //   * N:V: swap-to-front steering between windows (the warpgroup waits for its MMAs
 //     before it touches the accumulators).
 #pragma once
@@ -32,9 +36,20 @@ constexpr bool HopperKernelBuilt() {
 
 template <int V>
 struct HopperCfg {
-  static constexpr int kWarpGroups = 2;
-  static constexpr int kThreads = 128 * kWarpGroups;
-  static constexpr int kBM = 64 * kWarpGroups;   // kept rows per block
+  static constexpr int kConsumers = 2;               // MMA warpgroups
+  static constexpr int kConsumerThreads = 128 * kConsumers;
+  static constexpr int kLoadThreads = 128;           // one producer warpgroup
+  static constexpr int kThreads = kLoadThreads + kConsumerThreads;
+  // setmaxnreg: the producer hands registers to the consumers' accumulators. The block
+  // starts with kLaunchRegs per thread (the launch bound's share, in units of 8); an
+  // `inc` waits for registers that a `dec` released, so it must ask for no more than
+  // that, or it never returns.
+  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
+  static constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+  static_assert(kLoadThreads * (kLaunchRegs - kProducerRegs) >=
+                    kConsumerThreads * (kConsumerRegs - kLaunchRegs),
+                "consumers ask for no more registers than the producer releases");
+  static constexpr int kBM = 64 * kConsumers;    // kept rows per block
   static constexpr int kBN = V == 4 ? 64 : 128;  // routed rows per block (wgmma N)
   static constexpr int kBK = 128;                // dense K per stage
   static constexpr int kStages = 4;
@@ -59,12 +74,109 @@ struct HopperCfg {
   static __device__ __forceinline__ uint32_t BOffset(int row, int chunk) {
     return (chunk >> 3) * kBHalf + AOffset(row, chunk & 7);
   }
-  // Dynamic shared memory: pipeline, staged sub-row indices, SEL rows, alignment slack.
-  static constexpr int kSmemBytes = kPipeBytes + kIndexStageBytes + kBN * 4 + 1024;
+  // Dynamic shared memory: pipeline, staged sub-row indices, SEL rows, the full and
+  // empty mbarriers of every stage, alignment slack.
+  static constexpr int kBarrierOffset = kPipeBytes + kIndexStageBytes + kBN * 4;
+  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8 + 1024;
   static_assert(kARow == 128, "A stage rows are one 128-byte swizzle row");
   static_assert(kABytes % 1024 == 0 && kBHalf % 1024 == 0 && kStageBytes % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100 block's shared memory");
+};
+
+// The producer warpgroup's loader. It runs on few registers (setmaxnreg) and must issue
+// a stage's copies with few instructions and few L1 wavefronts: in every warp-wide
+// copy, 8 consecutive lanes cover one 128-byte line of a row (4 full lines per
+// instruction, the minimum for 512 bytes); lane (s = lane / 8, q = lane % 8) copies
+// chunk q of rows 4i + s of its warp's rows, i = 0, 1, ...; all rows of one lane share
+// r & 3, so their swizzle needs only two XORs. Row pointers and the B rows' tokens are
+// fixed at construction and a stage adds its K offset; every copy's shared address is
+// an immediate offset from a per-thread base.
+template <typename Cfg, typename T>
+class ProducerLoader {
+ public:
+  static constexpr int kWarps = Cfg::kLoadThreads / 32;
+  static constexpr int kARows = Cfg::kBM / kWarps;   // per warp
+  static constexpr int kBRows = Cfg::kBN / kWarps;
+  static constexpr int kAI = kARows / 4;             // A copies per thread and stage
+  static constexpr int kBI = kBRows / 4;             // B rows per thread (2 copies each)
+  static constexpr int kMI = kARows / 8;             // metadata: 4 lanes per row
+  static_assert(Cfg::kARow == 128 && Cfg::kBK * 2 == 256, "A rows are one line, B rows two");
+  static_assert(kAI * 4 * kWarps == Cfg::kBM && kBI * 4 * kWarps == Cfg::kBN &&
+                    kMI * 8 * kWarps == Cfg::kBM && Cfg::kSteps == 4,
+                "tile rows divide over the producer's lanes");
+
+  __device__ __forceinline__ ProducerLoader(const Args& a, const T* values,
+                                            const uint32_t* meta, const int* src_row,
+                                            int kept0, int kept_here, int tid) {
+    const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
+    const int warp = tid / 32, lane = tid % 32, s = lane / 8, q = lane % 8;
+    // A: rows warp * kARows + 4i + s, chunk q; 4 rows apart = 4 * half_k values.
+    const int a_row = warp * kARows + s;
+    a_rows_ = max(0, (kept_here - a_row + 3) / 4);  // copies i < a_rows_ are in range
+    a_src_ = values + static_cast<int64_t>(kept0 + min(a_row, kept_here - 1)) * half_k + q * 8;
+    a_step_ = 4 * half_k;
+    // Shared: row r chunk c at r * 128 + ((c ^ (r & 7)) << 4); r & 7 = 4 (i & 1) + s.
+    a_dst_[0] = a_row * 128 + ((q ^ s) << 4);
+    a_dst_[1] = a_row * 128 + ((q ^ (s + 4)) << 4);
+    // B: rows warp * kBRows + 4i + s, chunks q (first half) and 8 + q (second half).
+    const int b_row = warp * kBRows + s;
+    b_ok_ = 0;
+#pragma unroll
+    for (int i = 0; i < kBI; ++i) {
+      const int t = src_row[b_row + 4 * i];
+      if (t >= 0) b_ok_ |= 1u << i;
+      b_src_[i] = static_cast<const T*>(a.x) + static_cast<int64_t>(max(t, 0)) * a.k + q * 8;
+    }
+    b_dst_[0] = b_row * 128 + ((q ^ s) << 4);
+    b_dst_[1] = b_row * 128 + ((q ^ (s + 4)) << 4);
+    // Metadata: rows warp * kARows + 8i + lane / 4, word lane % 4 of the stage's 4.
+    const int m_row = warp * kARows + lane / 4;
+    m_rows_ = max(0, (kept_here - m_row + 7) / 8);
+    m_src_ = meta + static_cast<int64_t>(kept0 + min(m_row, kept_here - 1)) * words + lane % 4;
+    m_step_ = 8 * words;
+    m_dst_ = m_row * Cfg::kMetaRow + (lane % 4) * 4;
+    m_word_ = lane % 4;
+    q8_ = q * 8;
+  }
+
+  // Issues the copies of K stage `stage` into the stage buffer at shared address `dst`.
+  __device__ __forceinline__ void Load(const Args& a, uint32_t dst, int stage) const {
+    const uint32_t sa = dst, sb = sa + Cfg::kABytes, sm = sb + Cfg::kBBytes;
+    const int k0 = stage * Cfg::kBK;
+    // Dense columns left; K is a multiple of 32, and only the last stage of a K that
+    // is not a multiple of kBK has fewer than kBK (its missing k-steps are not issued).
+    const int left = a.k - k0;
+    // Chunk q holds dense columns [16q, 16q + 16) of an A row, [8q, 8q + 8) (and
+    // 64 more) of a B row.
+    const bool a_col = 2 * q8_ < left, b_col0 = q8_ < left, b_col1 = 64 + q8_ < left;
+#pragma unroll
+    for (int i = 0; i < kAI; ++i) {
+      const T* src = a_src_ + static_cast<int64_t>(i) * a_step_ + k0 / 2;
+      CpAsync16(sa + a_dst_[i & 1] + i * 512, src, i < a_rows_ && a_col ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kBI; ++i) {
+      const T* src = b_src_[i] + k0;
+      const bool ok = (b_ok_ >> i) & 1;
+      CpAsync16If(sb + b_dst_[i & 1] + i * 512, src, ok && b_col0);
+      CpAsync16If(sb + Cfg::kBHalf + b_dst_[i & 1] + i * 512, src + 64, ok && b_col1);
+    }
+#pragma unroll
+    for (int i = 0; i < kMI; ++i) {
+      const uint32_t* src = m_src_ + static_cast<int64_t>(i) * m_step_ + k0 / kMetaColsPerWord;
+      const bool ok = i < m_rows_ && m_word_ * kMetaColsPerWord < left;
+      CpAsync4(sm + m_dst_ + i * 8 * Cfg::kMetaRow, src, ok ? 4 : 0);
+    }
+  }
+
+ private:
+  const T* a_src_;
+  const T* b_src_[kBI];
+  const uint32_t* m_src_;
+  int a_rows_, a_step_, m_rows_, m_step_, m_word_, q8_;
+  uint32_t b_ok_;
+  uint32_t a_dst_[2], b_dst_[2], m_dst_;
 };
 
 // Mean routed rows per expert above which the Hopper kernel is used: below it the
@@ -98,6 +210,41 @@ __device__ __forceinline__ void WgmmaWait() {
 __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// mbarriers (shared::cta, 64-bit) for the producer/consumer ring.
+__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrives on `bar` once all of this thread's earlier cp.async copies have landed.
+__device__ __forceinline__ void CpAsyncMbarArrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred done;\n"
+      "WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Barrier among the consumer warpgroups only (id 1; 0 is __syncthreads).
+template <int kCount>
+__device__ __forceinline__ void ConsumerSync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kCount) : "memory");
+}
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsInc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsDec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
 // Keeps the compiler from moving accumulator reads or writes across a wgmma wait/fence.
 template <int V, int kFrags>
 __device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
@@ -166,6 +313,9 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   uint8_t* idx_smem = smem + Cfg::kPipeBytes;
   int(&src_row)[Cfg::kBN] =
       *reinterpret_cast<int(*)[Cfg::kBN]>(smem + Cfg::kPipeBytes + kIndexStageBytes);
+  const uint32_t smem_base = SmemAddr(smem);
+  const uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // + 8 * stage buffer
+  const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   constexpr int kOutRows = Cfg::kBM / N * V;
   const int kept0 = blockIdx.y * Cfg::kBM;
@@ -178,25 +328,44 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
     ZeroFillTile<T, Cfg::kThreads>(a, work, out0, out_here);
     return;
   }
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int e = work.expert;
   const int rows_here = work.row_end - work.row_begin;
   LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
-  __syncthreads();
+  const int windows = a.k / a.sub_row;
+  const uint8_t* idx_span = a.indices + (static_cast<int64_t>(e) * a.kept_rows + kept0) * windows;
+  const bool idx_staged =
+      V > 1 && StageIndices<Cfg::kThreads>(idx_span, idx_smem, kept_here * windows);
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < Cfg::kStages; ++b) {
+      MbarInit(full_bar + 8 * b, Cfg::kLoadThreads);
+      MbarInit(empty_bar + 8 * b, Cfg::kConsumerThreads);
+    }
+  }
+  __syncthreads();  // SEL rows, staged indices and initialised barriers are visible
 
-  const int half_k = a.k / 2, words = a.k / kMetaColsPerWord, windows = a.k / a.sub_row;
-  const T* values = static_cast<const T*>(a.values) + static_cast<int64_t>(e) * a.kept_rows * half_k;
-  const uint32_t* meta = a.metadata + static_cast<int64_t>(e) * a.kept_rows * words;
-  const uint8_t* indices = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
-  const int k_steps = a.k / kStepK;
   const int k_stages = (a.k + Cfg::kBK - 1) / Cfg::kBK;
-  const uint32_t smem_base = SmemAddr(smem);
+  if (threadIdx.x < Cfg::kLoadThreads) {
+    // Producer: fill stage `stage` into buffer stage % kStages once the consumers have
+    // released that buffer's previous use.
+    SetMaxRegsDec<Cfg::kProducerRegs>();
+    const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
+    const T* values = static_cast<const T*>(a.values) + static_cast<int64_t>(e) * a.kept_rows * half_k;
+    const uint32_t* meta = a.metadata + static_cast<int64_t>(e) * a.kept_rows * words;
+    const ProducerLoader<Cfg, T> loader(a, values, meta, src_row, kept0, kept_here, threadIdx.x);
+    for (int stage = 0; stage < k_stages; ++stage) {
+      const int buf = stage % Cfg::kStages;
+      if (stage >= Cfg::kStages) MbarWait(empty_bar + 8 * buf, (stage / Cfg::kStages - 1) & 1);
+      loader.Load(a, smem_base + buf * Cfg::kStageBytes, stage);
+      CpAsyncMbarArrive(full_bar + 8 * buf);
+    }
+    CpAsyncWait<0>();
+    return;
+  }
 
-  const StageLoader<Cfg, T> loader(a, values, meta, src_row, kept0, kept_here, rows_here);
-  auto load_stage = [&](int stage, int buf) {
-    loader.Load(smem_base + buf * Cfg::kStageBytes, stage);
-  };
-
+  // Consumers.
+  SetMaxRegsInc<Cfg::kConsumerRegs>();
+  const int ctid = threadIdx.x - Cfg::kLoadThreads;
+  const int lane = ctid & 31, warp = ctid >> 5;
   // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows
   // g and g + 8 of them, columns 8j + 2t + {0, 1} (the m16n8 fragment layout per warp).
   const int wg = warp / 4;
@@ -204,6 +373,7 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   const int row0 = wg * 64 + (warp % 4) * 16;
   const bool frag_ok = row0 < kept_here;  // kept_here is a multiple of 16
   const int my_kept[2] = {row0 + g, row0 + g + 8};
+  const int k_steps = a.k / kStepK;
 
   float acc[V][Cfg::kFrags][4];
 #pragma unroll
@@ -218,9 +388,6 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
 #pragma unroll
     for (int c = 0; c < V; ++c) slot[h][c] = static_cast<uint8_t>(c);
 
-  const uint8_t* idx_span = indices + static_cast<int64_t>(kept0) * windows;
-  const bool idx_staged =
-      V > 1 && StageIndices<Cfg::kThreads>(idx_span, idx_smem, kept_here * windows);
   uint8_t sub[2], sub_next[2];
   auto load_sub = [&](int window, uint8_t (&dst)[2]) {
 #pragma unroll
@@ -232,33 +399,12 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   };
   const int window_shift = __ffs(a.sub_row / kStepK) - 1;
   const int window_mask = (1 << window_shift) - 1;
-  if constexpr (V > 1) {
-    if (idx_staged) __syncthreads();
-    load_sub(0, sub_next);
-  }
-
-  // Prologue: kStages - 2 stages in flight; the buffer a stage overwrites was read by
-  // the MMAs of two stages earlier, which every warpgroup has waited for (one MMA group
-  // is left pending at a stage's end) before the barrier. (Measured: one more stage in
-  // flight, with the MMAs drained at each stage's end, gained nothing: 795 vs 786 us.)
-  constexpr int kPendingMma = 1;
-  constexpr int kAhead = Cfg::kStages - 2;
-#pragma unroll
-  for (int s = 0; s < kAhead; ++s) {
-    if (s < k_stages) load_stage(s, s);
-    CpAsyncCommit();
-  }
+  if constexpr (V > 1) load_sub(0, sub_next);
 
   for (int stage = 0; stage < k_stages; ++stage) {
-    CpAsyncWait<kAhead - 1>();
-    FenceProxyAsync();
-    __syncthreads();
-    {
-      const int next = stage + kAhead;
-      if (next < k_stages) load_stage(next, next % Cfg::kStages);
-      CpAsyncCommit();
-    }
     const int buf = stage % Cfg::kStages;
+    MbarWait(full_bar + 8 * buf, (stage / Cfg::kStages) & 1);
+    FenceProxyAsync();  // the cp.async (generic proxy) data is read by the tensor cores
     const uint32_t sa = smem_base + buf * Cfg::kStageBytes + wg * 64 * Cfg::kARow;
     const uint32_t sb = smem_base + buf * Cfg::kStageBytes + Cfg::kABytes;
     const uint8_t* sm = smem + buf * Cfg::kStageBytes + Cfg::kABytes + Cfg::kBBytes;
@@ -315,12 +461,15 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
       }
     }
     WgmmaCommit();
-    WgmmaWait<kPendingMma>();
+    // One MMA group stays in flight; the previous stage's have retired, so its buffer
+    // goes back to the producer.
+    WgmmaWait<1>();
+    if (stage > 0) MbarArrive(empty_bar + 8 * ((stage - 1) % Cfg::kStages));
   }
   WgmmaWait<0>();
   FenceAcc(acc);
-  CpAsyncWait<0>();
-  __syncthreads();
+  // Both consumers' MMAs have retired before the epilogue tile overwrites the ring.
+  ConsumerSync<Cfg::kConsumerThreads>();
 
   // Epilogue: accumulators -> shared [routed row][output row] fp32 -> 16-byte stores.
   constexpr int kCStride = kOutRows + 4;
@@ -329,9 +478,9 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
 #pragma unroll
   for (int slot_n = 0; slot_n < N; ++slot_n) {
     AccToShared<N, V, Cfg::kFrags, kCStride>(acc, slot, my_kept, 0, tq, slot_n, c_tile);
-    __syncthreads();
+    ConsumerSync<Cfg::kConsumerThreads>();
   }
-  SharedToOut<T, Cfg::kThreads, kCStride>(a, work, out0, out_here, c_tile);
+  SharedToOut<T, Cfg::kConsumerThreads, kCStride>(a, work, out0, out_here, c_tile, ctid);
 #endif  // SAMOYEDS_HOPPER_DEVICE_PASS
 }
 

@@ -48,7 +48,7 @@ build() {
 
 kernel() {
   step "kernel harness: warp-level vs Hopper, outputs compared"
-  local H="$REPO/.devbin/harness"
+  local H="timeout 30 $REPO/.devbin/harness"
   {
     $H 4096 14336 4096 1 2 128 1 20; $H 4096 14336 4096 1 1 128 1 20
     $H 4096 14336 4096 1 4 128 1 20; $H 4096 14336 4096 2 4 128 1 20
