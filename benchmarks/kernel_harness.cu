@@ -49,8 +49,19 @@ int main(int argc, char** argv) {
     w = 0;
     for (int g = 0; g < 8; ++g) w |= nibbles[rng() % 6] << (4 * g);
   }
+  // Sub-row indices as encode makes them: per block and window, N distinct increasing.
   std::vector<uint8_t> hi(idxs);
-  for (auto& i : hi) i = rng() % v;
+  const int windows = K / L;
+  for (size_t blk = 0; blk < size_t(E) * Mk / n; ++blk)
+    for (int w = 0; w < windows; ++w) {
+      int pick[2] = {int(rng() % v), 0};
+      if (n == 2) {
+        pick[1] = int(rng() % (v - 1));
+        if (pick[1] >= pick[0]) ++pick[1];
+        if (pick[1] < pick[0]) std::swap(pick[0], pick[1]);
+      }
+      for (int j = 0; j < n; ++j) hi[(blk * n + j) * windows + w] = uint8_t(pick[j]);
+    }
   std::vector<int32_t> gs(E, T / E);
   gs[0] += T - (T / E) * E;
 
