@@ -401,70 +401,129 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   const int window_mask = (1 << window_shift) - 1;
   if constexpr (V > 1) load_sub(0, sub_next);
 
-  for (int stage = 0; stage < k_stages; ++stage) {
-    const int buf = stage % Cfg::kStages;
-    MbarWait(full_bar + 8 * buf, (stage / Cfg::kStages) & 1);
-    FenceProxyAsync();  // the cp.async (generic proxy) data is read by the tensor cores
-    const uint32_t sa = smem_base + buf * Cfg::kStageBytes + wg * 64 * Cfg::kARow;
-    const uint32_t sb = smem_base + buf * Cfg::kStageBytes + Cfg::kABytes;
-    const uint8_t* sm = smem + buf * Cfg::kStageBytes + Cfg::kABytes + Cfg::kBBytes;
-    // Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1): selector 0 for
-    // the even step, 1 for the odd one (the mma.sp m16n8k32 per-warp layout).
-    const int meta_row = row0 + g + 8 * (tq & 1);
-    const uint32_t* meta_words = reinterpret_cast<const uint32_t*>(sm + meta_row * Cfg::kMetaRow);
-    // Window boundary: the accumulators must be at rest before they are steered.
-    auto steer = [&](int ks) {
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceAcc(acc);
-      const int window = ks >> window_shift;
-      sub[0] = sub_next[0];
-      sub[1] = sub_next[1];
-      if (window + 1 < windows) load_sub(window + 1, sub_next);
-      SteerToFront<V, Cfg::kFrags>(acc, slot, sub);
-      FenceAcc(acc);
-    };
-    auto meta_of = [&](int s) { return frag_ok ? meta_words[(s & ~1) + (tq >> 1)] : kFillerMeta; };
-    auto issue = [&](int s, uint32_t mw) {
-      const uint64_t da = Desc128(sa + s * 32);
-      const uint64_t db = Desc128(sb + (s >> 1) * Cfg::kBHalf + (s & 1) * 64);
-      if (s % 2 == 0)
-        WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw);
-      else
-        WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw);
-    };
-    const int ks0 = stage * Cfg::kSteps;
-    if (ks0 + Cfg::kSteps <= k_steps && window_shift == 2) {
-      // A full stage that is exactly one window (sub_row 128, the default): the four
-      // MMAs issue back to back.
-      if constexpr (V > 1) steer(ks0);
-      // Metadata registers are set before the fence, so none is written between MMAs.
+  // Two loops, so that register allocation of the common case (every stage full and
+  // exactly one window: sub_row 128, K a multiple of 128) does not carry the general
+  // loop's pressure (it had spilled the barrier phase, reloaded from local memory at
+  // every stage).
+  const bool all_fast = window_shift == 2 && k_steps % Cfg::kSteps == 0;
+  if (all_fast) {
+    for (int stage = 0; stage < k_stages; ++stage) {
+      const int buf = stage % Cfg::kStages;
+      MbarWait(full_bar + 8 * buf, (stage / Cfg::kStages) & 1);
+      FenceProxyAsync();  // the cp.async (generic proxy) data is read by the tensor cores
+      const uint32_t sa = smem_base + buf * Cfg::kStageBytes + wg * 64 * Cfg::kARow;
+      const uint32_t sb = smem_base + buf * Cfg::kStageBytes + Cfg::kABytes;
+      const uint32_t* meta_words = reinterpret_cast<const uint32_t*>(
+          smem + buf * Cfg::kStageBytes + Cfg::kABytes + Cfg::kBBytes +
+          (row0 + g + 8 * (tq & 1)) * Cfg::kMetaRow);
+      if constexpr (V > 1) {
+        // Window boundary: the accumulators must be at rest before they are steered.
+        WgmmaCommit();
+        WgmmaWait<0>();
+        FenceAcc(acc);
+        sub[0] = sub_next[0];
+        sub[1] = sub_next[1];
+        if (stage + 1 < windows) load_sub(stage + 1, sub_next);
+        SteerToFront<V, Cfg::kFrags>(acc, slot, sub);
+        FenceAcc(acc);
+      }
+      if constexpr (V == 1) {
+        // The metadata registers are reloaded below: the MMAs still in flight must
+        // have read theirs (V > 1 retired everything at the window boundary above).
+        WgmmaWait<0>();
+      }
       uint32_t mw[Cfg::kSteps];
 #pragma unroll
-      for (int s = 0; s < Cfg::kSteps; ++s) mw[s] = meta_of(s);
-      WgmmaFence();
-#pragma unroll
-      for (int s = 0; s < Cfg::kSteps; ++s) issue(s, mw[s]);
-    } else {
+      for (int s = 0; s < Cfg::kSteps; ++s)
+        mw[s] = frag_ok ? meta_words[(s & ~1) + (tq >> 1)] : kFillerMeta;
       WgmmaFence();
 #pragma unroll
       for (int s = 0; s < Cfg::kSteps; ++s) {
-        const int ks = ks0 + s;
-        if (ks >= k_steps) break;  // only in a partial last stage
-        if constexpr (V > 1) {
-          if ((ks & window_mask) == 0) {
-            steer(ks);
-            WgmmaFence();
-          }
-        }
-        issue(s, meta_of(s));
+        const uint64_t da = Desc128(sa + s * 32);
+        const uint64_t db = Desc128(sb + (s >> 1) * Cfg::kBHalf + (s & 1) * 64);
+        if (s % 2 == 0)
+          WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw[s]);
+        else
+          WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw[s]);
       }
+      WgmmaCommit();
+      // One MMA group stays in flight; the previous stage's have retired, so its buffer
+      // goes back to the producer.
+      WgmmaWait<1>();
+      if (stage > 0) MbarArrive(empty_bar + 8 * ((stage - 1) % Cfg::kStages));
     }
-    WgmmaCommit();
-    // One MMA group stays in flight; the previous stage's have retired, so its buffer
-    // goes back to the producer.
-    WgmmaWait<1>();
-    if (stage > 0) MbarArrive(empty_bar + 8 * ((stage - 1) % Cfg::kStages));
+  } else {
+    for (int stage = 0; stage < k_stages; ++stage) {
+      const int buf = stage % Cfg::kStages;
+      MbarWait(full_bar + 8 * buf, (stage / Cfg::kStages) & 1);
+      FenceProxyAsync();  // the cp.async (generic proxy) data is read by the tensor cores
+      const uint32_t sa = smem_base + buf * Cfg::kStageBytes + wg * 64 * Cfg::kARow;
+      const uint32_t sb = smem_base + buf * Cfg::kStageBytes + Cfg::kABytes;
+      const uint8_t* sm = smem + buf * Cfg::kStageBytes + Cfg::kABytes + Cfg::kBBytes;
+      // Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1): selector 0 for
+      // the even step, 1 for the odd one (the mma.sp m16n8k32 per-warp layout).
+      const int meta_row = row0 + g + 8 * (tq & 1);
+      const uint32_t* meta_words = reinterpret_cast<const uint32_t*>(sm + meta_row * Cfg::kMetaRow);
+      // Window boundary: the accumulators must be at rest before they are steered.
+      auto steer = [&](int ks) {
+        WgmmaCommit();
+        WgmmaWait<0>();
+        FenceAcc(acc);
+        const int window = ks >> window_shift;
+        sub[0] = sub_next[0];
+        sub[1] = sub_next[1];
+        if (window + 1 < windows) load_sub(window + 1, sub_next);
+        SteerToFront<V, Cfg::kFrags>(acc, slot, sub);
+        FenceAcc(acc);
+      };
+      auto meta_of = [&](int s) { return frag_ok ? meta_words[(s & ~1) + (tq >> 1)] : kFillerMeta; };
+      auto issue = [&](int s, uint32_t mw) {
+        const uint64_t da = Desc128(sa + s * 32);
+        const uint64_t db = Desc128(sb + (s >> 1) * Cfg::kBHalf + (s & 1) * 64);
+        if (s % 2 == 0)
+          WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw);
+        else
+          WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw);
+      };
+      const int ks0 = stage * Cfg::kSteps;
+      if (ks0 + Cfg::kSteps <= k_steps && window_shift == 2) {
+        // A full stage that is exactly one window (sub_row 128, the default): the four
+        // MMAs issue back to back.
+        if constexpr (V > 1) steer(ks0);
+        // Metadata registers are set before the fence, so none is written between MMAs.
+        uint32_t mw[Cfg::kSteps];
+#pragma unroll
+        for (int s = 0; s < Cfg::kSteps; ++s) mw[s] = meta_of(s);
+        WgmmaFence();
+#pragma unroll
+        for (int s = 0; s < Cfg::kSteps; ++s) issue(s, mw[s]);
+      } else {
+        // A wgmma's metadata register must not be rewritten while it is in flight:
+        // retire everything, then give each k-step of the stage its own register.
+        WgmmaWait<0>();
+        uint32_t mw[Cfg::kSteps];
+#pragma unroll
+        for (int s = 0; s < Cfg::kSteps; ++s) mw[s] = meta_of(s);
+        WgmmaFence();
+#pragma unroll
+        for (int s = 0; s < Cfg::kSteps; ++s) {
+          const int ks = ks0 + s;
+          if (ks >= k_steps) break;  // only in a partial last stage
+          if constexpr (V > 1) {
+            if ((ks & window_mask) == 0) {
+              steer(ks);
+              WgmmaFence();
+            }
+          }
+          issue(s, mw[s]);
+        }
+      }
+      WgmmaCommit();
+      // One MMA group stays in flight; the previous stage's have retired, so its buffer
+      // goes back to the producer.
+      WgmmaWait<1>();
+      if (stage > 0) MbarArrive(empty_bar + 8 * ((stage - 1) % Cfg::kStages));
+    }
   }
   WgmmaWait<0>();
   FenceAcc(acc);
