@@ -12,7 +12,9 @@
 //     file), K stages of 128 dense columns, tiles in the 128-byte swizzled K-major layout
 //     the descriptors describe;
 //   * N:V: swap-to-front steering between windows (the warpgroup waits for its MMAs
-//     before it touches the accumulators).
+//     before it touches the accumulators);
+//   * a sparse-metadata register is not rewritten until the wgmma group that uses it has
+//     retired (rewriting it under a pending group gave wrong results: NOTES.md, v8.1).
 #pragma once
 
 #include "cuda_common.cuh"
