@@ -126,10 +126,11 @@ __device__ void LoadSourceRows(const Args& a, const Work& work, int (&src_row)[B
 // warpgroup has its own, ProducerLoader in wgmma_sp.cuh). Copies one K stage of a
 // block's tiles into shared memory with cp.async: the compressed values of its kept
 // rows (A), the routed activation rows gathered through SEL (B), and the metadata
-// words. Each thread's rows, columns and shared-memory offsets are fixed once, at construction; a stage only adds its K offset. Cfg gives the tile sizes and the
-// shared-memory layouts: AOffset/BOffset(row, chunk) place 16-byte chunk `chunk` of a row,
-// kBRowStride is the distance between rows 8 apart divided by 8 (the swizzles repeat
-// every 8 rows), and a stage holds [A | B | metadata].
+// words. Each thread's rows, columns and shared-memory offsets are fixed once, at
+// construction; a stage only adds its K offset. Cfg gives the tile sizes and the
+// shared-memory layouts: AOffset/BOffset(row, chunk) place 16-byte chunk `chunk` of a
+// row, kBRowStride is the distance between rows 8 apart divided by 8 (the swizzles
+// repeat every 8 rows), and a stage holds [A | B | metadata].
 template <typename Cfg, typename T>
 class StageLoader {
  public:

@@ -67,7 +67,6 @@ struct HopperCfg {
   static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
   static constexpr int kFrags = kBN / 8;         // n8 column groups of one warp's accumulators
-  static constexpr int kBRowStride = 128;
   // 128-byte swizzle of 16-byte chunks (the layout the descriptors name): chunk c of row
   // r lives at chunk c ^ (r % 8). B's two K halves are separate [kBN x 128 B] slabs.
   static __device__ __forceinline__ uint32_t AOffset(int row, int chunk) {
@@ -118,9 +117,10 @@ class ProducerLoader {
     a_rows_ = max(0, (kept_here - a_row + 3) / 4);  // copies i < a_rows_ are in range
     a_src_ = values + static_cast<int64_t>(kept0 + min(a_row, kept_here - 1)) * half_k + q * 8;
     a_step_ = 4 * half_k;
-    // Shared: row r chunk c at r * 128 + ((c ^ (r & 7)) << 4); r & 7 = 4 (i & 1) + s.
-    a_dst_[0] = a_row * 128 + ((q ^ s) << 4);
-    a_dst_[1] = a_row * 128 + ((q ^ (s + 4)) << 4);
+    // Copy i goes to Cfg::AOffset(a_row + 4i, q) = a_dst_[i & 1] + 512 i: rows 4 apart
+    // alternate between two swizzle phases.
+#pragma unroll
+    for (int p = 0; p < 2; ++p) a_dst_[p] = Cfg::AOffset(a_row + 4 * p, q) - 512 * p;
     // B: rows warp * kBRows + 4i + s, chunks q (first half) and 8 + q (second half).
     const int b_row = warp * kBRows + s;
     b_ok_ = 0;
@@ -130,8 +130,8 @@ class ProducerLoader {
       if (t >= 0) b_ok_ |= 1u << i;
       b_src_[i] = static_cast<const T*>(a.x) + static_cast<int64_t>(max(t, 0)) * a.k + q * 8;
     }
-    b_dst_[0] = b_row * 128 + ((q ^ s) << 4);
-    b_dst_[1] = b_row * 128 + ((q ^ (s + 4)) << 4);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) b_dst_[p] = Cfg::BOffset(b_row + 4 * p, q) - 512 * p;
     // Metadata: rows warp * kARows + 8i + lane / 4, word lane % 4 of the stage's 4.
     const int m_row = warp * kARows + lane / 4;
     m_rows_ = max(0, (kept_here - m_row + 7) / 8);
@@ -161,6 +161,7 @@ class ProducerLoader {
     for (int i = 0; i < kBI; ++i) {
       const T* src = b_src_[i] + k0;
       const bool ok = (b_ok_ >> i) & 1;
+      // Chunk 8 + q of a row sits one K half (kBHalf) after chunk q: Cfg::BOffset.
       CpAsync16If(sb + b_dst_[i & 1] + i * 512, src, ok && b_col0);
       CpAsync16If(sb + Cfg::kBHalf + b_dst_[i & 1] + i * 512, src + 64, ok && b_col1);
     }
@@ -258,19 +259,34 @@ __device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
       for (int q = 0; q < 4; ++q) asm volatile("" : "+f"(acc[v][j][q])::"memory");
 }
 
+// Accumulator operand lists of wgmma asm: 4 registers per n8 column group.
+#define SAMOYEDS_ACC4(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define SAMOYEDS_ACC32(d)                                                                 \
+  SAMOYEDS_ACC4(d, 0), SAMOYEDS_ACC4(d, 1), SAMOYEDS_ACC4(d, 2), SAMOYEDS_ACC4(d, 3),     \
+      SAMOYEDS_ACC4(d, 4), SAMOYEDS_ACC4(d, 5), SAMOYEDS_ACC4(d, 6), SAMOYEDS_ACC4(d, 7)
+#define SAMOYEDS_ACC64(d)                                                                 \
+  SAMOYEDS_ACC32(d), SAMOYEDS_ACC4(d, 8), SAMOYEDS_ACC4(d, 9), SAMOYEDS_ACC4(d, 10),      \
+      SAMOYEDS_ACC4(d, 11), SAMOYEDS_ACC4(d, 12), SAMOYEDS_ACC4(d, 13),                     \
+      SAMOYEDS_ACC4(d, 14), SAMOYEDS_ACC4(d, 15)
+#define SAMOYEDS_REGS32                                                                   \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
+  "%23,%24,%25,%26,%27,%28,%29,%30,%31}"
+#define SAMOYEDS_REGS64                                                                   \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
+  "%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43," \
+  "%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+
 // wgmma.mma_async.sp with A and B by descriptor; scale-d = 1 (accumulate), no
-// negation, no transpose (both operands K-major). Generated operand lists: N/2
-// accumulator registers per thread.
+// negation, no transpose (both operands K-major). N/2 accumulator registers per thread.
 template <typename T, int kSel>
 __device__ __forceinline__ void WgmmaSp64(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
                                           uint32_t meta) {
-#define SAMOYEDS_WGMMA_SP64(TYPE)                                                    \
-  asm volatile(                                                                     \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                     \
-      "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32." TYPE "." TYPE " "            \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, %34, %35, p, 1, 1, 0, 0;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                                                       \
-      : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
+#define SAMOYEDS_WGMMA_SP64(TYPE)                                                        \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                               \
+               "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32." TYPE "." TYPE " "       \
+               SAMOYEDS_REGS32 ", %32, %33, %34, %35, p, 1, 1, 0, 0;\n}\n"              \
+               : SAMOYEDS_ACC32(d)                                                      \
+               : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
   if constexpr (std::is_same_v<T, __nv_bfloat16>)
     SAMOYEDS_WGMMA_SP64("bf16");
   else
@@ -280,14 +296,13 @@ __device__ __forceinline__ void WgmmaSp64(float (&d)[8][4], uint64_t desc_a, uin
 
 template <typename T, int kSel>
 __device__ __forceinline__ void WgmmaSp128(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b,
-                                          uint32_t meta) {
-#define SAMOYEDS_WGMMA_SP128(TYPE)                                                    \
-  asm volatile(                                                                     \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                     \
-      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." TYPE "." TYPE " "            \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, %66, %67, p, 1, 1, 0, 0;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                                                                       \
-      : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
+                                           uint32_t meta) {
+#define SAMOYEDS_WGMMA_SP128(TYPE)                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                               \
+               "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." TYPE "." TYPE " "      \
+               SAMOYEDS_REGS64 ", %64, %65, %66, %67, p, 1, 1, 0, 0;\n}\n"              \
+               : SAMOYEDS_ACC64(d)                                                      \
+               : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
   if constexpr (std::is_same_v<T, __nv_bfloat16>)
     SAMOYEDS_WGMMA_SP128("bf16");
   else
@@ -331,7 +346,6 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
     return;
   }
   const int e = work.expert;
-  const int rows_here = work.row_end - work.row_begin;
   LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
   const int windows = a.k / a.sub_row;
   const uint8_t* idx_span = a.indices + (static_cast<int64_t>(e) * a.kept_rows + kept0) * windows;
@@ -390,7 +404,7 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
 #pragma unroll
     for (int c = 0; c < V; ++c) slot[h][c] = static_cast<uint8_t>(c);
 
-  uint8_t sub[2], sub_next[2];
+  uint8_t sub[2] = {0, 0}, sub_next[2] = {0, 0};
   auto load_sub = [&](int window, uint8_t (&dst)[2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -403,128 +417,95 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   const int window_mask = (1 << window_shift) - 1;
   if constexpr (V > 1) load_sub(0, sub_next);
 
-  // Two loops, so that register allocation of the common case (every stage full and
-  // exactly one window: sub_row 128, K a multiple of 128) does not carry the general
-  // loop's pressure (it had spilled the barrier phase, reloaded from local memory at
-  // every stage).
-  const bool all_fast = window_shift == 2 && k_steps % Cfg::kSteps == 0;
-  if (all_fast) {
-    for (int stage = 0; stage < k_stages; ++stage) {
-      const int buf = stage % Cfg::kStages;
-      MbarWait(full_bar + 8 * buf, (stage / Cfg::kStages) & 1);
-      FenceProxyAsync();  // the cp.async (generic proxy) data is read by the tensor cores
-      const uint32_t sa = smem_base + buf * Cfg::kStageBytes + wg * 64 * Cfg::kARow;
-      const uint32_t sb = smem_base + buf * Cfg::kStageBytes + Cfg::kABytes;
-      const uint32_t* meta_words = reinterpret_cast<const uint32_t*>(
-          smem + buf * Cfg::kStageBytes + Cfg::kABytes + Cfg::kBBytes +
-          (row0 + g + 8 * (tq & 1)) * Cfg::kMetaRow);
-      if constexpr (V > 1) {
-        // Window boundary: the accumulators must be at rest before they are steered.
-        WgmmaCommit();
-        WgmmaWait<0>();
-        FenceAcc(acc);
-        sub[0] = sub_next[0];
-        sub[1] = sub_next[1];
-        if (stage + 1 < windows) load_sub(stage + 1, sub_next);
-        SteerToFront<V, Cfg::kFrags>(acc, slot, sub);
-        FenceAcc(acc);
-      }
-      if constexpr (V == 1) {
-        // The metadata registers are reloaded below: the MMAs still in flight must
-        // have read theirs (V > 1 retired everything at the window boundary above).
-        WgmmaWait<0>();
-      }
-      uint32_t mw[Cfg::kSteps];
+  // Pieces of a K stage, shared by the two loops below.
+  // Waits for stage `stage`'s data; returns its buffer.
+  auto begin_stage = [&](int stage) {
+    const int buf = stage % Cfg::kStages;
+    MbarWait(full_bar + 8 * buf, (stage / Cfg::kStages) & 1);
+    FenceProxyAsync();  // the cp.async (generic proxy) data is read by the tensor cores
+    return buf;
+  };
+  // Window boundary: the accumulators must be at rest before they are steered.
+  auto steer = [&](int window) {
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceAcc(acc);
+    sub[0] = sub_next[0];
+    sub[1] = sub_next[1];
+    if (window + 1 < windows) load_sub(window + 1, sub_next);
+    SteerToFront<V, Cfg::kFrags>(acc, slot, sub);
+    FenceAcc(acc);
+  };
+  // The stage's metadata, one register per k-step, loaded only once no MMA is in flight
+  // (a wgmma's metadata register must not be rewritten before its group retires).
+  // Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1): selector 0 for the
+  // even step, 1 for the odd one (the mma.sp m16n8k32 per-warp layout).
+  const int meta_offset = Cfg::kABytes + Cfg::kBBytes + (row0 + g + 8 * (tq & 1)) * Cfg::kMetaRow;
+  auto load_meta = [&](int buf, uint32_t (&mw)[Cfg::kSteps]) {
+    const uint32_t* words =
+        reinterpret_cast<const uint32_t*>(smem + buf * Cfg::kStageBytes + meta_offset);
 #pragma unroll
-      for (int s = 0; s < Cfg::kSteps; ++s)
-        mw[s] = frag_ok ? meta_words[(s & ~1) + (tq >> 1)] : kFillerMeta;
+    for (int s = 0; s < Cfg::kSteps; ++s)
+      mw[s] = frag_ok ? words[(s & ~1) + (tq >> 1)] : kFillerMeta;
+  };
+  auto issue = [&](int buf, int s, uint32_t mw) {
+    const uint32_t stage_base = smem_base + buf * Cfg::kStageBytes;
+    const uint64_t da = Desc128(stage_base + wg * 64 * Cfg::kARow + s * 32);
+    const uint64_t db =
+        Desc128(stage_base + Cfg::kABytes + (s >> 1) * Cfg::kBHalf + (s & 1) * 64);
+    if (s % 2 == 0)
+      WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw);
+    else
+      WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw);
+  };
+  // One MMA group stays in flight; the previous stage's have retired, so its buffer goes
+  // back to the producer.
+  auto end_stage = [&](int stage) {
+    WgmmaCommit();
+    WgmmaWait<1>();
+    if (stage > 0) MbarArrive(empty_bar + 8 * ((stage - 1) % Cfg::kStages));
+  };
+
+  // Two loops, so that register allocation of the common case (every stage exactly one
+  // window: sub_row 128, so K is a multiple of 128) does not carry the general loop's
+  // pressure (it had spilled the barrier phase, reloaded from local memory at every
+  // stage).
+  if (window_shift == 2) {
+    for (int stage = 0; stage < k_stages; ++stage) {
+      const int buf = begin_stage(stage);
+      if constexpr (V > 1)
+        steer(stage);
+      else
+        WgmmaWait<0>();  // before the metadata registers are reloaded
+      uint32_t mw[Cfg::kSteps];
+      load_meta(buf, mw);
       WgmmaFence();
 #pragma unroll
-      for (int s = 0; s < Cfg::kSteps; ++s) {
-        const uint64_t da = Desc128(sa + s * 32);
-        const uint64_t db = Desc128(sb + (s >> 1) * Cfg::kBHalf + (s & 1) * 64);
-        if (s % 2 == 0)
-          WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw[s]);
-        else
-          WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw[s]);
-      }
-      WgmmaCommit();
-      // One MMA group stays in flight; the previous stage's have retired, so its buffer
-      // goes back to the producer.
-      WgmmaWait<1>();
-      if (stage > 0) MbarArrive(empty_bar + 8 * ((stage - 1) % Cfg::kStages));
+      for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s]);
+      end_stage(stage);
     }
   } else {
+    // sub_row 32 or 64: windows inside a stage; a partial last stage.
     for (int stage = 0; stage < k_stages; ++stage) {
-      const int buf = stage % Cfg::kStages;
-      MbarWait(full_bar + 8 * buf, (stage / Cfg::kStages) & 1);
-      FenceProxyAsync();  // the cp.async (generic proxy) data is read by the tensor cores
-      const uint32_t sa = smem_base + buf * Cfg::kStageBytes + wg * 64 * Cfg::kARow;
-      const uint32_t sb = smem_base + buf * Cfg::kStageBytes + Cfg::kABytes;
-      const uint8_t* sm = smem + buf * Cfg::kStageBytes + Cfg::kABytes + Cfg::kBBytes;
-      // Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1): selector 0 for
-      // the even step, 1 for the odd one (the mma.sp m16n8k32 per-warp layout).
-      const int meta_row = row0 + g + 8 * (tq & 1);
-      const uint32_t* meta_words = reinterpret_cast<const uint32_t*>(sm + meta_row * Cfg::kMetaRow);
-      // Window boundary: the accumulators must be at rest before they are steered.
-      auto steer = [&](int ks) {
-        WgmmaCommit();
-        WgmmaWait<0>();
-        FenceAcc(acc);
-        const int window = ks >> window_shift;
-        sub[0] = sub_next[0];
-        sub[1] = sub_next[1];
-        if (window + 1 < windows) load_sub(window + 1, sub_next);
-        SteerToFront<V, Cfg::kFrags>(acc, slot, sub);
-        FenceAcc(acc);
-      };
-      auto meta_of = [&](int s) { return frag_ok ? meta_words[(s & ~1) + (tq >> 1)] : kFillerMeta; };
-      auto issue = [&](int s, uint32_t mw) {
-        const uint64_t da = Desc128(sa + s * 32);
-        const uint64_t db = Desc128(sb + (s >> 1) * Cfg::kBHalf + (s & 1) * 64);
-        if (s % 2 == 0)
-          WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw);
-        else
-          WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw);
-      };
+      const int buf = begin_stage(stage);
+      WgmmaWait<0>();
+      uint32_t mw[Cfg::kSteps];
+      load_meta(buf, mw);
+      WgmmaFence();
       const int ks0 = stage * Cfg::kSteps;
-      if (ks0 + Cfg::kSteps <= k_steps && window_shift == 2) {
-        // A full stage that is exactly one window (sub_row 128, the default): the four
-        // MMAs issue back to back.
-        if constexpr (V > 1) steer(ks0);
-        // Metadata registers are set before the fence, so none is written between MMAs.
-        uint32_t mw[Cfg::kSteps];
 #pragma unroll
-        for (int s = 0; s < Cfg::kSteps; ++s) mw[s] = meta_of(s);
-        WgmmaFence();
-#pragma unroll
-        for (int s = 0; s < Cfg::kSteps; ++s) issue(s, mw[s]);
-      } else {
-        // A wgmma's metadata register must not be rewritten while it is in flight:
-        // retire everything, then give each k-step of the stage its own register.
-        WgmmaWait<0>();
-        uint32_t mw[Cfg::kSteps];
-#pragma unroll
-        for (int s = 0; s < Cfg::kSteps; ++s) mw[s] = meta_of(s);
-        WgmmaFence();
-#pragma unroll
-        for (int s = 0; s < Cfg::kSteps; ++s) {
-          const int ks = ks0 + s;
-          if (ks >= k_steps) break;  // only in a partial last stage
-          if constexpr (V > 1) {
-            if ((ks & window_mask) == 0) {
-              steer(ks);
-              WgmmaFence();
-            }
+      for (int s = 0; s < Cfg::kSteps; ++s) {
+        const int ks = ks0 + s;
+        if (ks >= k_steps) break;  // only in a partial last stage
+        if constexpr (V > 1) {
+          if ((ks & window_mask) == 0) {
+            steer(ks >> window_shift);
+            WgmmaFence();
           }
-          issue(s, mw[s]);
         }
+        issue(buf, s, mw[s]);
       }
-      WgmmaCommit();
-      // One MMA group stays in flight; the previous stage's have retired, so its buffer
-      // goes back to the producer.
-      WgmmaWait<1>();
-      if (stage > 0) MbarArrive(empty_bar + 8 * ((stage - 1) % Cfg::kStages));
+      end_stage(stage);
     }
   }
   WgmmaWait<0>();
