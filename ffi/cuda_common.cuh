@@ -7,6 +7,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -27,6 +28,25 @@ struct Args {
   int tokens, k, m, experts, kept_rows, rows, sub_row;
   bool has_sel;
 };
+
+// What the launchers need to know of the current device, queried once per device.
+struct DeviceFacts {
+  int major = 0, minor = 0, sms = 0;
+};
+inline const DeviceFacts& CurrentDevice() {
+  constexpr int kMaxDevices = 64;
+  static DeviceFacts cached[kMaxDevices];
+  static DeviceFacts unknown;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return unknown;
+  DeviceFacts& f = cached[dev];
+  if (f.sms == 0) {
+    cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&f.minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  return f;
+}
 
 // Metadata for MMA rows that hold no kept row (their values are zero): positions 0 and 1
 // in every group, a valid ordered pattern.
@@ -216,14 +236,21 @@ class StageLoader {
   int b_tok_[kBPer];
 };
 
-// The block's sub-row indices are one contiguous span of kept_here * windows bytes;
-// staged in shared memory once when they fit, so per-window reads never wait on global
-// memory. Returns whether they were staged (the caller syncs before reading).
+// The block's sub-row indices for windows [w0, w0 + wc) of its `rows` kept rows (a
+// [rows, windows] span of bytes), staged in shared memory once as [rows, wc] when they
+// fit, so per-window reads never wait on global memory. Returns whether they were staged
+// (the caller syncs before reading).
 template <int kThreads>
-__device__ bool StageIndices(const uint8_t* idx_span, uint8_t* idx_smem, int idx_bytes) {
-  if (idx_bytes > kIndexStageBytes) return false;
+__device__ bool StageIndices(const uint8_t* idx_span, uint8_t* idx_smem, int rows, int windows,
+                             int w0, int wc) {
+  if (rows * wc > kIndexStageBytes) return false;
+  if (wc == windows) {  // one contiguous span
 #pragma unroll 8
-  for (int i = threadIdx.x; i < idx_bytes; i += kThreads) idx_smem[i] = __ldg(idx_span + i);
+    for (int i = threadIdx.x; i < rows * wc; i += kThreads) idx_smem[i] = __ldg(idx_span + i);
+  } else {  // a K split's share of each row
+    for (int i = threadIdx.x; i < rows * wc; i += kThreads)
+      idx_smem[i] = __ldg(idx_span + (i / wc) * windows + w0 + i % wc);
+  }
   return true;
 }
 
@@ -303,6 +330,42 @@ __device__ __forceinline__ void SharedToOut(const Args& a, const Work& work, int
     *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.m + out0 + c) =
         *reinterpret_cast<const uint4*>(packed);
   }
+}
+
+// Epilogue of a K split (warp-level kernel, sm_90): the `splits` blocks of a cluster hold
+// partial fp32 tiles at the same shared-memory offset; each block sums its share of the
+// tile's 8-column groups across the cluster through distributed shared memory (ranks in
+// order: the result does not depend on scheduling) and stores it like SharedToOut.
+template <typename T, int kThreads, int kCStride>
+__device__ __forceinline__ void ClusterSumToOut(const Args& a, const Work& work, int out0,
+                                                int out_here, float* c_tile) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every block's partial tile is in its shared memory
+  const int splits = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  T* out = static_cast<T*>(a.out);
+  const int vec = out_here / 8;
+  for (int i = rank * kThreads + threadIdx.x; i < (work.row_end - work.row_begin) * vec;
+       i += splits * kThreads) {
+    const int n = i / vec, c = (i % vec) * 8;
+    float sum[8] = {};
+    for (int q = 0; q < splits; ++q) {
+      const float4* src =
+          reinterpret_cast<const float4*>(cluster.map_shared_rank(c_tile + n * kCStride + c, q));
+      const float4 lo = src[0], hi = src[1];
+      sum[0] += lo.x; sum[1] += lo.y; sum[2] += lo.z; sum[3] += lo.w;
+      sum[4] += hi.x; sum[5] += hi.y; sum[6] += hi.z; sum[7] += hi.w;
+    }
+    alignas(16) T packed[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) packed[q] = static_cast<T>(sum[q]);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.m + out0 + c) =
+        *reinterpret_cast<const uint4*>(packed);
+  }
+  cluster.sync();  // no block exits while another still reads its shared memory
+#endif
 }
 
 }  // namespace samoyeds::cuda

@@ -8,7 +8,9 @@
 //   * wgmma_sp.cuh: Hopper (sm_90a) warpgroup wgmma.mma_async.sp, for prefill shapes;
 //   * mma_sp.cuh: warp-level mma.sp (sm_80+), for decode shapes and older GPUs.
 // SAMOYEDS_KERNEL=warp|hopper (environment, read once) forces one, for benchmarks and
-// tests; the Hopper kernel is never used on a device that cannot run it.
+// tests; the Hopper kernel is never used on a device that cannot run it. On sm_90 the
+// warp-level kernel splits K across a cluster for decode shapes (mma_sp.cuh, SplitsFor;
+// SAMOYEDS_SPLIT_K=1|2|4|8 forces the count).
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -34,19 +36,10 @@ inline Path ForcedPath() {
 }
 
 // Whether the current device runs the sm_90a kernel (compute capability exactly 9.0: the
-// arch-specific instructions do not carry over to later majors). Cached per device.
+// arch-specific instructions do not carry over to later majors).
 inline bool DeviceIsHopper() {
-  constexpr int kMaxDevices = 64;
-  static int cached[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
-  if (cached[dev] == 0) {
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cached[dev] = (HopperKernelBuilt() && major == 9 && minor == 0) ? 1 : 2;
-  }
-  return cached[dev] == 1;
+  const DeviceFacts& dev = CurrentDevice();
+  return HopperKernelBuilt() && dev.major == 9 && dev.minor == 0;
 }
 
 template <typename T, int N, int V>

@@ -38,6 +38,11 @@ struct NV {
 };
 inline constexpr NV kSupportedNV[] = {{1, 1}, {1, 2}, {1, 4}, {2, 4}};
 inline constexpr int kSupportedSubRows[] = {32, 64, 128};
+constexpr int MaxSubRow() {
+  int m = 0;
+  for (int s : kSupportedSubRows) m = s > m ? s : m;
+  return m;
+}
 
 constexpr bool IsSupported(int64_t n, int64_t v, int64_t sub_row) {
   bool nv = false, l = false;

@@ -8,6 +8,9 @@
 //   * device-side tile schedule from group_sizes; epilogue through shared memory.
 #pragma once
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "cuda_common.cuh"
 
 namespace samoyeds::cuda {
@@ -93,8 +96,11 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   const int out_here = kept_here / N * V;
   const Work work = FindWork<Tile::kBN>(a, blockIdx.x);
   if (work.row_begin >= work.row_end) return;
+  // K split (gridDim.z > 1, decode shapes on sm_90): the blocks of one cluster share this
+  // tile and take consecutive ranges of K stages; ClusterSumToOut adds their partials.
+  const int splits = gridDim.z, split = blockIdx.z;
   if (work.expert < 0) {
-    ZeroFillTile<T, Tile::kThreads>(a, work, out0, out_here);
+    if (split == 0) ZeroFillTile<T, Tile::kThreads>(a, work, out0, out_here);
     return;
   }
 
@@ -111,6 +117,14 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   const uint8_t* indices = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
   const int k_steps = a.k / kStepK;
   const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
+  const int per_split = (k_stages + splits - 1) / splits;
+  const int s_begin = min(k_stages, split * per_split);
+  const int s_end = min(k_stages, s_begin + per_split);
+  // Stages are whole windows (every sub_row, a power of 2, divides kBK); a partial last
+  // stage ends at K.
+  static_assert(Tile::kBK % MaxSubRow() == 0, "stages hold whole windows");
+  const int w_begin = s_begin * (Tile::kBK / a.sub_row);
+  const int w_end = min(windows, s_end * (Tile::kBK / a.sub_row));
   const uint32_t smem_base = SmemAddr(smem);
 
   const StageLoader<Tile, T> loader(a, values, meta, src_row, kept0, kept_here, rows_here);
@@ -151,15 +165,18 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   uint8_t sub[Tile::kFragsM][2];
   const uint8_t* idx_span = indices + static_cast<int64_t>(kept0) * windows;
   uint8_t* idx_smem = smem + Tile::kPipeBytes;
-  const bool idx_staged =
-      V > 1 && StageIndices<Tile::kThreads>(idx_span, idx_smem, kept_here * windows);
+  const int w_count = w_end - w_begin;
+  const bool idx_staged = V > 1 && StageIndices<Tile::kThreads>(idx_span, idx_smem, kept_here,
+                                                                windows, w_begin, w_count);
   auto load_sub = [&](int window, uint8_t (&dst)[Tile::kFragsM][2]) {
 #pragma unroll
     for (int i = 0; i < Tile::kFragsM; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int at = my_kept[i][h] * windows + window;
-        const uint8_t raw = !frag_ok[i] ? 0 : idx_staged ? idx_smem[at] : __ldg(idx_span + at);
+        const int row = my_kept[i][h];
+        const uint8_t raw = !frag_ok[i]  ? 0
+                            : idx_staged ? idx_smem[row * w_count + window - w_begin]
+                                         : __ldg(idx_span + row * windows + window);
         dst[i][h] = static_cast<uint8_t>(raw % V);
       }
   };
@@ -169,25 +186,25 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   uint8_t sub_next[Tile::kFragsM][2];
   if constexpr (V > 1) {
     if (idx_staged) __syncthreads();  // the staged indices are read from here on
-    load_sub(0, sub_next);
+    if (w_begin < w_end) load_sub(w_begin, sub_next);
   }
 
   // Prologue.
 #pragma unroll
   for (int s = 0; s < Tile::kStages - 1; ++s) {
-    if (s < k_stages) load_stage(s, s);
+    if (s_begin + s < s_end) load_stage(s_begin + s, s);
     CpAsyncCommit();
   }
 
-  for (int stage = 0; stage < k_stages; ++stage) {
+  for (int stage = s_begin; stage < s_end; ++stage) {
     CpAsyncWait<Tile::kStages - 2>();
     __syncthreads();
     {
       const int next = stage + Tile::kStages - 1;
-      if (next < k_stages) load_stage(next, next % Tile::kStages);
+      if (next < s_end) load_stage(next, (next - s_begin) % Tile::kStages);
       CpAsyncCommit();
     }
-    const int buf = stage % Tile::kStages;
+    const int buf = (stage - s_begin) % Tile::kStages;
     const uint32_t sa = smem_base + buf * Tile::kStageBytes;
     const uint32_t sb = sa + Tile::kABytes;
     const uint8_t* sm = smem + buf * Tile::kStageBytes + Tile::kABytes + Tile::kBBytes;
@@ -203,7 +220,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
         sub[i][0] = sub_next[i][0];
         sub[i][1] = sub_next[i][1];
       }
-      if (window + 1 < windows) load_sub(window + 1, sub_next);
+      if (window + 1 < w_end) load_sub(window + 1, sub_next);
 #pragma unroll
       for (int i = 0; i < Tile::kFragsM; ++i) SteerToFront<V, Tile::kFragsN>(acc[i], slot[i], sub[i]);
     };
@@ -274,7 +291,45 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
                                                  slot_n, c_tile);
     __syncthreads();
   }
-  SharedToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile, tid);
+  if (splits > 1)
+    ClusterSumToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile);
+  else
+    SharedToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile, tid);
+}
+
+// K splits for decode shapes: a block's K loop is latency-bound (few routed rows, one
+// stage in flight per few hundred cycles), so when the M tiles alone leave the SMs short
+// of blocks, the blocks of one cluster share a tile's K range (up to 8, the portable
+// cluster size). Only on sm_90 (clusters, distributed shared memory); SAMOYEDS_SPLIT_K
+// (environment, read once) forces a count for benchmarks and tests.
+constexpr int kMaxSplits = 8;
+constexpr int kSplitTargetBlocksPerSm = 4;
+constexpr int kMinStagesPerSplit = 4;
+
+inline int ForcedSplits() {
+  static const int forced = [] {
+    const char* env = std::getenv("SAMOYEDS_SPLIT_K");
+    const int s = env ? std::atoi(env) : 0;
+    return (s >= 1 && s <= kMaxSplits && (s & (s - 1)) == 0) ? s : 0;
+  }();
+  return forced;
+}
+
+template <typename Tile>
+int SplitsFor(const Args& a, int m_tiles) {
+  const DeviceFacts& dev = CurrentDevice();
+  if (dev.major < 9) return 1;
+  const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
+  if (ForcedSplits()) return std::min(ForcedSplits(), k_stages);
+  // Busy row tiles, assuming the routed rows spread over as many experts as they can.
+  const int64_t row_tiles = std::max<int64_t>((a.rows + Tile::kBN - 1) / Tile::kBN,
+                                              std::min(a.experts, a.rows));
+  const int64_t target = int64_t{kSplitTargetBlocksPerSm} * dev.sms;
+  int s = 1;
+  while (s < kMaxSplits && row_tiles * m_tiles * s * 2 <= target &&
+         k_stages >= 2 * s * kMinStagesPerSplit)
+    s *= 2;
+  return s;
 }
 
 template <typename T, int N, int V, typename Tile>
@@ -284,9 +339,26 @@ cudaError_t Launch(cudaStream_t stream, const Args& a) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(RowTiles<Tile::kBN>(a), (a.kept_rows + Tile::kBM - 1) / Tile::kBM);
-  kernel<<<grid, Tile::kThreads, smem, stream>>>(a);
-  return cudaGetLastError();
+  const int m_tiles = (a.kept_rows + Tile::kBM - 1) / Tile::kBM;
+  const int splits = SplitsFor<Tile>(a, m_tiles);
+  const dim3 grid(RowTiles<Tile::kBN>(a), m_tiles, splits);
+  if (splits == 1) {
+    kernel<<<grid, Tile::kThreads, smem, stream>>>(a);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 1;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = splits;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(Tile::kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &cluster;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
 template <typename T, int N, int V>

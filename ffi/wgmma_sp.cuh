@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   const int windows = a.k / a.sub_row;
   const uint8_t* idx_span = a.indices + (static_cast<int64_t>(e) * a.kept_rows + kept0) * windows;
   const bool idx_staged =
-      V > 1 && StageIndices<Cfg::kThreads>(idx_span, idx_smem, kept_here * windows);
+      V > 1 && StageIndices<Cfg::kThreads>(idx_span, idx_smem, kept_here, windows, 0, windows);
   if (threadIdx.x == 0) {
     for (int b = 0; b < Cfg::kStages; ++b) {
       MbarInit(full_bar + 8 * b, Cfg::kLoadThreads);

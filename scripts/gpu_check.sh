@@ -4,6 +4,7 @@
 # come back, so logs are appended to a few files).
 #   bash scripts/gpu_check.sh MODE [MODE...]
 #     kernel   : harness (carried .devbin/harness): both kernels timed and compared
+#     split    : harness at decode shapes for each forced K split count and the automatic one
 #     tests    : GPU tests (auto kernel choice, then the Hopper kernel forced everywhere)
 #     sanitize : 4 compute-sanitizer tools, auto and Hopper-forced
 #     soak     : GPU hypothesis fuzz test and the randomized soak
@@ -63,6 +64,22 @@ kernel() {
   grep -c MISMATCH "$OUT/kernel.log" | sed 's/^/harness mismatches: /' | tee -a "$OUT/summary.txt"
 }
 
+split() {
+  step "warp-level kernel K splits at decode shapes (SAMOYEDS_SPLIT_K; auto last)"
+  local H="timeout 30 $REPO/.devbin/harness"
+  {
+    for s in 1 2 4 8 auto; do
+      [ $s = auto ] && unset SAMOYEDS_SPLIT_K || export SAMOYEDS_SPLIT_K=$s
+      echo "--- splits $s"
+      $H 4096 14336 16 1 2 128 1 50; $H 14336 4096 16 1 2 128 1 50
+      $H 4096 14336 1 1 2 128 1 50;  $H 4096 14336 16 1 1 128 1 50
+      $H 4096 14336 32 1 2 128 8 50; $H 2048 1408 16 1 2 128 1 50
+    done
+    unset SAMOYEDS_SPLIT_K
+  } 2>&1 | tee -a "$OUT/kernel.log"
+  grep -c MISMATCH "$OUT/kernel.log" | sed 's/^/harness mismatches (kernel + split): /' | tee -a "$OUT/summary.txt"
+}
+
 tests() {
   build
   step "gpu tests: kernel and layer (auto kernel choice)"
@@ -87,6 +104,15 @@ sanitize() {
       echo "$kern $tool exit=$? $(tail -3 "$OUT/sanitizer.log" | grep -o 'ERROR SUMMARY.*\|cases run.*' | tr '\n' ' ')" \
         | tee -a "$OUT/summary.txt"
     done
+  done
+  # The warp-level kernel with every K split forced to 8 (clusters, distributed shared memory).
+  for tool in memcheck racecheck synccheck; do
+    echo "--- split8 $tool" >> "$OUT/sanitizer.log"
+    SAMOYEDS_KERNEL=warp SAMOYEDS_SPLIT_K=8 timeout 300 compute-sanitizer --tool $tool \
+      --kernel-name kns=RaggedDot --error-exitcode 9 python3 "$REPO/scripts/sanitize_case.py" \
+      >> "$OUT/sanitizer.log" 2>&1
+    echo "split8 $tool exit=$? $(tail -3 "$OUT/sanitizer.log" | grep -o 'ERROR SUMMARY.*\|cases run.*' | tr '\n' ' ')" \
+      | tee -a "$OUT/summary.txt"
   done
   unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
 }
@@ -187,7 +213,7 @@ multi() {
 machine
 for mode in "$@"; do
   case $mode in
-    kernel|tests|sanitize|soak|perf|suite|calib|multi|profile) $mode ;;
+    kernel|split|tests|sanitize|soak|perf|suite|calib|multi|profile) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done

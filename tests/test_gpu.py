@@ -155,6 +155,53 @@ def test_tokens_per_expert(rng, tokens):
     _check(y, x, sw, gs, None, dtype)
 
 
+@pytest.mark.parametrize("nv,sub_row", [((1, 2), 128), ((1, 4), 32), ((2, 4), 64), ((1, 1), 128)])
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_split_k_decode(rng, nv, sub_row, tokens):
+    """One expert, few tokens, long K: the warp-level kernel splits K across a cluster
+    (on the H100: 4 splits of 17 K stages; the last stage partial for sub_row 32, 64)."""
+    dtype = jnp.bfloat16
+    cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
+    k, m = 2080 if sub_row == 32 else 2048 + sub_row, 1408
+    sw = _weight(rng, 1, k, m, cfg, dtype)
+    x = jnp.asarray(rng.standard_normal((tokens, k)), dtype)
+    _poison_device_memory()
+    y = jax.jit(sj.dot)(x, sw[0])
+    _check(y, x, sw, jnp.asarray([tokens], jnp.int32), None, dtype)
+
+
+_FORCED_SPLIT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    import samoyeds_jax as sj
+    rng = np.random.default_rng(int(sys.argv[1]))
+    worst = 0.0
+    for nv, sub_row, k in [((1, 2), 128, 1152), ((2, 4), 32, 1120)]:
+        cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
+        w = jnp.asarray(rng.standard_normal((2, k, 256)) / np.sqrt(k / 4), jnp.bfloat16)
+        sw = sj.encode(sj.prune(w, cfg), cfg)
+        wd = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
+        x = jnp.asarray(rng.standard_normal((40, k)), jnp.bfloat16)
+        gs = jnp.asarray([3, 30], jnp.int32)  # 7 rows past the groups stay zero
+        y = np.asarray(jax.jit(sj.ragged_dot)(x, sw, gs).astype(jnp.float32), np.float64)
+        xs = np.asarray(x.astype(jnp.float32), np.float64)
+        ref = np.concatenate([xs[:3] @ wd[0], xs[3:33] @ wd[1], np.zeros((7, 256))])
+        assert np.isfinite(y).all() and (y[33:] == 0).all()
+        worst = max(worst, np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    print("SPLIT_MAX_ERR", worst)
+""")
+
+
+def test_forced_split_k(rng):
+    """SAMOYEDS_SPLIT_K=8 on 9 K stages: splits 5-7 get no stage and add zeros."""
+    env = dict(os.environ, SAMOYEDS_KERNEL="warp", SAMOYEDS_SPLIT_K="8")
+    out = subprocess.run([sys.executable, "-c", _FORCED_SPLIT, str(int(rng.integers(2**31)))],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    err = float(out.stdout.split("SPLIT_MAX_ERR")[1])
+    assert err < 1e-2, out.stdout
+
+
 def test_vmap_and_grad(rng):
     dtype = jnp.bfloat16
     cfg = sj.SparsityConfig(2, 4, 64)
