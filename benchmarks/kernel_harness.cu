@@ -3,7 +3,7 @@
 //        benchmarks/kernel_harness.cu -o harness
 //   ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS]
 // Random values, metadata (valid sorted 2:4 pairs) and sub-row indices; one expert stack
-// with TOKENS rows split evenly over EXPERTS; CUDA-event timing, median of REPS launches
+// with TOKENS rows split evenly over EXPERTS; CUDA-event timing, median of 5 batches of REPS back-to-back launches
 // rotating over enough weight copies to defeat the L2, of both kernels (warp-level and,
 // on Hopper, wgmma.sp), and a comparison of their outputs.
 #include <algorithm>
@@ -90,7 +90,9 @@ int main(int argc, char** argv) {
   auto launch = [&](int c, Path path) {
     CHECK(samoyeds::cuda::Dispatch<__nv_bfloat16>(0, args(c), n, v, path));
   };
-  // Median time of one path, rotating weight copies past the L2.
+  // Time of one path per launch: `reps` launches back to back between two events (so the
+  // host's launch cost overlaps the previous kernel, as in a jitted program), rotating
+  // weight copies past the L2; the median of 5 such batches.
   auto time_path = [&](Path path) {
     for (int i = 0; i < 3; ++i) launch(i % copies, path);
     CHECK(cudaDeviceSynchronize());
@@ -98,14 +100,14 @@ int main(int argc, char** argv) {
     CHECK(cudaEventCreate(&a));
     CHECK(cudaEventCreate(&b));
     std::vector<float> ms;
-    for (int i = 0; i < reps; ++i) {
+    for (int batch = 0; batch < 5; ++batch) {
       CHECK(cudaEventRecord(a));
-      launch(i % copies, path);
+      for (int i = 0; i < reps; ++i) launch((batch * reps + i) % copies, path);
       CHECK(cudaEventRecord(b));
       CHECK(cudaEventSynchronize(b));
       float t;
       CHECK(cudaEventElapsedTime(&t, a, b));
-      ms.push_back(t);
+      ms.push_back(t / reps);
     }
     std::sort(ms.begin(), ms.end());
     return ms[ms.size() / 2] * 1e-3;
@@ -131,6 +133,13 @@ int main(int argc, char** argv) {
                 name, K, M, T, E, n, v, L, med * 1e6, bytes / med / 1e9,
                 2.0 * T * K * M / med / 1e12);
   };
+  {
+    namespace sc = samoyeds::cuda;
+    const bool small = int64_t(T) <= sc::kSmallTileMaxRowsPerExpert * E;
+    const int splits = small ? sc::SplitsFor<sc::TileSmall>(args(0), (Mk + 31) / 32)
+                             : sc::SplitsFor<sc::TileLarge>(args(0), (Mk + 63) / 64);
+    std::printf("warp   K splits: %d\n", splits);
+  }
   report("warp", time_path(Path::kWarp));
   int major = 0;
   CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));

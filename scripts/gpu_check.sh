@@ -76,8 +76,18 @@ split() {
       $H 4096 14336 32 1 2 128 8 50; $H 2048 1408 16 1 2 128 1 50
     done
     unset SAMOYEDS_SPLIT_K
+    # Kernel duration alone (ncu, caches flushed before the launch), one launch each.
+    for s in 1 2 4 8; do
+      for shape in "4096 14336" "14336 4096"; do
+        echo "ncu splits $s K M = $shape: $(SAMOYEDS_SPLIT_K=$s timeout 60 ncu --metrics \
+          gpu__time_duration.sum,launch__grid_size -k regex:Warp --launch-skip 4 --launch-count 1 \
+          $REPO/.devbin/harness $shape 16 1 2 128 1 2 2>&1 | grep -E "duration|grid_size" | \
+          awk '{print $1, $(NF-1), $NF}' | tr '\n' ' ')"
+      done
+    done
   } 2>&1 | tee -a "$OUT/kernel.log"
   grep -c MISMATCH "$OUT/kernel.log" | sed 's/^/harness mismatches (kernel + split): /' | tee -a "$OUT/summary.txt"
+  grep "^ncu splits" "$OUT/kernel.log" >> "$OUT/summary.txt"
 }
 
 tests() {
