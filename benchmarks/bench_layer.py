@@ -156,7 +156,8 @@ def main(argv):
                 routed.append((x, sel, gs, h))
             if "samoyeds_kernels" in paths:
                 fn = _unrolled(lambda p, x, sel, gs, h: (
-                    sj.ragged_dot(x, p["gate_up"], gs, sel), sj.ragged_dot(h, p["down"], gs)))
+                    sj.ragged_dot(x, p["gate_up"], gs, sel, glu=cfg.activation),
+                    sj.ragged_dot(h, p["down"], gs)))
                 record(t, "samoyeds_kernels", _time(fn, (sparse_sets, routed)))
             if "xla_kernels" in paths:
                 def three(p, x, sel, gs, h):

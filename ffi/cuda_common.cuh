@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "format.h"
+#include "glu.h"
 
 namespace samoyeds::cuda {
 
@@ -27,7 +28,38 @@ struct Args {
   void* out;
   int tokens, k, m, experts, kept_rows, rows, sub_row;
   bool has_sel;
+  int glu;       // kGluNone, or the activation of a fused GLU (glu.h)
+  int out_cols;  // columns of out: M, or M / 2 with a fused GLU
 };
+
+// The kept rows one block computes and the output columns it owns. Without a GLU, tile y
+// holds kept rows [y * BM, ...) and owns columns from their first output row. With a
+// fused GLU the kept rows are [gate | up] halves of Mk / 2 rows; tiles 2p and 2p + 1 (the
+// two blocks of one cluster) hold the gate and the up rows behind the same columns of
+// out [R, M / 2], and their epilogue combines the two (ClusterEpilogue).
+struct RowTile {
+  int kept0;      // first kept row (of the expert)
+  int kept_here;  // kept rows in the tile, a multiple of 16
+  int out0;       // first column of out
+  int out_here;   // columns of out the tile owns
+};
+template <int BM, int N, int V>
+__device__ __forceinline__ RowTile TileRows(const Args& a, int y) {
+  if (a.glu == kGluNone) {
+    const int kept0 = y * BM, here = min(BM, a.kept_rows - kept0);
+    return {kept0, here, kept0 / N * V, here / N * V};
+  }
+  const int half = a.kept_rows / 2, pair = y / 2;
+  const int here = min(BM, half - pair * BM);
+  return {pair * BM + (y % 2) * half, here, pair * BM / N * V, here / N * V};
+}
+// Grid y extent of TileRows and the cluster's y extent (1, or 2 with a fused GLU).
+template <int BM>
+inline int MTiles(const Args& a) {
+  if (a.glu == kGluNone) return (a.kept_rows + BM - 1) / BM;
+  return 2 * ((a.kept_rows / 2 + BM - 1) / BM);
+}
+__host__ __device__ inline int ClusterHalves(const Args& a) { return a.glu == kGluNone ? 1 : 2; }
 
 // What the launchers need to know of the current device, queried once per device.
 struct DeviceFacts {
@@ -46,6 +78,30 @@ inline const DeviceFacts& CurrentDevice() {
     cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, dev);
   }
   return f;
+}
+
+// Launches `kernel` on `grid` in clusters of `cluster` blocks (a plain launch for 1x1x1;
+// clusters need sm_90).
+template <typename Kernel>
+cudaError_t LaunchClusters(cudaStream_t stream, Kernel kernel, dim3 grid, int threads,
+                           int smem, dim3 cluster, const Args& a) {
+  if (cluster.x * cluster.y * cluster.z == 1) {
+    kernel<<<grid, threads, smem, stream>>>(a);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster.x;
+  attr.val.clusterDim.y = cluster.y;
+  attr.val.clusterDim.z = cluster.z;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
 // Metadata for MMA rows that hold no kept row (their values are zero): positions 0 and 1
@@ -116,14 +172,16 @@ inline unsigned RowTiles(const Args& a) {
   return static_cast<unsigned>((static_cast<int64_t>(a.rows) + BN - 1) / BN + a.experts + 1);
 }
 
-// Rows past sum(group_sizes) are zero.
+// Rows past sum(group_sizes) are zero (written by one block of a cluster).
 template <typename T, int kThreads>
 __device__ void ZeroFillTile(const Args& a, const Work& work, int out0, int out_here) {
+  if (blockIdx.z != 0 || blockIdx.y % ClusterHalves(a) != 0) return;
   T* out = static_cast<T*>(a.out);
   const int vec = out_here / 8;
   for (int i = threadIdx.x; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
     const int r = work.row_begin + i / vec, c = out0 + (i % vec) * 8;
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(r) * a.m + c) = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(r) * a.out_cols + c) =
+        make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -327,44 +385,58 @@ __device__ __forceinline__ void SharedToOut(const Args& a, const Work& work, int
     alignas(16) T packed[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q) packed[q] = static_cast<T>(src[q]);
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.m + out0 + c) =
-        *reinterpret_cast<const uint4*>(packed);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.out_cols +
+                              out0 + c) = *reinterpret_cast<const uint4*>(packed);
   }
 }
 
-// Epilogue of a K split (warp-level kernel, sm_90): the `splits` blocks of a cluster hold
-// partial fp32 tiles at the same shared-memory offset; each block sums its share of the
-// tile's 8-column groups across the cluster through distributed shared memory (ranks in
-// order: the result does not depend on scheduling) and stores it like SharedToOut.
+// The cluster's barrier (sm_90): every thread of every block of the cluster arrives,
+// with release/acquire ordering of shared-memory writes across the cluster.
+__device__ __forceinline__ void ClusterSync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#endif
+}
+
+// Epilogue of a cluster (sm_90): blockIdx.z % splits picks a K split (warp-level kernel,
+// decode shapes), blockIdx.y % 2 the gate or up half of a fused GLU. Every block holds a
+// partial fp32 tile at the same shared-memory offset; each block takes a share of the
+// tile's 8-column groups, sums the splits of each half through distributed shared memory
+// (in rank order: the result does not depend on scheduling), applies the GLU, and stores.
+// Called by kThreads threads (tid in [0, kThreads)) of every block, after ClusterSync; the
+// caller syncs the cluster again before any block exits.
 template <typename T, int kThreads, int kCStride>
-__device__ __forceinline__ void ClusterSumToOut(const Args& a, const Work& work, int out0,
-                                                int out_here, float* c_tile) {
+__device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work, int out0,
+                                                int out_here, float* c_tile, int tid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();  // every block's partial tile is in its shared memory
-  const int splits = static_cast<int>(cluster.num_blocks());
+  const dim3 dims = cluster.dim_blocks();  // (1, halves, splits)
+  const int blocks = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
+  const int halves = static_cast<int>(dims.y), splits = static_cast<int>(dims.z);
   T* out = static_cast<T*>(a.out);
   const int vec = out_here / 8;
-  for (int i = rank * kThreads + threadIdx.x; i < (work.row_end - work.row_begin) * vec;
-       i += splits * kThreads) {
+  for (int i = rank * kThreads + tid; i < (work.row_end - work.row_begin) * vec;
+       i += blocks * kThreads) {
     const int n = i / vec, c = (i % vec) * 8;
-    float sum[8] = {};
-    for (int q = 0; q < splits; ++q) {
-      const float4* src =
-          reinterpret_cast<const float4*>(cluster.map_shared_rank(c_tile + n * kCStride + c, q));
-      const float4 lo = src[0], hi = src[1];
-      sum[0] += lo.x; sum[1] += lo.y; sum[2] += lo.z; sum[3] += lo.w;
-      sum[4] += hi.x; sum[5] += hi.y; sum[6] += hi.z; sum[7] += hi.w;
-    }
+    float sum[2][8] = {};
+    for (int h = 0; h < halves; ++h)
+      for (int z = 0; z < splits; ++z) {
+        const float4* src = reinterpret_cast<const float4*>(
+            cluster.map_shared_rank(c_tile + n * kCStride + c, h + halves * z));
+        const float4 lo = src[0], hi = src[1];
+        sum[h][0] += lo.x; sum[h][1] += lo.y; sum[h][2] += lo.z; sum[h][3] += lo.w;
+        sum[h][4] += hi.x; sum[h][5] += hi.y; sum[h][6] += hi.z; sum[h][7] += hi.w;
+      }
     alignas(16) T packed[8];
 #pragma unroll
-    for (int q = 0; q < 8; ++q) packed[q] = static_cast<T>(sum[q]);
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.m + out0 + c) =
-        *reinterpret_cast<const uint4*>(packed);
+    for (int q = 0; q < 8; ++q)
+      packed[q] = static_cast<T>(halves == 1 ? sum[0][q]
+                                             : GluActivation(sum[0][q], a.glu) * sum[1][q]);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.out_cols +
+                              out0 + c) = *reinterpret_cast<const uint4*>(packed);
   }
-  cluster.sync();  // no block exits while another still reads its shared memory
 #endif
 }
 

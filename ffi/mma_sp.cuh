@@ -89,18 +89,15 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   __shared__ int src_row[Tile::kBN];  // token id of each routed row, -1 when absent
 
   constexpr int kOutRows = Tile::kBM / N * V;  // output rows (of M) per block
-  const int m_tile = blockIdx.y;
-  const int kept0 = m_tile * Tile::kBM;
-  const int kept_here = min(Tile::kBM, a.kept_rows - kept0);
-  const int out0 = kept0 / N * V;
-  const int out_here = kept_here / N * V;
+  const RowTile tile = TileRows<Tile::kBM, N, V>(a, blockIdx.y);
+  const int kept0 = tile.kept0, kept_here = tile.kept_here;
   const Work work = FindWork<Tile::kBN>(a, blockIdx.x);
   if (work.row_begin >= work.row_end) return;
   // K split (gridDim.z > 1, decode shapes on sm_90): the blocks of one cluster share this
-  // tile and take consecutive ranges of K stages; ClusterSumToOut adds their partials.
+  // tile and take consecutive ranges of K stages; ClusterEpilogue adds their partials.
   const int splits = gridDim.z, split = blockIdx.z;
   if (work.expert < 0) {
-    if (split == 0) ZeroFillTile<T, Tile::kThreads>(a, work, out0, out_here);
+    ZeroFillTile<T, Tile::kThreads>(a, work, tile.out0, tile.out_here);
     return;
   }
 
@@ -291,16 +288,19 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
                                                  slot_n, c_tile);
     __syncthreads();
   }
-  if (splits > 1)
-    ClusterSumToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile);
-  else
-    SharedToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile, tid);
+  if (splits > 1 || a.glu != kGluNone) {
+    ClusterSync();  // every block's partial tile is in its shared memory
+    ClusterEpilogue<T, Tile::kThreads, kCStride>(a, work, tile.out0, tile.out_here, c_tile, tid);
+    ClusterSync();  // no block exits while another still reads its shared memory
+  } else {
+    SharedToOut<T, Tile::kThreads, kCStride>(a, work, tile.out0, tile.out_here, c_tile, tid);
+  }
 }
 
 // K splits for decode shapes: a block's K loop is latency-bound (few routed rows, one
 // stage in flight per few hundred cycles), so when the M tiles alone leave the SMs short
-// of blocks, the blocks of one cluster share a tile's K range (up to 8, the portable
-// cluster size). Only on sm_90 (clusters, distributed shared memory); SAMOYEDS_SPLIT_K
+// of blocks, the blocks of one cluster share a tile's K range (a cluster holds at most 8
+// blocks, the portable size, with the two halves of a fused GLU counted). Only on sm_90 (clusters, distributed shared memory); SAMOYEDS_SPLIT_K
 // (environment, read once) forces a count for benchmarks and tests.
 constexpr int kMaxSplits = 8;
 constexpr int kSplitTargetBlocksPerSm = 4;
@@ -320,13 +320,14 @@ int SplitsFor(const Args& a, int m_tiles) {
   const DeviceFacts& dev = CurrentDevice();
   if (dev.major < 9) return 1;
   const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
-  if (ForcedSplits()) return std::min(ForcedSplits(), k_stages);
+  const int max_splits = kMaxSplits / ClusterHalves(a);
+  if (ForcedSplits()) return std::min({ForcedSplits(), max_splits, k_stages});
   // Busy row tiles, assuming the routed rows spread over as many experts as they can.
   const int64_t row_tiles = std::max<int64_t>((a.rows + Tile::kBN - 1) / Tile::kBN,
                                               std::min(a.experts, a.rows));
   const int64_t target = int64_t{kSplitTargetBlocksPerSm} * dev.sms;
   int s = 1;
-  while (s < kMaxSplits && row_tiles * m_tiles * s * 2 <= target &&
+  while (s < max_splits && row_tiles * m_tiles * s * 2 <= target &&
          k_stages >= 2 * s * kMinStagesPerSplit)
     s *= 2;
   return s;
@@ -339,26 +340,10 @@ cudaError_t Launch(cudaStream_t stream, const Args& a) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          smem);
   if (err != cudaSuccess) return err;
-  const int m_tiles = (a.kept_rows + Tile::kBM - 1) / Tile::kBM;
+  const int m_tiles = MTiles<Tile::kBM>(a);
   const int splits = SplitsFor<Tile>(a, m_tiles);
-  const dim3 grid(RowTiles<Tile::kBN>(a), m_tiles, splits);
-  if (splits == 1) {
-    kernel<<<grid, Tile::kThreads, smem, stream>>>(a);
-    return cudaGetLastError();
-  }
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = splits;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(Tile::kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = &cluster;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, a);
+  return LaunchClusters(stream, kernel, dim3(RowTiles<Tile::kBN>(a), m_tiles, splits),
+                        Tile::kThreads, smem, dim3(1, ClusterHalves(a), splits), a);
 }
 
 template <typename T, int N, int V>

@@ -335,14 +335,12 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   constexpr int kOutRows = Cfg::kBM / N * V;
-  const int kept0 = blockIdx.y * Cfg::kBM;
-  const int kept_here = min(Cfg::kBM, a.kept_rows - kept0);
-  const int out0 = kept0 / N * V;
-  const int out_here = kept_here / N * V;
+  const RowTile tile = TileRows<Cfg::kBM, N, V>(a, blockIdx.y);
+  const int kept0 = tile.kept0, kept_here = tile.kept_here;
   const Work work = FindWork<Cfg::kBN>(a, blockIdx.x);
   if (work.row_begin >= work.row_end) return;
   if (work.expert < 0) {
-    ZeroFillTile<T, Cfg::kThreads>(a, work, out0, out_here);
+    ZeroFillTile<T, Cfg::kThreads>(a, work, tile.out0, tile.out_here);
     return;
   }
   const int e = work.expert;
@@ -375,6 +373,10 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
       CpAsyncMbarArrive(full_bar + 8 * buf);
     }
     CpAsyncWait<0>();
+    if (a.glu != kGluNone) {  // the producer stays for the cluster's two barriers
+      ClusterSync();
+      ClusterSync();
+    }
     return;
   }
 
@@ -522,7 +524,16 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
     AccToShared<N, V, Cfg::kFrags, kCStride>(acc, slot, my_kept, 0, tq, slot_n, c_tile);
     ConsumerSync<Cfg::kConsumerThreads>();
   }
-  SharedToOut<T, Cfg::kConsumerThreads, kCStride>(a, work, out0, out_here, c_tile, ctid);
+  if (a.glu != kGluNone) {
+    // The gate and up tiles of a fused GLU meet in the cluster's shared memory.
+    ClusterSync();
+    ClusterEpilogue<T, Cfg::kConsumerThreads, kCStride>(a, work, tile.out0, tile.out_here,
+                                                        c_tile, ctid);
+    ClusterSync();
+  } else {
+    SharedToOut<T, Cfg::kConsumerThreads, kCStride>(a, work, tile.out0, tile.out_here, c_tile,
+                                                    ctid);
+  }
 #endif  // SAMOYEDS_HOPPER_DEVICE_PASS
 }
 
@@ -533,9 +544,8 @@ cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(RowTiles<Cfg::kBN>(a), (a.kept_rows + Cfg::kBM - 1) / Cfg::kBM);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
-  return cudaGetLastError();
+  return LaunchClusters(stream, kernel, dim3(RowTiles<Cfg::kBN>(a), MTiles<Cfg::kBM>(a)),
+                        Cfg::kThreads, Cfg::kSmemBytes, dim3(1, ClusterHalves(a), 1), a);
 }
 
 }  // namespace samoyeds::cuda
