@@ -421,7 +421,9 @@ __device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work,
        i += blocks * kThreads) {
     const int n = i / vec, c = (i % vec) * 8;
     float sum[2][8] = {};
-    for (int h = 0; h < halves; ++h)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // unrolled: sum stays in registers
+      if (h == halves) break;
       for (int z = 0; z < splits; ++z) {
         const float4* src = reinterpret_cast<const float4*>(
             cluster.map_shared_rank(c_tile + n * kCStride + c, h + halves * z));
@@ -429,6 +431,7 @@ __device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work,
         sum[h][0] += lo.x; sum[h][1] += lo.y; sum[h][2] += lo.z; sum[h][3] += lo.w;
         sum[h][4] += hi.x; sum[h][5] += hi.y; sum[h][6] += hi.z; sum[h][7] += hi.w;
       }
+    }
     alignas(16) T packed[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q)
