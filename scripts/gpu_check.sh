@@ -9,6 +9,7 @@
 #     sanitize : 4 compute-sanitizer tools, auto and Hopper-forced
 #     soak     : GPU hypothesis fuzz test and the randomized soak
 #     perf     : Mixtral demo, kernel and layer benchmarks (device time from traces)
+#     glu      : the layer's kernels one by one (fused GLU vs unfused, down)
 #     suite    : the issue-6 suite: stack and memory benchmarks, plots, profiler trace
 #     calib    : calibrated vs magnitude pruning on the GPU
 #     multi    : several GPUs (issue 9): sharded == single device, bench_multi scaling
@@ -156,6 +157,14 @@ perf() {
     --json_out="$OUT/bench_layer.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -14
 }
 
+glu() {
+  build
+  step "layer kernels one by one: fused GLU vs gate_up + GLU in XLA, and down"
+  python3 "$REPO/benchmarks/bench_layer.py" --preset=mixtral-8x7b --tokens=16,512,4096 \
+    --paths=samoyeds,samoyeds_kernels,samoyeds_gate_up,samoyeds_gate_up_unfused,samoyeds_down \
+    --json_out="$OUT/bench_layer_parts.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -18
+}
+
 suite() {
   build
   step "benchmark suite (issue 6)"
@@ -236,7 +245,7 @@ multi() {
 machine
 for mode in "$@"; do
   case $mode in
-    kernel|split|tests|sanitize|soak|perf|suite|calib|multi|profile|dprofile) $mode ;;
+    kernel|split|tests|sanitize|soak|perf|glu|suite|calib|multi|profile|dprofile) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done
