@@ -403,9 +403,11 @@ __device__ __forceinline__ void ClusterSync() {
 // partial fp32 tile at the same shared-memory offset; each block takes a share of the
 // tile's 8-column groups, sums the splits of each half through distributed shared memory
 // (in rank order: the result does not depend on scheduling), applies the GLU, and stores.
+// A thread takes kItems groups at once so that many remote loads (hundreds of cycles each)
+// are in flight together; its own block's partials are read as local shared memory.
 // Called by kThreads threads (tid in [0, kThreads)) of every block, after ClusterSync; the
 // caller syncs the cluster again before any block exits.
-template <typename T, int kThreads, int kCStride>
+template <typename T, int kThreads, int kCStride, int kItems>
 __device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work, int out0,
                                                 int out_here, float* c_tile, int tid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -416,29 +418,48 @@ __device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work,
   const int rank = static_cast<int>(cluster.block_rank());
   const int halves = static_cast<int>(dims.y), splits = static_cast<int>(dims.z);
   T* out = static_cast<T*>(a.out);
-  const int vec = out_here / 8;
-  for (int i = rank * kThreads + tid; i < (work.row_end - work.row_begin) * vec;
-       i += blocks * kThreads) {
-    const int n = i / vec, c = (i % vec) * 8;
-    float sum[2][8] = {};
+  const int vec = out_here / 8, items = (work.row_end - work.row_begin) * vec;
+  const int stride = blocks * kThreads;
+  for (int first = rank * kThreads + tid; first < items; first += kItems * stride) {
+    float sum[kItems][2][8] = {};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // unrolled: sum stays in registers
       if (h == halves) break;
+#pragma unroll 4
       for (int z = 0; z < splits; ++z) {
-        const float4* src = reinterpret_cast<const float4*>(
-            cluster.map_shared_rank(c_tile + n * kCStride + c, h + halves * z));
-        const float4 lo = src[0], hi = src[1];
-        sum[h][0] += lo.x; sum[h][1] += lo.y; sum[h][2] += lo.z; sum[h][3] += lo.w;
-        sum[h][4] += hi.x; sum[h][5] += hi.y; sum[h][6] += hi.z; sum[h][7] += hi.w;
+        const int src_rank = h + halves * z;
+        const float* tile =
+            src_rank == rank ? c_tile : cluster.map_shared_rank(c_tile, src_rank);
+        float4 part[kItems][2];
+#pragma unroll
+        for (int u = 0; u < kItems; ++u) {  // every load issued before the first add
+          const int i = min(first + u * stride, items - 1);
+          const float4* src =
+              reinterpret_cast<const float4*>(tile + i / vec * kCStride + i % vec * 8);
+          part[u][0] = src[0];
+          part[u][1] = src[1];
+        }
+#pragma unroll
+        for (int u = 0; u < kItems; ++u) {
+          sum[u][h][0] += part[u][0].x; sum[u][h][1] += part[u][0].y;
+          sum[u][h][2] += part[u][0].z; sum[u][h][3] += part[u][0].w;
+          sum[u][h][4] += part[u][1].x; sum[u][h][5] += part[u][1].y;
+          sum[u][h][6] += part[u][1].z; sum[u][h][7] += part[u][1].w;
+        }
       }
     }
-    alignas(16) T packed[8];
 #pragma unroll
-    for (int q = 0; q < 8; ++q)
-      packed[q] = static_cast<T>(halves == 1 ? sum[0][q]
-                                             : GluActivation(sum[0][q], a.glu) * sum[1][q]);
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.out_cols +
-                              out0 + c) = *reinterpret_cast<const uint4*>(packed);
+    for (int u = 0; u < kItems; ++u) {
+      const int i = first + u * stride;
+      if (i >= items) break;
+      alignas(16) T packed[8];
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        packed[q] = static_cast<T>(halves == 1 ? sum[u][0][q]
+                                               : GluActivation(sum[u][0][q], a.glu) * sum[u][1][q]);
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + i / vec) * a.out_cols +
+                                out0 + i % vec * 8) = *reinterpret_cast<const uint4*>(packed);
+    }
   }
 #endif
 }

@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   }
   if (splits > 1 || a.glu != kGluNone) {
     ClusterSync();  // every block's partial tile is in its shared memory
-    ClusterEpilogue<T, Tile::kThreads, kCStride>(a, work, tile.out0, tile.out_here, c_tile, tid);
+    ClusterEpilogue<T, Tile::kThreads, kCStride, 2>(a, work, tile.out0, tile.out_here, c_tile, tid);
     ClusterSync();  // no block exits while another still reads its shared memory
   } else {
     SharedToOut<T, Tile::kThreads, kCStride>(a, work, tile.out0, tile.out_here, c_tile, tid);

@@ -527,8 +527,8 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   if (a.glu != kGluNone) {
     // The gate and up tiles of a fused GLU meet in the cluster's shared memory.
     ClusterSync();
-    ClusterEpilogue<T, Cfg::kConsumerThreads, kCStride>(a, work, tile.out0, tile.out_here,
-                                                        c_tile, ctid);
+    ClusterEpilogue<T, Cfg::kConsumerThreads, kCStride, 4>(a, work, tile.out0, tile.out_here,
+                                                           c_tile, ctid);
     ClusterSync();
   } else {
     SharedToOut<T, Cfg::kConsumerThreads, kCStride>(a, work, tile.out0, tile.out_here, c_tile,

@@ -63,8 +63,11 @@ kernel() {
     $H 4160 14368 1000 1 2 32 3 10;  $H 2112 1440 333 2 4 64 5 10
     $H 4096 1408 4099 1 1 128 7 10
     # fused SwiGLU (M = [gate | up] = 2 x 14336): prefill, grouped, decode with K splits
-    $H 4096 28672 4096 1 2 128 1 10 1; $H 4096 28672 8192 1 2 128 8 10 1
-    $H 4096 28672 16 1 2 128 1 20 1;   $H 4096 28672 8192 1 2 128 8 10 0
+    # and the same products without the GLU (x of 4096 rows fits the L2, 8192 does not)
+    for g in 1 0; do
+      $H 4096 28672 4096 1 2 128 1 10 $g; $H 4096 28672 4096 1 2 128 4 10 $g
+      $H 4096 28672 8192 1 2 128 8 10 $g; $H 4096 28672 16 1 2 128 1 20 $g
+    done
   } 2>&1 | tee -a "$OUT/kernel.log"
   grep -c MISMATCH "$OUT/kernel.log" | sed 's/^/harness mismatches: /' | tee -a "$OUT/summary.txt"
 }
