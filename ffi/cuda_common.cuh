@@ -32,34 +32,47 @@ struct Args {
   int out_cols;  // columns of out: M, or M / 2 with a fused GLU
 };
 
-// The kept rows one block computes and the output columns it owns. Without a GLU, tile y
-// holds kept rows [y * BM, ...) and owns columns from their first output row. With a
-// fused GLU the kept rows are [gate | up] halves of Mk / 2 rows; tiles 2p and 2p + 1 (the
-// two blocks of one cluster) hold the gate and the up rows behind the same columns of
-// out [R, M / 2], and their epilogue combines the two (ClusterEpilogue).
+// The kept rows one block computes and the output columns it owns. A tile has BM rows
+// in two halves: tile row r < BM / 2 is kept row kept0 + r, and r >= BM / 2 is kept row
+// kept0 + skip + r. Without a GLU skip is 0 (BM consecutive kept rows). With a fused
+// GLU the kept rows are [gate | up] halves of Mk / 2 rows, and the upper half holds the
+// up rows behind the same output columns as the lower half's gate rows
+// (skip = Mk / 2 - BM / 2), so one block finds both factors of act(gate) * up in its
+// own epilogue tile: tile columns c (gate) and c + GluPairCols (up).
 struct RowTile {
-  int kept0;      // first kept row (of the expert)
-  int kept_here;  // kept rows in the tile, a multiple of 16
+  int kept0, skip;
+  int lo, hi;     // kept rows present in the lower / upper half (multiples of kRowTile)
   int out0;       // first column of out
   int out_here;   // columns of out the tile owns
 };
 template <int BM, int N, int V>
 __device__ __forceinline__ RowTile TileRows(const Args& a, int y) {
+  static_assert(BM % (2 * kRowTile) == 0, "tile halves are whole row tiles");
+  constexpr int kHalf = BM / 2;
   if (a.glu == kGluNone) {
     const int kept0 = y * BM, here = min(BM, a.kept_rows - kept0);
-    return {kept0, here, kept0 / N * V, here / N * V};
+    return {kept0, 0, min(here, kHalf), max(here - kHalf, 0), kept0 / N * V, here / N * V};
   }
-  const int half = a.kept_rows / 2, pair = y / 2;
-  const int here = min(BM, half - pair * BM);
-  return {pair * BM + (y % 2) * half, here, pair * BM / N * V, here / N * V};
+  const int half = a.kept_rows / 2, kept0 = y * kHalf, here = min(kHalf, half - kept0);
+  return {kept0, half - kHalf, here, here, kept0 / N * V, here / N * V};
 }
-// Grid y extent of TileRows and the cluster's y extent (1, or 2 with a fused GLU).
+template <int BM>
+__device__ __forceinline__ bool RowPresent(const RowTile& t, int r) {
+  return r < BM / 2 ? r < t.lo : r - BM / 2 < t.hi;
+}
+template <int BM>
+__device__ __forceinline__ int KeptRow(const RowTile& t, int r) {
+  return t.kept0 + r + (r >= BM / 2 ? t.skip : 0);
+}
+// Distance in epilogue-tile columns between an output column's gate and up factors.
+template <int BM, int N, int V>
+constexpr int GluPairCols() { return BM / 2 / N * V; }
+// Grid y extent of TileRows.
 template <int BM>
 inline int MTiles(const Args& a) {
   if (a.glu == kGluNone) return (a.kept_rows + BM - 1) / BM;
-  return 2 * ((a.kept_rows / 2 + BM - 1) / BM);
+  return (a.kept_rows / 2 + BM / 2 - 1) / (BM / 2);
 }
-__host__ __device__ inline int ClusterHalves(const Args& a) { return a.glu == kGluNone ? 1 : 2; }
 
 // What the launchers need to know of the current device, queried once per device.
 struct DeviceFacts {
@@ -172,10 +185,10 @@ inline unsigned RowTiles(const Args& a) {
   return static_cast<unsigned>((static_cast<int64_t>(a.rows) + BN - 1) / BN + a.experts + 1);
 }
 
-// Rows past sum(group_sizes) are zero (written by one block of a cluster).
+// Rows past sum(group_sizes) are zero (written by the first block of a K-split cluster).
 template <typename T, int kThreads>
 __device__ void ZeroFillTile(const Args& a, const Work& work, int out0, int out_here) {
-  if (blockIdx.z != 0 || blockIdx.y % ClusterHalves(a) != 0) return;
+  if (blockIdx.z != 0) return;
   T* out = static_cast<T*>(a.out);
   const int vec = out_here / 8;
   for (int i = threadIdx.x; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
@@ -198,6 +211,20 @@ __device__ void LoadSourceRows(const Args& a, const Work& work, int (&src_row)[B
     }
     src_row[i] = t;
   }
+}
+
+// A loader's kPer copies of tile rows are kRows / kPer rows apart, from a first row r0
+// below that step. With kPer even, copy c lies in the tile's upper half iff
+// c >= kPer / 2, known at compile time (UpperCopy); a single copy lies where r0 does, and
+// its kept row is resolved once (FirstKept).
+template <int kPer>
+__device__ __forceinline__ constexpr bool UpperCopy(int c) {
+  static_assert(kPer == 1 || kPer % 2 == 0, "copies split evenly over the tile halves");
+  return kPer > 1 && c >= kPer / 2;
+}
+template <int kPer, int BM>
+__device__ __forceinline__ int FirstKept(const RowTile& t, int r0) {
+  return t.kept0 + r0 + (kPer == 1 && r0 >= BM / 2 ? t.skip : 0);
 }
 
 // The warp-level kernel's loader (every thread loads; the Hopper kernel's producer
@@ -226,9 +253,8 @@ class StageLoader {
 
   // values/meta: this expert's arrays; src_row: the tile's token ids (-1: absent).
   __device__ __forceinline__ StageLoader(const Args& a, const T* values, const uint32_t* meta,
-                                         const int* src_row, int kept0, int kept_here,
-                                         int rows_here)
-      : a_(a), values_(values), meta_(meta), kept_here_(kept_here) {
+                                         const int* src_row, const RowTile& tile, int rows_here)
+      : a_(a), values_(values), meta_(meta) {
     const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
     const int tid = threadIdx.x;
     a_row_ = tid / kAChunks;
@@ -240,8 +266,17 @@ class StageLoader {
     a_dst_ = Cfg::AOffset(a_row_, a_chunk_);
     b_dst_ = Cfg::BOffset(b_row, b_chunk_);
     m_dst_ = m_row_ * Cfg::kMetaRow + m_word_ * 4;
-    a_src_ = values + static_cast<int64_t>(kept0 + a_row_) * half_k + a_chunk_ * 8;
-    m_src_ = meta + static_cast<int64_t>(kept0 + m_row_) * words + m_word_;
+    a_src_ = values + static_cast<int64_t>(FirstKept<kAPer, Cfg::kBM>(tile, a_row_)) * half_k + a_chunk_ * 8;
+    m_src_ = meta + static_cast<int64_t>(FirstKept<kMPer, Cfg::kBM>(tile, m_row_)) * words + m_word_;
+    a_skip_ = static_cast<int64_t>(tile.skip) * half_k;
+    m_skip_ = static_cast<int64_t>(tile.skip) * words;
+    a_ok_ = m_ok_ = 0;
+#pragma unroll
+    for (int c = 0; c < kAPer; ++c)
+      a_ok_ |= RowPresent<Cfg::kBM>(tile, a_row_ + c * kARowStep) ? 1u << c : 0u;
+#pragma unroll
+    for (int c = 0; c < kMPer; ++c)
+      m_ok_ |= RowPresent<Cfg::kBM>(tile, m_row_ + c * kMRowStep) ? 1u << c : 0u;
 #pragma unroll
     for (int c = 0; c < kBPer; ++c) {
       const int row = b_row + c * kBRowStep;
@@ -259,8 +294,10 @@ class StageLoader {
     const bool a_col_ok = k0 / 2 + a_chunk_ * 8 < half_k;
 #pragma unroll
     for (int c = 0; c < kAPer; ++c) {
-      const bool ok = a_col_ok && a_row_ + c * kARowStep < kept_here_;
-      const T* src = ok ? a_src_ + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2 : values_;
+      const bool ok = a_col_ok && ((a_ok_ >> c) & 1);
+      const T* src = ok ? a_src_ + static_cast<int64_t>(c * kARowStep) * half_k +
+                              (UpperCopy<kAPer>(c) ? a_skip_ : 0) + k0 / 2
+                        : values_;
       CpAsync16(sa + a_dst_ + c * kARowStep * Cfg::kARow, src, ok ? 16 : 0);
     }
     // Absent routed rows are not copied at all: their output columns are never stored,
@@ -275,9 +312,10 @@ class StageLoader {
     const int word0 = k0 / kMetaColsPerWord;
 #pragma unroll
     for (int c = 0; c < kMPer; ++c) {
-      const bool ok = m_row_ + c * kMRowStep < kept_here_ && word0 + m_word_ < words;
-      const uint32_t* src =
-          ok ? m_src_ + static_cast<int64_t>(c * kMRowStep) * words + word0 : meta_;
+      const bool ok = ((m_ok_ >> c) & 1) && word0 + m_word_ < words;
+      const uint32_t* src = ok ? m_src_ + static_cast<int64_t>(c * kMRowStep) * words +
+                                     (UpperCopy<kMPer>(c) ? m_skip_ : 0) + word0
+                               : meta_;
       CpAsync4(sm + m_dst_ + c * kMRowStep * Cfg::kMetaRow, src, ok ? 4 : 0);
     }
   }
@@ -288,26 +326,33 @@ class StageLoader {
   const uint32_t* meta_;
   const T* a_src_;
   const uint32_t* m_src_;
-  int kept_here_;
+  int64_t a_skip_, m_skip_;  // added to the upper half's copies (RowTile::skip)
+  uint32_t a_ok_, m_ok_;  // copies whose rows are present
   int a_row_, a_chunk_, b_chunk_, m_row_, m_word_;
   uint32_t a_dst_, b_dst_, m_dst_;
   int b_tok_[kBPer];
 };
 
-// The block's sub-row indices for windows [w0, w0 + wc) of its `rows` kept rows (a
-// [rows, windows] span of bytes), staged in shared memory once as [rows, wc] when they
-// fit, so per-window reads never wait on global memory. Returns whether they were staged
-// (the caller syncs before reading).
-template <int kThreads>
-__device__ bool StageIndices(const uint8_t* idx_span, uint8_t* idx_smem, int rows, int windows,
-                             int w0, int wc) {
+// The block's sub-row indices for windows [w0, w0 + wc) of its tile's kept rows (idx:
+// the expert's [Mk, windows] bytes), staged in shared memory once as [tile row, wc] when
+// they fit, so per-window reads never wait on global memory. Returns whether they were
+// staged (the caller syncs before reading).
+template <int BM, int kThreads>
+__device__ bool StageIndices(const uint8_t* idx, const RowTile& t, uint8_t* idx_smem,
+                             int windows, int w0, int wc) {
+  const int rows = t.hi > 0 ? BM / 2 + t.hi : t.lo;  // tile rows spanned
   if (rows * wc > kIndexStageBytes) return false;
-  if (wc == windows) {  // one contiguous span
+  for (int upper = 0; upper < 2; ++upper) {
+    const int n = (upper ? t.hi : t.lo) * wc;
+    const uint8_t* span = idx + static_cast<int64_t>(KeptRow<BM>(t, upper * BM / 2)) * windows;
+    uint8_t* dst = idx_smem + upper * (BM / 2) * wc;
+    if (wc == windows) {  // one contiguous span
 #pragma unroll 8
-    for (int i = threadIdx.x; i < rows * wc; i += kThreads) idx_smem[i] = __ldg(idx_span + i);
-  } else {  // a K split's share of each row
-    for (int i = threadIdx.x; i < rows * wc; i += kThreads)
-      idx_smem[i] = __ldg(idx_span + (i / wc) * windows + w0 + i % wc);
+      for (int i = threadIdx.x; i < n; i += kThreads) dst[i] = __ldg(span + i);
+    } else {  // a K split's share of each row
+      for (int i = threadIdx.x; i < n; i += kThreads)
+        dst[i] = __ldg(span + (i / wc) * windows + w0 + i % wc);
+    }
   }
   return true;
 }
@@ -372,9 +417,10 @@ __device__ __forceinline__ void AccToShared(const float (&acc)[V][kFrags][4],
   }
 }
 
-// Epilogue, part 2: shared fp32 tile -> out [R, M] rows with 16-byte stores.
+// Epilogue, part 2: shared fp32 tile -> out rows with 16-byte stores. With a fused GLU
+// output column c is act(tile column c) * tile column c + kPair (TileRows).
 // tid: the thread's index among the kThreads that store.
-template <typename T, int kThreads, int kCStride>
+template <typename T, int kThreads, int kCStride, int kPair>
 __device__ __forceinline__ void SharedToOut(const Args& a, const Work& work, int out0,
                                             int out_here, const float* c_tile, int tid) {
   T* out = static_cast<T*>(a.out);
@@ -383,8 +429,14 @@ __device__ __forceinline__ void SharedToOut(const Args& a, const Work& work, int
     const int n = i / vec, c = (i % vec) * 8;
     const float* src = c_tile + n * kCStride + c;
     alignas(16) T packed[8];
+    if (a.glu == kGluNone) {
 #pragma unroll
-    for (int q = 0; q < 8; ++q) packed[q] = static_cast<T>(src[q]);
+      for (int q = 0; q < 8; ++q) packed[q] = static_cast<T>(src[q]);
+    } else {
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        packed[q] = static_cast<T>(GluActivation(src[q], a.glu) * src[kPair + q]);
+    }
     *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.out_cols +
                               out0 + c) = *reinterpret_cast<const uint4*>(packed);
   }
@@ -398,68 +450,45 @@ __device__ __forceinline__ void ClusterSync() {
 #endif
 }
 
-// Epilogue of a cluster (sm_90): blockIdx.z % splits picks a K split (warp-level kernel,
-// decode shapes), blockIdx.y % 2 the gate or up half of a fused GLU. Every block holds a
+// Epilogue of a K-split cluster (sm_90, dims (1, 1, splits)): every block holds a
 // partial fp32 tile at the same shared-memory offset; each block takes a share of the
-// tile's 8-column groups, sums the splits of each half through distributed shared memory
-// (in rank order: the result does not depend on scheduling), applies the GLU, and stores.
-// A thread takes kItems groups at once so that many remote loads (hundreds of cycles each)
-// are in flight together; its own block's partials are read as local shared memory.
-// Called by kThreads threads (tid in [0, kThreads)) of every block, after ClusterSync; the
-// caller syncs the cluster again before any block exits.
-template <typename T, int kThreads, int kCStride, int kItems>
+// tile's 8-column groups, sums the splits through distributed shared memory (in rank
+// order: the result does not depend on scheduling), applies a fused GLU (columns c and
+// c + kPair, as SharedToOut) and stores. Called by kThreads threads (tid in
+// [0, kThreads)) of every block, after ClusterSync; the caller syncs the cluster again
+// before any block exits.
+template <typename T, int kThreads, int kCStride, int kPair>
 __device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work, int out0,
                                                 int out_here, float* c_tile, int tid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  const dim3 dims = cluster.dim_blocks();  // (1, halves, splits)
-  const int blocks = static_cast<int>(cluster.num_blocks());
+  const int splits = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
-  const int halves = static_cast<int>(dims.y), splits = static_cast<int>(dims.z);
+  const bool glu = a.glu != kGluNone;
   T* out = static_cast<T*>(a.out);
-  const int vec = out_here / 8, items = (work.row_end - work.row_begin) * vec;
-  const int stride = blocks * kThreads;
-  for (int first = rank * kThreads + tid; first < items; first += kItems * stride) {
-    float sum[kItems][2][8] = {};
+  const int vec = out_here / 8;
+  for (int i = rank * kThreads + tid; i < (work.row_end - work.row_begin) * vec;
+       i += splits * kThreads) {
+    const int n = i / vec, c = (i % vec) * 8;
+    float sum[2][8] = {};  // [gate or plain, up]
+    for (int z = 0; z < splits; ++z) {
+      const float* tile = z == rank ? c_tile : cluster.map_shared_rank(c_tile, z);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // unrolled: sum stays in registers
-      if (h == halves) break;
-#pragma unroll 4
-      for (int z = 0; z < splits; ++z) {
-        const int src_rank = h + halves * z;
-        const float* tile =
-            src_rank == rank ? c_tile : cluster.map_shared_rank(c_tile, src_rank);
-        float4 part[kItems][2];
-#pragma unroll
-        for (int u = 0; u < kItems; ++u) {  // every load issued before the first add
-          const int i = min(first + u * stride, items - 1);
-          const float4* src =
-              reinterpret_cast<const float4*>(tile + i / vec * kCStride + i % vec * 8);
-          part[u][0] = src[0];
-          part[u][1] = src[1];
-        }
-#pragma unroll
-        for (int u = 0; u < kItems; ++u) {
-          sum[u][h][0] += part[u][0].x; sum[u][h][1] += part[u][0].y;
-          sum[u][h][2] += part[u][0].z; sum[u][h][3] += part[u][0].w;
-          sum[u][h][4] += part[u][1].x; sum[u][h][5] += part[u][1].y;
-          sum[u][h][6] += part[u][1].z; sum[u][h][7] += part[u][1].w;
-        }
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && !glu) break;
+        const float4* src = reinterpret_cast<const float4*>(tile + n * kCStride + c + h * kPair);
+        const float4 lo = src[0], hi = src[1];
+        sum[h][0] += lo.x; sum[h][1] += lo.y; sum[h][2] += lo.z; sum[h][3] += lo.w;
+        sum[h][4] += hi.x; sum[h][5] += hi.y; sum[h][6] += hi.z; sum[h][7] += hi.w;
       }
     }
+    alignas(16) T packed[8];
 #pragma unroll
-    for (int u = 0; u < kItems; ++u) {
-      const int i = first + u * stride;
-      if (i >= items) break;
-      alignas(16) T packed[8];
-#pragma unroll
-      for (int q = 0; q < 8; ++q)
-        packed[q] = static_cast<T>(halves == 1 ? sum[u][0][q]
-                                               : GluActivation(sum[u][0][q], a.glu) * sum[u][1][q]);
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + i / vec) * a.out_cols +
-                                out0 + i % vec * 8) = *reinterpret_cast<const uint4*>(packed);
-    }
+    for (int q = 0; q < 8; ++q)
+      packed[q] = static_cast<T>(glu ? GluActivation(sum[0][q], a.glu) * sum[1][q] : sum[0][q]);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.out_cols +
+                              out0 + c) = *reinterpret_cast<const uint4*>(packed);
   }
 #endif
 }

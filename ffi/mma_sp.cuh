@@ -90,7 +90,6 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
 
   constexpr int kOutRows = Tile::kBM / N * V;  // output rows (of M) per block
   const RowTile tile = TileRows<Tile::kBM, N, V>(a, blockIdx.y);
-  const int kept0 = tile.kept0, kept_here = tile.kept_here;
   const Work work = FindWork<Tile::kBN>(a, blockIdx.x);
   if (work.row_begin >= work.row_end) return;
   // K split (gridDim.z > 1, decode shapes on sm_90): the blocks of one cluster share this
@@ -124,7 +123,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   const int w_end = min(windows, s_end * (Tile::kBK / a.sub_row));
   const uint32_t smem_base = SmemAddr(smem);
 
-  const StageLoader<Tile, T> loader(a, values, meta, src_row, kept0, kept_here, rows_here);
+  const StageLoader<Tile, T> loader(a, values, meta, src_row, tile, rows_here);
   auto load_stage = [&](int stage, int buf) {
     loader.Load(smem_base + buf * Tile::kStageBytes, stage);
   };
@@ -154,17 +153,16 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
 #pragma unroll
   for (int i = 0; i < Tile::kFragsM; ++i) {
     const int r0 = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16;
-    frag_ok[i] = r0 < kept_here;  // kept_here is a multiple of 16
+    frag_ok[i] = RowPresent<Tile::kBM>(tile, r0);  // halves hold whole fragments
     my_kept[i][0] = r0 + g;
     my_kept[i][1] = r0 + g + 8;
   }
   // Sub-row index of each of this lane's kept rows in the current window.
   uint8_t sub[Tile::kFragsM][2];
-  const uint8_t* idx_span = indices + static_cast<int64_t>(kept0) * windows;
   uint8_t* idx_smem = smem + Tile::kPipeBytes;
   const int w_count = w_end - w_begin;
-  const bool idx_staged = V > 1 && StageIndices<Tile::kThreads>(idx_span, idx_smem, kept_here,
-                                                                windows, w_begin, w_count);
+  const bool idx_staged = V > 1 && StageIndices<Tile::kBM, Tile::kThreads>(
+                                       indices, tile, idx_smem, windows, w_begin, w_count);
   auto load_sub = [&](int window, uint8_t (&dst)[Tile::kFragsM][2]) {
 #pragma unroll
     for (int i = 0; i < Tile::kFragsM; ++i)
@@ -173,7 +171,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
         const int row = my_kept[i][h];
         const uint8_t raw = !frag_ok[i]  ? 0
                             : idx_staged ? idx_smem[row * w_count + window - w_begin]
-                                         : __ldg(idx_span + row * windows + window);
+                                         : __ldg(indices + KeptRow<Tile::kBM>(tile, row) * windows +
+                                                 window);
         dst[i][h] = static_cast<uint8_t>(raw % V);
       }
   };
@@ -288,20 +287,22 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
                                                  slot_n, c_tile);
     __syncthreads();
   }
-  if (splits > 1 || a.glu != kGluNone) {
+  constexpr int kPair = GluPairCols<Tile::kBM, N, V>();
+  if (splits > 1) {
     ClusterSync();  // every block's partial tile is in its shared memory
-    ClusterEpilogue<T, Tile::kThreads, kCStride, 2>(a, work, tile.out0, tile.out_here, c_tile, tid);
+    ClusterEpilogue<T, Tile::kThreads, kCStride, kPair>(a, work, tile.out0, tile.out_here, c_tile,
+                                                        tid);
     ClusterSync();  // no block exits while another still reads its shared memory
   } else {
-    SharedToOut<T, Tile::kThreads, kCStride>(a, work, tile.out0, tile.out_here, c_tile, tid);
+    SharedToOut<T, Tile::kThreads, kCStride, kPair>(a, work, tile.out0, tile.out_here, c_tile, tid);
   }
 }
 
 // K splits for decode shapes: a block's K loop is latency-bound (few routed rows, one
 // stage in flight per few hundred cycles), so when the M tiles alone leave the SMs short
 // of blocks, the blocks of one cluster share a tile's K range (a cluster holds at most 8
-// blocks, the portable size, with the two halves of a fused GLU counted). Only on sm_90 (clusters, distributed shared memory); SAMOYEDS_SPLIT_K
-// (environment, read once) forces a count for benchmarks and tests.
+// blocks, the portable size). Only on sm_90 (clusters, distributed shared memory);
+// SAMOYEDS_SPLIT_K (environment, read once) forces a count for benchmarks and tests.
 constexpr int kMaxSplits = 8;
 constexpr int kSplitTargetBlocksPerSm = 4;
 constexpr int kMinStagesPerSplit = 4;
@@ -320,14 +321,13 @@ int SplitsFor(const Args& a, int m_tiles) {
   const DeviceFacts& dev = CurrentDevice();
   if (dev.major < 9) return 1;
   const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
-  const int max_splits = kMaxSplits / ClusterHalves(a);
-  if (ForcedSplits()) return std::min({ForcedSplits(), max_splits, k_stages});
+  if (ForcedSplits()) return std::min(ForcedSplits(), k_stages);
   // Busy row tiles, assuming the routed rows spread over as many experts as they can.
   const int64_t row_tiles = std::max<int64_t>((a.rows + Tile::kBN - 1) / Tile::kBN,
                                               std::min(a.experts, a.rows));
   const int64_t target = int64_t{kSplitTargetBlocksPerSm} * dev.sms;
   int s = 1;
-  while (s < max_splits && row_tiles * m_tiles * s * 2 <= target &&
+  while (s < kMaxSplits && row_tiles * m_tiles * s * 2 <= target &&
          k_stages >= 2 * s * kMinStagesPerSplit)
     s *= 2;
   return s;
@@ -343,7 +343,7 @@ cudaError_t Launch(cudaStream_t stream, const Args& a) {
   const int m_tiles = MTiles<Tile::kBM>(a);
   const int splits = SplitsFor<Tile>(a, m_tiles);
   return LaunchClusters(stream, kernel, dim3(RowTiles<Tile::kBN>(a), m_tiles, splits),
-                        Tile::kThreads, smem, dim3(1, ClusterHalves(a), splits), a);
+                        Tile::kThreads, smem, dim3(1, 1, splits), a);
 }
 
 template <typename T, int N, int V>

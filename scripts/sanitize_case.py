@@ -45,7 +45,7 @@ for nv in SUPPORTED_NV:
         x = jax.device_put(np.asarray(rng.standard_normal((tokens + 2, k)), jnp.bfloat16))
         gs = jax.device_put(np.asarray([tokens, 1], np.int32))  # one zero-filled row
         y = sj.ragged_dot(x, sw, gs)
-        y2 = sj.ragged_dot(x, sw, gs, glu="silu")  # gate and up tiles of one cluster
+        y2 = sj.ragged_dot(x, sw, gs, glu="silu")  # gate and up halves of one tile
         jax.block_until_ready((y, y2))
         assert np.isfinite(np.asarray(y, np.float32)).all()
         assert np.isfinite(np.asarray(y2, np.float32)).all()
