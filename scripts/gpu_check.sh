@@ -157,7 +157,8 @@ perf() {
     --cases=single --tokens=4096 --reps=10 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -3
   step "layer benchmark"
   python3 "$REPO/benchmarks/bench_layer.py" --preset=mixtral-8x7b --tokens=16,512,4096 \
-    --json_out="$OUT/bench_layer.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -14
+    --paths=samoyeds,xla_ragged_dot,xla_capacity_einsum,xla_all_experts,samoyeds_kernels,xla_kernels,samoyeds_gate_up,samoyeds_gate_up_unfused \
+    --json_out="$OUT/bench_layer.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -30
 }
 
 glu() {
