@@ -266,10 +266,13 @@ class StageLoader {
     a_dst_ = Cfg::AOffset(a_row_, a_chunk_);
     b_dst_ = Cfg::BOffset(b_row, b_chunk_);
     m_dst_ = m_row_ * Cfg::kMetaRow + m_word_ * 4;
-    a_src_ = values + static_cast<int64_t>(FirstKept<kAPer, Cfg::kBM>(tile, a_row_)) * half_k + a_chunk_ * 8;
-    m_src_ = meta + static_cast<int64_t>(FirstKept<kMPer, Cfg::kBM>(tile, m_row_)) * words + m_word_;
-    a_skip_ = static_cast<int64_t>(tile.skip) * half_k;
-    m_skip_ = static_cast<int64_t>(tile.skip) * words;
+    // Copies of the upper half start from a second base, the first moved by skip rows.
+    a_src_[0] = values + static_cast<int64_t>(FirstKept<kAPer, Cfg::kBM>(tile, a_row_)) * half_k +
+                a_chunk_ * 8;
+    m_src_[0] = meta + static_cast<int64_t>(FirstKept<kMPer, Cfg::kBM>(tile, m_row_)) * words +
+                m_word_;
+    a_src_[1] = a_src_[0] + static_cast<int64_t>(tile.skip) * half_k;
+    m_src_[1] = m_src_[0] + static_cast<int64_t>(tile.skip) * words;
     a_ok_ = m_ok_ = 0;
 #pragma unroll
     for (int c = 0; c < kAPer; ++c)
@@ -295,9 +298,9 @@ class StageLoader {
 #pragma unroll
     for (int c = 0; c < kAPer; ++c) {
       const bool ok = a_col_ok && ((a_ok_ >> c) & 1);
-      const T* src = ok ? a_src_ + static_cast<int64_t>(c * kARowStep) * half_k +
-                              (UpperCopy<kAPer>(c) ? a_skip_ : 0) + k0 / 2
-                        : values_;
+      const T* src =
+          ok ? a_src_[UpperCopy<kAPer>(c)] + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2
+             : values_;
       CpAsync16(sa + a_dst_ + c * kARowStep * Cfg::kARow, src, ok ? 16 : 0);
     }
     // Absent routed rows are not copied at all: their output columns are never stored,
@@ -313,9 +316,9 @@ class StageLoader {
 #pragma unroll
     for (int c = 0; c < kMPer; ++c) {
       const bool ok = ((m_ok_ >> c) & 1) && word0 + m_word_ < words;
-      const uint32_t* src = ok ? m_src_ + static_cast<int64_t>(c * kMRowStep) * words +
-                                     (UpperCopy<kMPer>(c) ? m_skip_ : 0) + word0
-                               : meta_;
+      const uint32_t* src =
+          ok ? m_src_[UpperCopy<kMPer>(c)] + static_cast<int64_t>(c * kMRowStep) * words + word0
+             : meta_;
       CpAsync4(sm + m_dst_ + c * kMRowStep * Cfg::kMetaRow, src, ok ? 4 : 0);
     }
   }
@@ -324,9 +327,8 @@ class StageLoader {
   const Args& a_;  // the kernel's parameters
   const T* values_;
   const uint32_t* meta_;
-  const T* a_src_;
-  const uint32_t* m_src_;
-  int64_t a_skip_, m_skip_;  // added to the upper half's copies (RowTile::skip)
+  const T* a_src_[2];         // [lower, upper half]
+  const uint32_t* m_src_[2];
   uint32_t a_ok_, m_ok_;  // copies whose rows are present
   int a_row_, a_chunk_, b_chunk_, m_row_, m_word_;
   uint32_t a_dst_, b_dst_, m_dst_;
