@@ -213,10 +213,10 @@ __device__ void LoadSourceRows(const Args& a, const Work& work, int (&src_row)[B
   }
 }
 
-// A loader's kPer copies of tile rows are kRows / kPer rows apart, from a first row r0
+// A loader's kPer copies of tile rows are BM / kPer rows apart, from a first row r0
 // below that step. With kPer even, copy c lies in the tile's upper half iff
 // c >= kPer / 2, known at compile time (UpperCopy); a single copy lies where r0 does, and
-// its kept row is resolved once (FirstKept).
+// its kept row and bound are resolved once (FirstKept, FirstLimit).
 template <int kPer>
 __device__ __forceinline__ constexpr bool UpperCopy(int c) {
   static_assert(kPer == 1 || kPer % 2 == 0, "copies split evenly over the tile halves");
@@ -225,6 +225,11 @@ __device__ __forceinline__ constexpr bool UpperCopy(int c) {
 template <int kPer, int BM>
 __device__ __forceinline__ int FirstKept(const RowTile& t, int r0) {
   return t.kept0 + r0 + (kPer == 1 && r0 >= BM / 2 ? t.skip : 0);
+}
+// The row bound of the lower half's copies (of a single copy: of r0's half).
+template <int kPer, int BM>
+__device__ __forceinline__ int FirstLimit(const RowTile& t, int r0) {
+  return kPer == 1 && r0 >= BM / 2 ? BM / 2 + t.hi : t.lo;
 }
 
 // The warp-level kernel's loader (every thread loads; the Hopper kernel's producer
@@ -273,13 +278,12 @@ class StageLoader {
                 m_word_;
     a_src_[1] = a_src_[0] + static_cast<int64_t>(tile.skip) * half_k;
     m_src_[1] = m_src_[0] + static_cast<int64_t>(tile.skip) * words;
-    a_ok_ = m_ok_ = 0;
-#pragma unroll
-    for (int c = 0; c < kAPer; ++c)
-      a_ok_ |= RowPresent<Cfg::kBM>(tile, a_row_ + c * kARowStep) ? 1u << c : 0u;
-#pragma unroll
-    for (int c = 0; c < kMPer; ++c)
-      m_ok_ |= RowPresent<Cfg::kBM>(tile, m_row_ + c * kMRowStep) ? 1u << c : 0u;
+    // Copy c's row is present iff row < limit of its half: the lower half holds rows
+    // [0, lo), the upper [BM / 2, BM / 2 + hi).
+    a_lim_[0] = FirstLimit<kAPer, Cfg::kBM>(tile, a_row_);
+    a_lim_[1] = Cfg::kBM / 2 + tile.hi;
+    m_lim_[0] = FirstLimit<kMPer, Cfg::kBM>(tile, m_row_);
+    m_lim_[1] = Cfg::kBM / 2 + tile.hi;
 #pragma unroll
     for (int c = 0; c < kBPer; ++c) {
       const int row = b_row + c * kBRowStep;
@@ -297,7 +301,7 @@ class StageLoader {
     const bool a_col_ok = k0 / 2 + a_chunk_ * 8 < half_k;
 #pragma unroll
     for (int c = 0; c < kAPer; ++c) {
-      const bool ok = a_col_ok && ((a_ok_ >> c) & 1);
+      const bool ok = a_col_ok && a_row_ + c * kARowStep < a_lim_[UpperCopy<kAPer>(c)];
       const T* src =
           ok ? a_src_[UpperCopy<kAPer>(c)] + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2
              : values_;
@@ -315,7 +319,7 @@ class StageLoader {
     const int word0 = k0 / kMetaColsPerWord;
 #pragma unroll
     for (int c = 0; c < kMPer; ++c) {
-      const bool ok = ((m_ok_ >> c) & 1) && word0 + m_word_ < words;
+      const bool ok = m_row_ + c * kMRowStep < m_lim_[UpperCopy<kMPer>(c)] && word0 + m_word_ < words;
       const uint32_t* src =
           ok ? m_src_[UpperCopy<kMPer>(c)] + static_cast<int64_t>(c * kMRowStep) * words + word0
              : meta_;
@@ -329,7 +333,7 @@ class StageLoader {
   const uint32_t* meta_;
   const T* a_src_[2];         // [lower, upper half]
   const uint32_t* m_src_[2];
-  uint32_t a_ok_, m_ok_;  // copies whose rows are present
+  int a_lim_[2], m_lim_[2];  // [lower, upper half]: copies of rows below are present
   int a_row_, a_chunk_, b_chunk_, m_row_, m_word_;
   uint32_t a_dst_, b_dst_, m_dst_;
   int b_tok_[kBPer];
@@ -357,6 +361,13 @@ __device__ bool StageIndices(const uint8_t* idx, const RowTile& t, uint8_t* idx_
     }
   }
   return true;
+}
+
+// The value, opaque to the compiler (it cannot recompute it from its inputs, so it
+// stays in a register).
+__device__ __forceinline__ uint32_t Pinned(uint32_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
 }
 
 // Exchanges a and b when swap holds, with two selects. Written in PTX so the compiler

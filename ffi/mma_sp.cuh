@@ -192,6 +192,31 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
     CpAsyncCommit();
   }
 
+  // This lane's ldmatrix offsets for k-step s of a stage.
+  auto a_offset = [&](int i, int s) {
+    return Tile::AOffset(warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16 + (lane & 15),
+                         s * 2 + (lane >> 4));
+  };
+  auto b_offset = [&](int j, int s) {
+    return Tile::BOffset(warp_n * (Tile::kBN / Tile::kWarpsN) + j * 8 + (lane & 7),
+                         s * 4 + (lane >> 3));
+  };
+  // Computed once and pinned in registers: left to itself ptxas may recompute the
+  // swizzles at every ldmatrix of the K loop (two more instructions each) when its
+  // register heuristics shift. Not for the V = 4 prefill tile, whose accumulators leave
+  // no room for them.
+  constexpr bool kPin = V * Tile::kFragsM * Tile::kFragsN <= 16;
+  uint32_t a_off[Tile::kFragsM][Tile::kSteps], b_off[Tile::kFragsN][Tile::kSteps];
+  if constexpr (kPin) {
+#pragma unroll
+    for (int s = 0; s < Tile::kSteps; ++s) {
+#pragma unroll
+      for (int i = 0; i < Tile::kFragsM; ++i) a_off[i][s] = Pinned(a_offset(i, s));
+#pragma unroll
+      for (int j = 0; j < Tile::kFragsN; ++j) b_off[j][s] = Pinned(b_offset(j, s));
+    }
+  }
+
   for (int stage = s_begin; stage < s_end; ++stage) {
     CpAsyncWait<Tile::kStages - 2>();
     __syncthreads();
@@ -234,15 +259,12 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
       }
       uint32_t bfrag[Tile::kFragsN][4];
 #pragma unroll
-      for (int j = 0; j < Tile::kFragsN; ++j) {
-        const int row = warp_n * (Tile::kBN / Tile::kWarpsN) + j * 8 + (lane & 7);
-        LdMatrixX4(sb + Tile::BOffset(row, s * 4 + (lane >> 3)), bfrag[j]);
-      }
+      for (int j = 0; j < Tile::kFragsN; ++j)
+        LdMatrixX4(sb + (kPin ? b_off[j][s] : b_offset(j, s)), bfrag[j]);
 #pragma unroll
       for (int i = 0; i < Tile::kFragsM; ++i) {
         uint32_t afrag[4];
-        const int row = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16 + (lane & 15);
-        LdMatrixX4(sa + Tile::AOffset(row, s * 2 + (lane >> 4)), afrag);
+        LdMatrixX4(sa + (kPin ? a_off[i][s] : a_offset(i, s)), afrag);
 #pragma unroll
         for (int j = 0; j < Tile::kFragsN; ++j) {
           if (s % 2 == 0)
