@@ -185,17 +185,33 @@ inline unsigned RowTiles(const Args& a) {
   return static_cast<unsigned>((static_cast<int64_t>(a.rows) + BN - 1) / BN + a.experts + 1);
 }
 
+// Walks the 8-column groups of a [rows, vec] grid from item `first` in strides of
+// `step` items, calling f(row, group): one division per thread, not per item.
+template <typename F>
+__device__ __forceinline__ void ForEachGroup(int rows, int vec, int first, int step, F&& f) {
+  int n = first / vec, g = first % vec;
+  const int dn = step / vec, dg = step % vec;
+  while (n < rows) {
+    f(n, g);
+    n += dn;
+    g += dg;
+    if (g >= vec) {
+      g -= vec;
+      ++n;
+    }
+  }
+}
+
 // Rows past sum(group_sizes) are zero (written by the first block of a K-split cluster).
 template <typename T, int kThreads>
 __device__ void ZeroFillTile(const Args& a, const Work& work, int out0, int out_here) {
   if (blockIdx.z != 0) return;
-  T* out = static_cast<T*>(a.out);
-  const int vec = out_here / 8;
-  for (int i = threadIdx.x; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
-    const int r = work.row_begin + i / vec, c = out0 + (i % vec) * 8;
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(r) * a.out_cols + c) =
-        make_uint4(0, 0, 0, 0);
-  }
+  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(work.row_begin) * a.out_cols + out0;
+  ForEachGroup(work.row_end - work.row_begin, out_here / 8, threadIdx.x, kThreads,
+               [&](int n, int g) {
+                 *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * a.out_cols + g * 8) =
+                     make_uint4(0, 0, 0, 0);
+               });
 }
 
 // Token id of each routed row of the tile, -1 when absent or an invalid SEL entry (read
@@ -433,26 +449,27 @@ __device__ __forceinline__ void AccToShared(const float (&acc)[V][kFrags][4],
 // Epilogue, part 2: shared fp32 tile -> out rows with 16-byte stores. With a fused GLU
 // output column c is act(tile column c) * tile column c + kPair (TileRows).
 // tid: the thread's index among the kThreads that store.
+template <typename T, int kThreads, int kCStride, int kPair, bool kGlu>
+__device__ __forceinline__ void StoreTile(const Args& a, const Work& work, int out0,
+                                          int out_here, const float* c_tile, int tid) {
+  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(work.row_begin) * a.out_cols + out0;
+  ForEachGroup(work.row_end - work.row_begin, out_here / 8, tid, kThreads, [&](int n, int g) {
+    const float* src = c_tile + n * kCStride + g * 8;
+    alignas(16) T packed[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q)
+      packed[q] = static_cast<T>(kGlu ? GluActivation(src[q], a.glu) * src[kPair + q] : src[q]);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * a.out_cols + g * 8) =
+        *reinterpret_cast<const uint4*>(packed);
+  });
+}
 template <typename T, int kThreads, int kCStride, int kPair>
 __device__ __forceinline__ void SharedToOut(const Args& a, const Work& work, int out0,
                                             int out_here, const float* c_tile, int tid) {
-  T* out = static_cast<T*>(a.out);
-  const int vec = out_here / 8;
-  for (int i = tid; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
-    const int n = i / vec, c = (i % vec) * 8;
-    const float* src = c_tile + n * kCStride + c;
-    alignas(16) T packed[8];
-    if (a.glu == kGluNone) {
-#pragma unroll
-      for (int q = 0; q < 8; ++q) packed[q] = static_cast<T>(src[q]);
-    } else {
-#pragma unroll
-      for (int q = 0; q < 8; ++q)
-        packed[q] = static_cast<T>(GluActivation(src[q], a.glu) * src[kPair + q]);
-    }
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.out_cols +
-                              out0 + c) = *reinterpret_cast<const uint4*>(packed);
-  }
+  if (a.glu == kGluNone)
+    StoreTile<T, kThreads, kCStride, kPair, false>(a, work, out0, out_here, c_tile, tid);
+  else
+    StoreTile<T, kThreads, kCStride, kPair, true>(a, work, out0, out_here, c_tile, tid);
 }
 
 // The cluster's barrier (sm_90): every thread of every block of the cluster arrives,
@@ -479,18 +496,17 @@ __device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work,
   const int splits = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
   const bool glu = a.glu != kGluNone;
-  T* out = static_cast<T*>(a.out);
-  const int vec = out_here / 8;
-  for (int i = rank * kThreads + tid; i < (work.row_end - work.row_begin) * vec;
-       i += splits * kThreads) {
-    const int n = i / vec, c = (i % vec) * 8;
+  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(work.row_begin) * a.out_cols + out0;
+  ForEachGroup(work.row_end - work.row_begin, out_here / 8, rank * kThreads + tid,
+               splits * kThreads, [&](int n, int g) {
     float sum[2][8] = {};  // [gate or plain, up]
     for (int z = 0; z < splits; ++z) {
       const float* tile = z == rank ? c_tile : cluster.map_shared_rank(c_tile, z);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (h == 1 && !glu) break;
-        const float4* src = reinterpret_cast<const float4*>(tile + n * kCStride + c + h * kPair);
+        const float4* src =
+            reinterpret_cast<const float4*>(tile + n * kCStride + g * 8 + h * kPair);
         const float4 lo = src[0], hi = src[1];
         sum[h][0] += lo.x; sum[h][1] += lo.y; sum[h][2] += lo.z; sum[h][3] += lo.w;
         sum[h][4] += hi.x; sum[h][5] += hi.y; sum[h][6] += hi.z; sum[h][7] += hi.w;
@@ -500,9 +516,9 @@ __device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work,
 #pragma unroll
     for (int q = 0; q < 8; ++q)
       packed[q] = static_cast<T>(glu ? GluActivation(sum[0][q], a.glu) * sum[1][q] : sum[0][q]);
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.out_cols +
-                              out0 + c) = *reinterpret_cast<const uint4*>(packed);
-  }
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * a.out_cols + g * 8) =
+        *reinterpret_cast<const uint4*>(packed);
+  });
 #endif
 }
 
