@@ -10,6 +10,7 @@
 #     soak     : GPU hypothesis fuzz test and the randomized soak
 #     perf     : Mixtral demo, kernel and layer benchmarks (device time from traces)
 #     glu      : the layer's kernels one by one (fused GLU vs unfused, down)
+#     perflite : perf without the demo
 #     suite    : the issue-6 suite: stack and memory benchmarks, plots, profiler trace
 #     calib    : calibrated vs magnitude pruning on the GPU
 #     multi    : several GPUs (issue 9): sharded == single device, bench_multi scaling
@@ -169,6 +170,18 @@ glu() {
     --json_out="$OUT/bench_layer_parts.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -18
 }
 
+# The layer and kernel benchmarks without the demo (a shorter perf).
+perflite() {
+  build
+  step "kernel benchmark"
+  python3 "$REPO/benchmarks/bench_kernel.py" --preset=mixtral-8x7b --proj=up --tokens=16,4096 \
+    --reps=10 --json_out="$OUT/bench_kernel_up.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -12
+  step "layer benchmark"
+  python3 "$REPO/benchmarks/bench_layer.py" --preset=mixtral-8x7b --tokens=16,512,4096 \
+    --paths=samoyeds,xla_ragged_dot,xla_capacity_einsum,xla_all_experts,samoyeds_kernels,xla_kernels,samoyeds_gate_up,samoyeds_gate_up_unfused \
+    --json_out="$OUT/bench_layer.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -30
+}
+
 suite() {
   build
   step "benchmark suite (issue 6)"
@@ -249,7 +262,7 @@ multi() {
 machine
 for mode in "$@"; do
   case $mode in
-    kernel|split|tests|sanitize|soak|perf|glu|suite|calib|multi|profile|dprofile) $mode ;;
+    kernel|split|tests|sanitize|soak|perf|perflite|glu|suite|calib|multi|profile|dprofile) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done
