@@ -17,6 +17,9 @@ so every path computes the same function up to dropped tokens):
   samoyeds_kernels    kernel-only: the 2 sj.ragged_dot calls of sj.moe for the same routing
                       (sel, group sizes and the GLU input precomputed)
   xla_kernels         kernel-only: the 3 jax.lax.ragged_dot calls of the dense twin
+  samoyeds_gate_up, samoyeds_down (not run by default): the two calls of samoyeds_kernels
+                      alone; samoyeds_gate_up_unfused: the gate_up product without the
+                      fused GLU, then the GLU in XLA (what the fusion replaces)
 The overhead of routing, dispatch, GLU and combine is stated as layer - kernels. `err` is
 the relative error of a layer path against sj.moe_dense on the first token set (nonzero
 for the capacity path when tokens are dropped).
@@ -38,6 +41,7 @@ from absl import app, flags
 
 import samoyeds_jax as sj
 from samoyeds_jax.moe import PRESETS, preset_config
+from samoyeds_jax.ops import _glu_act
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _report  # noqa: E402
@@ -78,6 +82,13 @@ def _copies(params):
     # Adding i to every weight keeps the routing (a constant shift of all router logits).
     return [jax.tree.map(lambda a, i=i: a + jnp.asarray(i, a.dtype), params)
             for i in range(FLAGS.rotate)]
+
+
+def _glu_after(gu: jax.Array, activation: str) -> jax.Array:
+    """act(gate) * up of a [R, 2f] product, in XLA (float32 math, rounded to gu's dtype)."""
+    f = gu.shape[-1] // 2
+    g, u = gu[:, :f].astype(jnp.float32), gu[:, f:].astype(jnp.float32)
+    return (_glu_act(g, activation) * u).astype(gu.dtype)
 
 
 def _time(fn, args) -> float:
@@ -147,7 +158,7 @@ def main(argv):
                 print(f"  T={t:6d} xla_all_experts      skipped ({gib:.1f} GiB > "
                       f"--all_experts_max_gib={FLAGS.all_experts_max_gib})")
         # Kernel-only: the same routing as the layer, computed outside the timed program.
-        if "samoyeds_kernels" in paths or "xla_kernels" in paths:
+        if any(p_.endswith("kernels") or p_.startswith("samoyeds_") for p_ in paths):
             routed = []
             for x in xs:
                 _, experts = sj.route(sparse["router"], x, cfg)
@@ -156,8 +167,19 @@ def main(argv):
                 routed.append((x, sel, gs, h))
             if "samoyeds_kernels" in paths:
                 fn = _unrolled(lambda p, x, sel, gs, h: (
-                    sj.ragged_dot(x, p["gate_up"], gs, sel), sj.ragged_dot(h, p["down"], gs)))
+                    sj.ragged_dot(x, p["gate_up"], gs, sel, glu=cfg.activation),
+                    sj.ragged_dot(h, p["down"], gs)))
                 record(t, "samoyeds_kernels", _time(fn, (sparse_sets, routed)))
+            parts = {
+                "samoyeds_gate_up": lambda p, x, sel, gs, h: sj.ragged_dot(
+                    x, p["gate_up"], gs, sel, glu=cfg.activation),
+                "samoyeds_gate_up_unfused": lambda p, x, sel, gs, h: _glu_after(
+                    sj.ragged_dot(x, p["gate_up"], gs, sel), cfg.activation),
+                "samoyeds_down": lambda p, x, sel, gs, h: sj.ragged_dot(h, p["down"], gs),
+            }
+            for name, part in parts.items():
+                if name in paths:
+                    record(t, name, _time(_unrolled(part), (sparse_sets, routed)))
             if "xla_kernels" in paths:
                 def three(p, x, sel, gs, h):
                     xs_ = x[sel]

@@ -1,7 +1,8 @@
 // Standalone driver of the CUDA kernel (no JAX) for ncu and kernel-only timing:
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi -I$(jax ffi include) \
 //        benchmarks/kernel_harness.cu -o harness
-//   ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS]
+//   ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
+// (GLU 1: SwiGLU fused into the epilogue, out [T, M/2] = silu(gate) * up of M = [gate | up])
 // Random values, metadata (valid sorted 2:4 pairs) and sub-row indices; one expert stack
 // with TOKENS rows split evenly over EXPERTS; CUDA-event timing, median of 5 batches of REPS back-to-back launches
 // rotating over enough weight copies to defeat the L2, of both kernels (warp-level and,
@@ -27,13 +28,15 @@
 
 int main(int argc, char** argv) {
   if (argc < 7) {
-    std::fprintf(stderr, "usage: %s K M TOKENS N V SUB_ROW [EXPERTS] [REPS]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]\n", argv[0]);
     return 2;
   }
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines show up even if a kernel hangs later
   const int K = std::atoi(argv[1]), M = std::atoi(argv[2]), T = std::atoi(argv[3]);
   const int n = std::atoi(argv[4]), v = std::atoi(argv[5]), L = std::atoi(argv[6]);
   const int E = argc > 7 ? std::atoi(argv[7]) : 1, reps = argc > 8 ? std::atoi(argv[8]) : 50;
+  const int glu = argc > 9 ? std::atoi(argv[9]) : 0;
+  const int out_cols = glu ? M / 2 : M;
   const int Mk = M / v * n;
   const size_t vals = size_t(E) * Mk * (K / 2), words = size_t(E) * Mk * (K / 32),
                idxs = size_t(E) * Mk * (K / L);
@@ -84,7 +87,7 @@ int main(int argc, char** argv) {
   auto args = [&](int c) {
     return samoyeds::cuda::Args{dx, dv[c], static_cast<uint8_t*>(di[c]),
                                 static_cast<uint32_t*>(dm[c]), nullptr,
-                                static_cast<int32_t*>(dgs), dout, T, K, M, E, Mk, T, L, false};
+                                static_cast<int32_t*>(dgs), dout, T, K, M, E, Mk, T, L, false, glu, out_cols};
   };
   using samoyeds::cuda::Path;
   auto launch = [&](int c, Path path) {
@@ -114,10 +117,10 @@ int main(int argc, char** argv) {
   };
   // The output of one path on weight copy 0, poisoned first so unwritten rows show.
   auto output_of = [&](Path path) {
-    CHECK(cudaMemset(dout, 0xFF, size_t(T) * M * 2));  // bf16 0xFFFF is a NaN
+    CHECK(cudaMemset(dout, 0xFF, size_t(T) * out_cols * 2));  // bf16 0xFFFF is a NaN
     launch(0, path);
     CHECK(cudaDeviceSynchronize());
-    std::vector<uint16_t> h(size_t(T) * M);
+    std::vector<uint16_t> h(size_t(T) * out_cols);
     CHECK(cudaMemcpy(h.data(), dout, h.size() * 2, cudaMemcpyDeviceToHost));
     return h;
   };
@@ -127,10 +130,10 @@ int main(int argc, char** argv) {
     std::memcpy(&f, &u, 4);
     return f;
   };
-  const double bytes = double(wbytes) + double(T) * K * 2 + double(T) * M * 2;
+  const double bytes = double(wbytes) + double(T) * K * 2 + double(T) * out_cols * 2;
   auto report = [&](const char* name, double med) {
-    std::printf("%-6s K=%d M=%d T=%d E=%d %d:%d L=%d  median %.2f us  %.0f GB/s  %.1f dense-equiv TFLOP/s\n",
-                name, K, M, T, E, n, v, L, med * 1e6, bytes / med / 1e9,
+    std::printf("%-6s K=%d M=%d T=%d E=%d %d:%d L=%d%s  median %.2f us  %.0f GB/s  %.1f dense-equiv TFLOP/s\n",
+                name, K, M, T, E, n, v, L, glu ? " glu" : "", med * 1e6, bytes / med / 1e9,
                 2.0 * T * K * M / med / 1e12);
   };
   {

@@ -57,10 +57,11 @@ uint16_t FloatToF16(float f) {
 ffi::Error RaggedDotCpu(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::Buffer<ffi::U8> indices,
                         ffi::Buffer<ffi::U32> metadata, ffi::Buffer<ffi::S32> sel,
                         ffi::Buffer<ffi::S32> group_sizes, int64_t n, int64_t v,
-                        int64_t sub_row, int64_t has_sel, ffi::Result<ffi::AnyBuffer> out) {
+                        int64_t sub_row, int64_t has_sel, int64_t glu,
+                        ffi::Result<ffi::AnyBuffer> out) {
   Problem p;
   if (ffi::Error err = CheckProblem(x, values, indices, metadata, sel, group_sizes, n, v,
-                                    sub_row, has_sel, *out, &p);
+                                    sub_row, has_sel, glu, *out, &p);
       err.failure())
     return err;
   const bool bf16 = p.dtype == ffi::DataType::BF16;
@@ -139,11 +140,16 @@ ffi::Error RaggedDotCpu(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::Buffer<ffi
         }
       }
     }
+    const int64_t C = p.out_cols;
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < M; ++c) o[(r0 + r) * M + c] = from_float(acc[r * M + c]);
+      for (int64_t c = 0; c < C; ++c) {
+        const float* a = acc.data() + r * M;
+        o[(r0 + r) * C + c] = from_float(
+            p.glu == kGluNone ? a[c] : GluActivation(a[c], p.glu) * a[C + c]);
+      }
   }
-  std::memset(o + offset[p.experts] * M, 0,
-              static_cast<size_t>((p.rows - offset[p.experts]) * M) * sizeof(uint16_t));
+  std::memset(o + offset[p.experts] * p.out_cols, 0,
+              static_cast<size_t>((p.rows - offset[p.experts]) * p.out_cols) * sizeof(uint16_t));
   return ffi::Error::Success();
 }
 

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "format.h"
+#include "glu.h"
 
 namespace samoyeds::cuda {
 
@@ -27,7 +28,51 @@ struct Args {
   void* out;
   int tokens, k, m, experts, kept_rows, rows, sub_row;
   bool has_sel;
+  int glu;       // kGluNone, or the activation of a fused GLU (glu.h)
+  int out_cols;  // columns of out: M, or M / 2 with a fused GLU
 };
+
+// The kept rows one block computes and the output columns it owns. A tile has BM rows
+// in two halves: tile row r < BM / 2 is kept row kept0 + r, and r >= BM / 2 is kept row
+// kept0 + skip + r. Without a GLU skip is 0 (BM consecutive kept rows). With a fused
+// GLU the kept rows are [gate | up] halves of Mk / 2 rows, and the upper half holds the
+// up rows behind the same output columns as the lower half's gate rows
+// (skip = Mk / 2 - BM / 2), so one block finds both factors of act(gate) * up in its
+// own epilogue tile: tile columns c (gate) and c + GluPairCols (up).
+struct RowTile {
+  int kept0, skip;
+  int lo, hi;     // kept rows present in the lower / upper half (multiples of kRowTile)
+  int out0;       // first column of out
+  int out_here;   // columns of out the tile owns
+};
+template <int BM, int N, int V>
+__device__ __forceinline__ RowTile TileRows(const Args& a, int y) {
+  static_assert(BM % (2 * kRowTile) == 0, "tile halves are whole row tiles");
+  constexpr int kHalf = BM / 2;
+  if (a.glu == kGluNone) {
+    const int kept0 = y * BM, here = min(BM, a.kept_rows - kept0);
+    return {kept0, 0, min(here, kHalf), max(here - kHalf, 0), kept0 / N * V, here / N * V};
+  }
+  const int half = a.kept_rows / 2, kept0 = y * kHalf, here = min(kHalf, half - kept0);
+  return {kept0, half - kHalf, here, here, kept0 / N * V, here / N * V};
+}
+template <int BM>
+__device__ __forceinline__ bool RowPresent(const RowTile& t, int r) {
+  return r < BM / 2 ? r < t.lo : r - BM / 2 < t.hi;
+}
+template <int BM>
+__device__ __forceinline__ int KeptRow(const RowTile& t, int r) {
+  return t.kept0 + r + (r >= BM / 2 ? t.skip : 0);
+}
+// Distance in epilogue-tile columns between an output column's gate and up factors.
+template <int BM, int N, int V>
+constexpr int GluPairCols() { return BM / 2 / N * V; }
+// Grid y extent of TileRows.
+template <int BM>
+inline int MTiles(const Args& a) {
+  if (a.glu == kGluNone) return (a.kept_rows + BM - 1) / BM;
+  return (a.kept_rows / 2 + BM / 2 - 1) / (BM / 2);
+}
 
 // What the launchers need to know of the current device, queried once per device.
 struct DeviceFacts {
@@ -46,6 +91,30 @@ inline const DeviceFacts& CurrentDevice() {
     cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, dev);
   }
   return f;
+}
+
+// Launches `kernel` on `grid` in clusters of `cluster` blocks (a plain launch for 1x1x1;
+// clusters need sm_90).
+template <typename Kernel>
+cudaError_t LaunchClusters(cudaStream_t stream, Kernel kernel, dim3 grid, int threads,
+                           int smem, dim3 cluster, const Args& a) {
+  if (cluster.x * cluster.y * cluster.z == 1) {
+    kernel<<<grid, threads, smem, stream>>>(a);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster.x;
+  attr.val.clusterDim.y = cluster.y;
+  attr.val.clusterDim.z = cluster.z;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
 // Metadata for MMA rows that hold no kept row (their values are zero): positions 0 and 1
@@ -116,15 +185,33 @@ inline unsigned RowTiles(const Args& a) {
   return static_cast<unsigned>((static_cast<int64_t>(a.rows) + BN - 1) / BN + a.experts + 1);
 }
 
-// Rows past sum(group_sizes) are zero.
+// Walks the 8-column groups of a [rows, vec] grid from item `first` in strides of
+// `step` items, calling f(row, group): one division per thread, not per item.
+template <typename F>
+__device__ __forceinline__ void ForEachGroup(int rows, int vec, int first, int step, F&& f) {
+  int n = first / vec, g = first % vec;
+  const int dn = step / vec, dg = step % vec;
+  while (n < rows) {
+    f(n, g);
+    n += dn;
+    g += dg;
+    if (g >= vec) {
+      g -= vec;
+      ++n;
+    }
+  }
+}
+
+// Rows past sum(group_sizes) are zero (written by the first block of a K-split cluster).
 template <typename T, int kThreads>
 __device__ void ZeroFillTile(const Args& a, const Work& work, int out0, int out_here) {
-  T* out = static_cast<T*>(a.out);
-  const int vec = out_here / 8;
-  for (int i = threadIdx.x; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
-    const int r = work.row_begin + i / vec, c = out0 + (i % vec) * 8;
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(r) * a.m + c) = make_uint4(0, 0, 0, 0);
-  }
+  if (blockIdx.z != 0) return;
+  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(work.row_begin) * a.out_cols + out0;
+  ForEachGroup(work.row_end - work.row_begin, out_here / 8, threadIdx.x, kThreads,
+               [&](int n, int g) {
+                 *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * a.out_cols + g * 8) =
+                     make_uint4(0, 0, 0, 0);
+               });
 }
 
 // Token id of each routed row of the tile, -1 when absent or an invalid SEL entry (read
@@ -140,6 +227,25 @@ __device__ void LoadSourceRows(const Args& a, const Work& work, int (&src_row)[B
     }
     src_row[i] = t;
   }
+}
+
+// A loader's kPer copies of tile rows are BM / kPer rows apart, from a first row r0
+// below that step. With kPer even, copy c lies in the tile's upper half iff
+// c >= kPer / 2, known at compile time (UpperCopy); a single copy lies where r0 does, and
+// its kept row and bound are resolved once (FirstKept, FirstLimit).
+template <int kPer>
+__device__ __forceinline__ constexpr bool UpperCopy(int c) {
+  static_assert(kPer == 1 || kPer % 2 == 0, "copies split evenly over the tile halves");
+  return kPer > 1 && c >= kPer / 2;
+}
+template <int kPer, int BM>
+__device__ __forceinline__ int FirstKept(const RowTile& t, int r0) {
+  return t.kept0 + r0 + (kPer == 1 && r0 >= BM / 2 ? t.skip : 0);
+}
+// The row bound of the lower half's copies (of a single copy: of r0's half).
+template <int kPer, int BM>
+__device__ __forceinline__ int FirstLimit(const RowTile& t, int r0) {
+  return kPer == 1 && r0 >= BM / 2 ? BM / 2 + t.hi : t.lo;
 }
 
 // The warp-level kernel's loader (every thread loads; the Hopper kernel's producer
@@ -168,9 +274,8 @@ class StageLoader {
 
   // values/meta: this expert's arrays; src_row: the tile's token ids (-1: absent).
   __device__ __forceinline__ StageLoader(const Args& a, const T* values, const uint32_t* meta,
-                                         const int* src_row, int kept0, int kept_here,
-                                         int rows_here)
-      : a_(a), values_(values), meta_(meta), kept_here_(kept_here) {
+                                         const int* src_row, const RowTile& tile, int rows_here)
+      : a_(a), values_(values), meta_(meta) {
     const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
     const int tid = threadIdx.x;
     a_row_ = tid / kAChunks;
@@ -182,8 +287,19 @@ class StageLoader {
     a_dst_ = Cfg::AOffset(a_row_, a_chunk_);
     b_dst_ = Cfg::BOffset(b_row, b_chunk_);
     m_dst_ = m_row_ * Cfg::kMetaRow + m_word_ * 4;
-    a_src_ = values + static_cast<int64_t>(kept0 + a_row_) * half_k + a_chunk_ * 8;
-    m_src_ = meta + static_cast<int64_t>(kept0 + m_row_) * words + m_word_;
+    // Copies of the upper half start from a second base, the first moved by skip rows.
+    a_src_[0] = values + static_cast<int64_t>(FirstKept<kAPer, Cfg::kBM>(tile, a_row_)) * half_k +
+                a_chunk_ * 8;
+    m_src_[0] = meta + static_cast<int64_t>(FirstKept<kMPer, Cfg::kBM>(tile, m_row_)) * words +
+                m_word_;
+    a_src_[1] = a_src_[0] + static_cast<int64_t>(tile.skip) * half_k;
+    m_src_[1] = m_src_[0] + static_cast<int64_t>(tile.skip) * words;
+    // Copy c's row is present iff row < limit of its half: the lower half holds rows
+    // [0, lo), the upper [BM / 2, BM / 2 + hi).
+    a_lim_[0] = FirstLimit<kAPer, Cfg::kBM>(tile, a_row_);
+    a_lim_[1] = Cfg::kBM / 2 + tile.hi;
+    m_lim_[0] = FirstLimit<kMPer, Cfg::kBM>(tile, m_row_);
+    m_lim_[1] = Cfg::kBM / 2 + tile.hi;
 #pragma unroll
     for (int c = 0; c < kBPer; ++c) {
       const int row = b_row + c * kBRowStep;
@@ -201,8 +317,10 @@ class StageLoader {
     const bool a_col_ok = k0 / 2 + a_chunk_ * 8 < half_k;
 #pragma unroll
     for (int c = 0; c < kAPer; ++c) {
-      const bool ok = a_col_ok && a_row_ + c * kARowStep < kept_here_;
-      const T* src = ok ? a_src_ + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2 : values_;
+      const bool ok = a_col_ok && a_row_ + c * kARowStep < a_lim_[UpperCopy<kAPer>(c)];
+      const T* src =
+          ok ? a_src_[UpperCopy<kAPer>(c)] + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2
+             : values_;
       CpAsync16(sa + a_dst_ + c * kARowStep * Cfg::kARow, src, ok ? 16 : 0);
     }
     // Absent routed rows are not copied at all: their output columns are never stored,
@@ -217,9 +335,10 @@ class StageLoader {
     const int word0 = k0 / kMetaColsPerWord;
 #pragma unroll
     for (int c = 0; c < kMPer; ++c) {
-      const bool ok = m_row_ + c * kMRowStep < kept_here_ && word0 + m_word_ < words;
+      const bool ok = m_row_ + c * kMRowStep < m_lim_[UpperCopy<kMPer>(c)] && word0 + m_word_ < words;
       const uint32_t* src =
-          ok ? m_src_ + static_cast<int64_t>(c * kMRowStep) * words + word0 : meta_;
+          ok ? m_src_[UpperCopy<kMPer>(c)] + static_cast<int64_t>(c * kMRowStep) * words + word0
+             : meta_;
       CpAsync4(sm + m_dst_ + c * kMRowStep * Cfg::kMetaRow, src, ok ? 4 : 0);
     }
   }
@@ -228,30 +347,71 @@ class StageLoader {
   const Args& a_;  // the kernel's parameters
   const T* values_;
   const uint32_t* meta_;
-  const T* a_src_;
-  const uint32_t* m_src_;
-  int kept_here_;
+  const T* a_src_[2];         // [lower, upper half]
+  const uint32_t* m_src_[2];
+  int a_lim_[2], m_lim_[2];  // [lower, upper half]: copies of rows below are present
   int a_row_, a_chunk_, b_chunk_, m_row_, m_word_;
   uint32_t a_dst_, b_dst_, m_dst_;
   int b_tok_[kBPer];
 };
 
-// The block's sub-row indices for windows [w0, w0 + wc) of its `rows` kept rows (a
-// [rows, windows] span of bytes), staged in shared memory once as [rows, wc] when they
-// fit, so per-window reads never wait on global memory. Returns whether they were staged
-// (the caller syncs before reading).
-template <int kThreads>
-__device__ bool StageIndices(const uint8_t* idx_span, uint8_t* idx_smem, int rows, int windows,
-                             int w0, int wc) {
+// The block's sub-row indices for windows [w0, w0 + wc) of its tile's kept rows (idx:
+// the expert's [Mk, windows] bytes), staged in shared memory once as [tile row, wc] when
+// they fit, so per-window reads never wait on global memory. Every load of a thread is
+// issued before its first store (one memory round trip instead of one per byte: the
+// block's K loop waits on this). Returns whether they were staged (the caller syncs
+// before reading).
+template <int BM, int kThreads>
+__device__ bool StageIndices(const uint8_t* idx, const RowTile& t, uint8_t* idx_smem,
+                             int windows, int w0, int wc) {
+  const int rows = t.hi > 0 ? BM / 2 + t.hi : t.lo;  // tile rows spanned
   if (rows * wc > kIndexStageBytes) return false;
-  if (wc == windows) {  // one contiguous span
-#pragma unroll 8
-    for (int i = threadIdx.x; i < rows * wc; i += kThreads) idx_smem[i] = __ldg(idx_span + i);
-  } else {  // a K split's share of each row
-    for (int i = threadIdx.x; i < rows * wc; i += kThreads)
-      idx_smem[i] = __ldg(idx_span + (i / wc) * windows + w0 + i % wc);
+  // Byte i of the staged tile: the lower half's span below n_lo, the upper's from it
+  // (selects, not a runtime-indexed array, which would live in local memory).
+  const uint8_t* src_lo = idx + static_cast<int64_t>(KeptRow<BM>(t, 0)) * windows + w0;
+  const uint8_t* src_hi = idx + static_cast<int64_t>(KeptRow<BM>(t, BM / 2)) * windows + w0;
+  uint8_t* dst_hi = idx_smem + BM / 2 * wc;
+  const int n_lo = t.lo * wc, n = n_lo + t.hi * wc;  // bytes: lower half, both halves
+  if (wc == windows && windows % 16 == 0) {
+    // Whole rows of 16-byte multiples: both halves are contiguous, 16-byte aligned spans.
+    constexpr int kPer = (kIndexStageBytes / 16 + kThreads - 1) / kThreads;
+    uint4 v[kPer];
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int i = (threadIdx.x + u * kThreads) * 16;
+      const uint8_t* p = i < n_lo ? src_lo + i : src_hi + (i - n_lo);
+      if (i < n) v[u] = __ldg(reinterpret_cast<const uint4*>(p));
+    }
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int i = (threadIdx.x + u * kThreads) * 16;
+      uint8_t* p = i < n_lo ? idx_smem + i : dst_hi + (i - n_lo);
+      if (i < n) *reinterpret_cast<uint4*>(p) = v[u];
+    }
+    return true;
+  }
+  constexpr int kBatch = 8;
+  for (int first = threadIdx.x; first < n; first += kBatch * kThreads) {
+    uint8_t v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = first + u * kThreads, j = i < n_lo ? i : i - n_lo;
+      if (i < n) v[u] = __ldg((i < n_lo ? src_lo : src_hi) + j / wc * windows + j % wc);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = first + u * kThreads;
+      if (i < n) *(i < n_lo ? idx_smem + i : dst_hi + (i - n_lo)) = v[u];
+    }
   }
   return true;
+}
+
+// The value, opaque to the compiler (it cannot recompute it from its inputs, so it
+// stays in a register).
+__device__ __forceinline__ uint32_t Pinned(uint32_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
 }
 
 // Exchanges a and b when swap holds, with two selects. Written in PTX so the compiler
@@ -314,57 +474,79 @@ __device__ __forceinline__ void AccToShared(const float (&acc)[V][kFrags][4],
   }
 }
 
-// Epilogue, part 2: shared fp32 tile -> out [R, M] rows with 16-byte stores.
+// Epilogue, part 2: shared fp32 tile -> out rows with 16-byte stores. With a fused GLU
+// output column c is act(tile column c) * tile column c + kPair (TileRows).
 // tid: the thread's index among the kThreads that store.
-template <typename T, int kThreads, int kCStride>
-__device__ __forceinline__ void SharedToOut(const Args& a, const Work& work, int out0,
-                                            int out_here, const float* c_tile, int tid) {
-  T* out = static_cast<T*>(a.out);
-  const int vec = out_here / 8;
-  for (int i = tid; i < (work.row_end - work.row_begin) * vec; i += kThreads) {
-    const int n = i / vec, c = (i % vec) * 8;
-    const float* src = c_tile + n * kCStride + c;
+template <typename T, int kThreads, int kCStride, int kPair, bool kGlu>
+__device__ __forceinline__ void StoreTile(const Args& a, const Work& work, int out0,
+                                          int out_here, const float* c_tile, int tid) {
+  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(work.row_begin) * a.out_cols + out0;
+  ForEachGroup(work.row_end - work.row_begin, out_here / 8, tid, kThreads, [&](int n, int g) {
+    const float* src = c_tile + n * kCStride + g * 8;
     alignas(16) T packed[8];
 #pragma unroll
-    for (int q = 0; q < 8; ++q) packed[q] = static_cast<T>(src[q]);
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.m + out0 + c) =
+    for (int q = 0; q < 8; ++q)
+      packed[q] = static_cast<T>(kGlu ? GluActivation(src[q], a.glu) * src[kPair + q] : src[q]);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * a.out_cols + g * 8) =
         *reinterpret_cast<const uint4*>(packed);
-  }
+  });
+}
+template <typename T, int kThreads, int kCStride, int kPair>
+__device__ __forceinline__ void SharedToOut(const Args& a, const Work& work, int out0,
+                                            int out_here, const float* c_tile, int tid) {
+  if (a.glu == kGluNone)
+    StoreTile<T, kThreads, kCStride, kPair, false>(a, work, out0, out_here, c_tile, tid);
+  else
+    StoreTile<T, kThreads, kCStride, kPair, true>(a, work, out0, out_here, c_tile, tid);
 }
 
-// Epilogue of a K split (warp-level kernel, sm_90): the `splits` blocks of a cluster hold
-// partial fp32 tiles at the same shared-memory offset; each block sums its share of the
-// tile's 8-column groups across the cluster through distributed shared memory (ranks in
-// order: the result does not depend on scheduling) and stores it like SharedToOut.
-template <typename T, int kThreads, int kCStride>
-__device__ __forceinline__ void ClusterSumToOut(const Args& a, const Work& work, int out0,
-                                                int out_here, float* c_tile) {
+// The cluster's barrier (sm_90): every thread of every block of the cluster arrives,
+// with release/acquire ordering of shared-memory writes across the cluster.
+__device__ __forceinline__ void ClusterSync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#endif
+}
+
+// Epilogue of a K-split cluster (sm_90, dims (1, 1, splits)): every block holds a
+// partial fp32 tile at the same shared-memory offset; each block takes a share of the
+// tile's 8-column groups, sums the splits through distributed shared memory (in rank
+// order: the result does not depend on scheduling), applies a fused GLU (columns c and
+// c + kPair, as SharedToOut) and stores. Called by kThreads threads (tid in
+// [0, kThreads)) of every block, after ClusterSync; the caller syncs the cluster again
+// before any block exits.
+template <typename T, int kThreads, int kCStride, int kPair>
+__device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work, int out0,
+                                                int out_here, float* c_tile, int tid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();  // every block's partial tile is in its shared memory
   const int splits = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
-  T* out = static_cast<T*>(a.out);
-  const int vec = out_here / 8;
-  for (int i = rank * kThreads + threadIdx.x; i < (work.row_end - work.row_begin) * vec;
-       i += splits * kThreads) {
-    const int n = i / vec, c = (i % vec) * 8;
-    float sum[8] = {};
-    for (int q = 0; q < splits; ++q) {
-      const float4* src =
-          reinterpret_cast<const float4*>(cluster.map_shared_rank(c_tile + n * kCStride + c, q));
-      const float4 lo = src[0], hi = src[1];
-      sum[0] += lo.x; sum[1] += lo.y; sum[2] += lo.z; sum[3] += lo.w;
-      sum[4] += hi.x; sum[5] += hi.y; sum[6] += hi.z; sum[7] += hi.w;
+  const bool glu = a.glu != kGluNone;
+  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(work.row_begin) * a.out_cols + out0;
+  ForEachGroup(work.row_end - work.row_begin, out_here / 8, rank * kThreads + tid,
+               splits * kThreads, [&](int n, int g) {
+    float sum[2][8] = {};  // [gate or plain, up]
+    for (int z = 0; z < splits; ++z) {
+      const float* tile = z == rank ? c_tile : cluster.map_shared_rank(c_tile, z);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && !glu) break;
+        const float4* src =
+            reinterpret_cast<const float4*>(tile + n * kCStride + g * 8 + h * kPair);
+        const float4 lo = src[0], hi = src[1];
+        sum[h][0] += lo.x; sum[h][1] += lo.y; sum[h][2] += lo.z; sum[h][3] += lo.w;
+        sum[h][4] += hi.x; sum[h][5] += hi.y; sum[h][6] += hi.z; sum[h][7] += hi.w;
+      }
     }
     alignas(16) T packed[8];
 #pragma unroll
-    for (int q = 0; q < 8; ++q) packed[q] = static_cast<T>(sum[q]);
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(work.row_begin + n) * a.m + out0 + c) =
+    for (int q = 0; q < 8; ++q)
+      packed[q] = static_cast<T>(glu ? GluActivation(sum[0][q], a.glu) * sum[1][q] : sum[0][q]);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * a.out_cols + g * 8) =
         *reinterpret_cast<const uint4*>(packed);
-  }
-  cluster.sync();  // no block exits while another still reads its shared memory
+  });
 #endif
 }
 

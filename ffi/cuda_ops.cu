@@ -70,10 +70,10 @@ ffi::Error RaggedDotCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer v
                          ffi::Buffer<ffi::U8> indices, ffi::Buffer<ffi::U32> metadata,
                          ffi::Buffer<ffi::S32> sel, ffi::Buffer<ffi::S32> group_sizes,
                          int64_t n, int64_t v, int64_t sub_row, int64_t has_sel,
-                         ffi::Result<ffi::AnyBuffer> out) {
+                         int64_t glu, ffi::Result<ffi::AnyBuffer> out) {
   Problem p;
   if (ffi::Error err = CheckProblem(x, values, indices, metadata, sel, group_sizes, n, v,
-                                    sub_row, has_sel, *out, &p);
+                                    sub_row, has_sel, glu, *out, &p);
       err.failure())
     return err;
   if (p.rows == 0 || p.m == 0) return ffi::Error::Success();
@@ -94,7 +94,8 @@ ffi::Error RaggedDotCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer v
                      static_cast<int>(p.k),   static_cast<int>(p.m),
                      static_cast<int>(p.experts), static_cast<int>(p.kept_rows),
                      static_cast<int>(p.rows), static_cast<int>(p.sub_row),
-                     p.has_sel};
+                     p.has_sel,               p.glu,
+                     static_cast<int>(p.out_cols)};
   const int ni = static_cast<int>(n), vi = static_cast<int>(v);
   const cudaError_t err = p.dtype == ffi::DataType::BF16
                               ? cuda::Dispatch<__nv_bfloat16>(stream, a, ni, vi)

@@ -89,18 +89,14 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   __shared__ int src_row[Tile::kBN];  // token id of each routed row, -1 when absent
 
   constexpr int kOutRows = Tile::kBM / N * V;  // output rows (of M) per block
-  const int m_tile = blockIdx.y;
-  const int kept0 = m_tile * Tile::kBM;
-  const int kept_here = min(Tile::kBM, a.kept_rows - kept0);
-  const int out0 = kept0 / N * V;
-  const int out_here = kept_here / N * V;
+  const RowTile tile = TileRows<Tile::kBM, N, V>(a, blockIdx.y);
   const Work work = FindWork<Tile::kBN>(a, blockIdx.x);
   if (work.row_begin >= work.row_end) return;
   // K split (gridDim.z > 1, decode shapes on sm_90): the blocks of one cluster share this
-  // tile and take consecutive ranges of K stages; ClusterSumToOut adds their partials.
+  // tile and take consecutive ranges of K stages; ClusterEpilogue adds their partials.
   const int splits = gridDim.z, split = blockIdx.z;
   if (work.expert < 0) {
-    if (split == 0) ZeroFillTile<T, Tile::kThreads>(a, work, out0, out_here);
+    ZeroFillTile<T, Tile::kThreads>(a, work, tile.out0, tile.out_here);
     return;
   }
 
@@ -127,7 +123,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   const int w_end = min(windows, s_end * (Tile::kBK / a.sub_row));
   const uint32_t smem_base = SmemAddr(smem);
 
-  const StageLoader<Tile, T> loader(a, values, meta, src_row, kept0, kept_here, rows_here);
+  const StageLoader<Tile, T> loader(a, values, meta, src_row, tile, rows_here);
   auto load_stage = [&](int stage, int buf) {
     loader.Load(smem_base + buf * Tile::kStageBytes, stage);
   };
@@ -157,17 +153,16 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
 #pragma unroll
   for (int i = 0; i < Tile::kFragsM; ++i) {
     const int r0 = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16;
-    frag_ok[i] = r0 < kept_here;  // kept_here is a multiple of 16
+    frag_ok[i] = RowPresent<Tile::kBM>(tile, r0);  // halves hold whole fragments
     my_kept[i][0] = r0 + g;
     my_kept[i][1] = r0 + g + 8;
   }
   // Sub-row index of each of this lane's kept rows in the current window.
   uint8_t sub[Tile::kFragsM][2];
-  const uint8_t* idx_span = indices + static_cast<int64_t>(kept0) * windows;
   uint8_t* idx_smem = smem + Tile::kPipeBytes;
   const int w_count = w_end - w_begin;
-  const bool idx_staged = V > 1 && StageIndices<Tile::kThreads>(idx_span, idx_smem, kept_here,
-                                                                windows, w_begin, w_count);
+  const bool idx_staged = V > 1 && StageIndices<Tile::kBM, Tile::kThreads>(
+                                       indices, tile, idx_smem, windows, w_begin, w_count);
   auto load_sub = [&](int window, uint8_t (&dst)[Tile::kFragsM][2]) {
 #pragma unroll
     for (int i = 0; i < Tile::kFragsM; ++i)
@@ -176,7 +171,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
         const int row = my_kept[i][h];
         const uint8_t raw = !frag_ok[i]  ? 0
                             : idx_staged ? idx_smem[row * w_count + window - w_begin]
-                                         : __ldg(idx_span + row * windows + window);
+                                         : __ldg(indices + KeptRow<Tile::kBM>(tile, row) * windows +
+                                                 window);
         dst[i][h] = static_cast<uint8_t>(raw % V);
       }
   };
@@ -194,6 +190,31 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   for (int s = 0; s < Tile::kStages - 1; ++s) {
     if (s_begin + s < s_end) load_stage(s_begin + s, s);
     CpAsyncCommit();
+  }
+
+  // This lane's ldmatrix offsets for k-step s of a stage.
+  auto a_offset = [&](int i, int s) {
+    return Tile::AOffset(warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16 + (lane & 15),
+                         s * 2 + (lane >> 4));
+  };
+  auto b_offset = [&](int j, int s) {
+    return Tile::BOffset(warp_n * (Tile::kBN / Tile::kWarpsN) + j * 8 + (lane & 7),
+                         s * 4 + (lane >> 3));
+  };
+  // Computed once and pinned in registers: left to itself ptxas may recompute the
+  // swizzles at every ldmatrix of the K loop (two more instructions each) when its
+  // register heuristics shift. Not for the V = 4 prefill tile, whose accumulators leave
+  // no room for them.
+  constexpr bool kPin = V * Tile::kFragsM * Tile::kFragsN <= 16;
+  uint32_t a_off[Tile::kFragsM][Tile::kSteps], b_off[Tile::kFragsN][Tile::kSteps];
+  if constexpr (kPin) {
+#pragma unroll
+    for (int s = 0; s < Tile::kSteps; ++s) {
+#pragma unroll
+      for (int i = 0; i < Tile::kFragsM; ++i) a_off[i][s] = Pinned(a_offset(i, s));
+#pragma unroll
+      for (int j = 0; j < Tile::kFragsN; ++j) b_off[j][s] = Pinned(b_offset(j, s));
+    }
   }
 
   for (int stage = s_begin; stage < s_end; ++stage) {
@@ -238,15 +259,12 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
       }
       uint32_t bfrag[Tile::kFragsN][4];
 #pragma unroll
-      for (int j = 0; j < Tile::kFragsN; ++j) {
-        const int row = warp_n * (Tile::kBN / Tile::kWarpsN) + j * 8 + (lane & 7);
-        LdMatrixX4(sb + Tile::BOffset(row, s * 4 + (lane >> 3)), bfrag[j]);
-      }
+      for (int j = 0; j < Tile::kFragsN; ++j)
+        LdMatrixX4(sb + (kPin ? b_off[j][s] : b_offset(j, s)), bfrag[j]);
 #pragma unroll
       for (int i = 0; i < Tile::kFragsM; ++i) {
         uint32_t afrag[4];
-        const int row = warp_m * (Tile::kBM / Tile::kWarpsM) + i * 16 + (lane & 15);
-        LdMatrixX4(sa + Tile::AOffset(row, s * 2 + (lane >> 4)), afrag);
+        LdMatrixX4(sa + (kPin ? a_off[i][s] : a_offset(i, s)), afrag);
 #pragma unroll
         for (int j = 0; j < Tile::kFragsN; ++j) {
           if (s % 2 == 0)
@@ -291,17 +309,22 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
                                                  slot_n, c_tile);
     __syncthreads();
   }
-  if (splits > 1)
-    ClusterSumToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile);
-  else
-    SharedToOut<T, Tile::kThreads, kCStride>(a, work, out0, out_here, c_tile, tid);
+  constexpr int kPair = GluPairCols<Tile::kBM, N, V>();
+  if (splits > 1) {
+    ClusterSync();  // every block's partial tile is in its shared memory
+    ClusterEpilogue<T, Tile::kThreads, kCStride, kPair>(a, work, tile.out0, tile.out_here, c_tile,
+                                                        tid);
+    ClusterSync();  // no block exits while another still reads its shared memory
+  } else {
+    SharedToOut<T, Tile::kThreads, kCStride, kPair>(a, work, tile.out0, tile.out_here, c_tile, tid);
+  }
 }
 
 // K splits for decode shapes: a block's K loop is latency-bound (few routed rows, one
 // stage in flight per few hundred cycles), so when the M tiles alone leave the SMs short
-// of blocks, the blocks of one cluster share a tile's K range (up to 8, the portable
-// cluster size). Only on sm_90 (clusters, distributed shared memory); SAMOYEDS_SPLIT_K
-// (environment, read once) forces a count for benchmarks and tests.
+// of blocks, the blocks of one cluster share a tile's K range (a cluster holds at most 8
+// blocks, the portable size). Only on sm_90 (clusters, distributed shared memory);
+// SAMOYEDS_SPLIT_K (environment, read once) forces a count for benchmarks and tests.
 constexpr int kMaxSplits = 8;
 constexpr int kSplitTargetBlocksPerSm = 4;
 constexpr int kMinStagesPerSplit = 4;
@@ -339,26 +362,10 @@ cudaError_t Launch(cudaStream_t stream, const Args& a) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          smem);
   if (err != cudaSuccess) return err;
-  const int m_tiles = (a.kept_rows + Tile::kBM - 1) / Tile::kBM;
+  const int m_tiles = MTiles<Tile::kBM>(a);
   const int splits = SplitsFor<Tile>(a, m_tiles);
-  const dim3 grid(RowTiles<Tile::kBN>(a), m_tiles, splits);
-  if (splits == 1) {
-    kernel<<<grid, Tile::kThreads, smem, stream>>>(a);
-    return cudaGetLastError();
-  }
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = splits;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(Tile::kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = &cluster;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, a);
+  return LaunchClusters(stream, kernel, dim3(RowTiles<Tile::kBN>(a), m_tiles, splits),
+                        Tile::kThreads, smem, dim3(1, 1, splits), a);
 }
 
 template <typename T, int N, int V>

@@ -5,6 +5,7 @@
 #include <nanobind/stl/string.h>
 
 #include "format.h"
+#include "glu.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace nb = nanobind;
@@ -71,5 +72,9 @@ NB_MODULE(_samoyeds, m) {
   m.attr("META_COLS_PER_WORD") = samoyeds::kMetaColsPerWord;
   m.attr("META_BITS_PER_GROUP") = samoyeds::kMetaBitsPerGroup;
   m.attr("ROW_TILE") = samoyeds::kRowTile;
+  nb::dict glu;
+  glu["silu"] = samoyeds::kGluSilu;
+  glu["gelu"] = samoyeds::kGluGelu;
+  m.attr("GLU_CODES") = glu;
   m.def("swap_metadata", &SwapMetadata, nb::arg("src"), nb::arg("dst"));
 }

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "format.h"
+#include "glu.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace samoyeds {
@@ -16,7 +17,8 @@ namespace ffi = xla::ffi;
 // (ranges from the exclusive cumsum of group_sizes); rows past sum(group_sizes) are 0.
 //   x [T, K] f16|bf16, values [E, Mk, K/2], indices u8 [E, Mk, K/L],
 //   metadata u32 [E, Mk, K/32], sel s32 [R] (empty when has_sel == 0),
-//   group_sizes s32 [E]  ->  out [R, M] in x's dtype.
+//   group_sizes s32 [E]  ->  out [R, M] in x's dtype, or [R, M/2] when glu != 0 (glu.h:
+//   act(gate) * up over the halves of M).
 // A macro rather than a template: nvcc's front end rejects the `.template Arg<...>()`
 // chain that a generic function over the binding type would need.
 #define SAMOYEDS_BIND_RAGGED_DOT(binding)                                   \
@@ -31,6 +33,7 @@ namespace ffi = xla::ffi;
       .Attr<int64_t>("v")                                                   \
       .Attr<int64_t>("sub_row")                                             \
       .Attr<int64_t>("has_sel")                                             \
+      .Attr<int64_t>("glu")                                                 \
       .Ret<::xla::ffi::AnyBuffer>() /* out */
 
 struct Problem {
@@ -40,6 +43,8 @@ struct Problem {
   int64_t experts;    // E
   int64_t kept_rows;  // Mk = M * N / V
   int64_t rows;       // R, rows of out
+  int64_t out_cols;   // M, or M/2 with a fused GLU
+  int glu;            // kGluNone, kGluSilu or kGluGelu
   int64_t n, v, sub_row;
   bool has_sel;
   ffi::DataType dtype;
@@ -60,7 +65,7 @@ inline ffi::Error CheckProblem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& va
                                const ffi::Buffer<ffi::U32>& metadata,
                                const ffi::Buffer<ffi::S32>& sel,
                                const ffi::Buffer<ffi::S32>& group_sizes, int64_t n,
-                               int64_t v, int64_t sub_row, int64_t has_sel,
+                               int64_t v, int64_t sub_row, int64_t has_sel, int64_t glu,
                                const ffi::AnyBuffer& out, Problem* p) {
   if (!IsSupported(n, v, sub_row))
     return Bad("unsupported config n=" + std::to_string(n) + " v=" + std::to_string(v) +
@@ -110,10 +115,21 @@ inline ffi::Error CheckProblem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& va
     if (sd[0] != 0) return Bad("sel must be empty when has_sel=0");
     p->rows = p->tokens;
   }
+  if (glu < 0 || glu >= kGluCount) return Bad("unknown glu=" + std::to_string(glu));
+  p->glu = static_cast<int>(glu);
+  p->out_cols = p->m;
+  if (p->glu != kGluNone) {
+    // Each half (gate, up) must be whole kept-row tiles, like a weight of its own.
+    if (p->kept_rows % (2 * kRowTile) != 0)
+      return Bad("a fused GLU needs M=" + std::to_string(p->m) +
+                 " = 2F with F a multiple of " + std::to_string(MMultiple(n, v)));
+    p->out_cols = p->m / 2;
+  }
   const auto od = out.dimensions();
-  if (od.size() != 2 || od[0] != p->rows || od[1] != p->m)
-    return Bad("out must be [R, M] = [" + std::to_string(p->rows) + ", " +
-               std::to_string(p->m) + "], got " + Dims(od));
+  if (od.size() != 2 || od[0] != p->rows || od[1] != p->out_cols)
+    return Bad(std::string("out must be [R, ") + (p->glu ? "M/2" : "M") + "] = [" +
+               std::to_string(p->rows) + ", " + std::to_string(p->out_cols) + "], got " +
+               Dims(od));
   // Index arithmetic in the kernels is 64-bit for buffers, 32-bit for rows and columns.
   constexpr int64_t kMax32 = int64_t{1} << 31;
   if (p->tokens >= kMax32 || p->rows >= kMax32 || p->k >= kMax32 || p->m >= kMax32)

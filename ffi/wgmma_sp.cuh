@@ -106,16 +106,22 @@ class ProducerLoader {
   static_assert(kAI * 4 * kWarps == Cfg::kBM && kBI * 4 * kWarps == Cfg::kBN &&
                     kMI * 8 * kWarps == Cfg::kBM && Cfg::kSteps == 4,
                 "tile rows divide over the producer's lanes");
+  static_assert((Cfg::kBM / 2) % kARows == 0, "a warp's A and metadata rows lie in one tile half");
 
   __device__ __forceinline__ ProducerLoader(const Args& a, const T* values,
                                             const uint32_t* meta, const int* src_row,
-                                            int kept0, int kept_here, int tid) {
+                                            const RowTile& tile, int tid) {
     const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
     const int warp = tid / 32, lane = tid % 32, s = lane / 8, q = lane % 8;
+    // The tile half of this warp's rows: rows below `present` (half-relative) exist.
+    const int half0 = warp * kARows >= Cfg::kBM / 2 ? Cfg::kBM / 2 : 0;
+    const int present = half0 ? tile.hi : tile.lo;
+    // Kept row of half-relative row r, clamped to a present row (pointers stay in range).
+    auto kept = [&](int r) { return KeptRow<Cfg::kBM>(tile, half0 + max(min(r, present - 1), 0)); };
     // A: rows warp * kARows + 4i + s, chunk q; 4 rows apart = 4 * half_k values.
     const int a_row = warp * kARows + s;
-    a_rows_ = max(0, (kept_here - a_row + 3) / 4);  // copies i < a_rows_ are in range
-    a_src_ = values + static_cast<int64_t>(kept0 + min(a_row, kept_here - 1)) * half_k + q * 8;
+    a_rows_ = max(0, (present - (a_row - half0) + 3) / 4);  // copies i < a_rows_ are present
+    a_src_ = values + static_cast<int64_t>(kept(a_row - half0)) * half_k + q * 8;
     a_step_ = 4 * half_k;
     // Copy i goes to Cfg::AOffset(a_row + 4i, q) = a_dst_[i & 1] + 512 i: rows 4 apart
     // alternate between two swizzle phases.
@@ -134,8 +140,8 @@ class ProducerLoader {
     for (int p = 0; p < 2; ++p) b_dst_[p] = Cfg::BOffset(b_row + 4 * p, q) - 512 * p;
     // Metadata: rows warp * kARows + 8i + lane / 4, word lane % 4 of the stage's 4.
     const int m_row = warp * kARows + lane / 4;
-    m_rows_ = max(0, (kept_here - m_row + 7) / 8);
-    m_src_ = meta + static_cast<int64_t>(kept0 + min(m_row, kept_here - 1)) * words + lane % 4;
+    m_rows_ = max(0, (present - (m_row - half0) + 7) / 8);
+    m_src_ = meta + static_cast<int64_t>(kept(m_row - half0)) * words + lane % 4;
     m_step_ = 8 * words;
     m_dst_ = m_row * Cfg::kMetaRow + (lane % 4) * 4;
     m_word_ = lane % 4;
@@ -335,22 +341,19 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   constexpr int kOutRows = Cfg::kBM / N * V;
-  const int kept0 = blockIdx.y * Cfg::kBM;
-  const int kept_here = min(Cfg::kBM, a.kept_rows - kept0);
-  const int out0 = kept0 / N * V;
-  const int out_here = kept_here / N * V;
+  const RowTile tile = TileRows<Cfg::kBM, N, V>(a, blockIdx.y);
   const Work work = FindWork<Cfg::kBN>(a, blockIdx.x);
   if (work.row_begin >= work.row_end) return;
   if (work.expert < 0) {
-    ZeroFillTile<T, Cfg::kThreads>(a, work, out0, out_here);
+    ZeroFillTile<T, Cfg::kThreads>(a, work, tile.out0, tile.out_here);
     return;
   }
   const int e = work.expert;
   LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
   const int windows = a.k / a.sub_row;
-  const uint8_t* idx_span = a.indices + (static_cast<int64_t>(e) * a.kept_rows + kept0) * windows;
+  const uint8_t* idx = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
   const bool idx_staged =
-      V > 1 && StageIndices<Cfg::kThreads>(idx_span, idx_smem, kept_here, windows, 0, windows);
+      V > 1 && StageIndices<Cfg::kBM, Cfg::kThreads>(idx, tile, idx_smem, windows, 0, windows);
   if (threadIdx.x == 0) {
     for (int b = 0; b < Cfg::kStages; ++b) {
       MbarInit(full_bar + 8 * b, Cfg::kLoadThreads);
@@ -367,7 +370,7 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
     const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
     const T* values = static_cast<const T*>(a.values) + static_cast<int64_t>(e) * a.kept_rows * half_k;
     const uint32_t* meta = a.metadata + static_cast<int64_t>(e) * a.kept_rows * words;
-    const ProducerLoader<Cfg, T> loader(a, values, meta, src_row, kept0, kept_here, threadIdx.x);
+    const ProducerLoader<Cfg, T> loader(a, values, meta, src_row, tile, threadIdx.x);
     for (int stage = 0; stage < k_stages; ++stage) {
       const int buf = stage % Cfg::kStages;
       if (stage >= Cfg::kStages) MbarWait(empty_bar + 8 * buf, (stage / Cfg::kStages - 1) & 1);
@@ -387,8 +390,10 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   const int wg = warp / 4;
   const int g = lane >> 2, tq = lane & 3;
   const int row0 = wg * 64 + (warp % 4) * 16;
-  const bool frag_ok = row0 < kept_here;  // kept_here is a multiple of 16
+  const bool frag_ok = RowPresent<Cfg::kBM>(tile, row0);  // halves hold whole fragments
   const int my_kept[2] = {row0 + g, row0 + g + 8};
+  // The lane's rows in global memory (the two lie in one tile half, 8 kept rows apart).
+  const uint8_t* idx_lane = idx + static_cast<int64_t>(KeptRow<Cfg::kBM>(tile, my_kept[0])) * windows;
   const int k_steps = a.k / kStepK;
 
   float acc[V][Cfg::kFrags][4];
@@ -408,8 +413,9 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
   auto load_sub = [&](int window, uint8_t (&dst)[2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int at = my_kept[h] * windows + window;
-      const uint8_t raw = !frag_ok ? 0 : idx_staged ? idx_smem[at] : __ldg(idx_span + at);
+      const uint8_t raw = !frag_ok     ? 0
+                          : idx_staged ? idx_smem[my_kept[h] * windows + window]
+                                       : __ldg(idx_lane + h * 8 * windows + window);
       dst[h] = static_cast<uint8_t>(raw % V);
     }
   };
@@ -522,7 +528,8 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
     AccToShared<N, V, Cfg::kFrags, kCStride>(acc, slot, my_kept, 0, tq, slot_n, c_tile);
     ConsumerSync<Cfg::kConsumerThreads>();
   }
-  SharedToOut<T, Cfg::kConsumerThreads, kCStride>(a, work, out0, out_here, c_tile, ctid);
+  SharedToOut<T, Cfg::kConsumerThreads, kCStride, GluPairCols<Cfg::kBM, N, V>()>(
+      a, work, tile.out0, tile.out_here, c_tile, ctid);
 #endif  // SAMOYEDS_HOPPER_DEVICE_PASS
 }
 
@@ -533,8 +540,8 @@ cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(RowTiles<Cfg::kBN>(a), (a.kept_rows + Cfg::kBM - 1) / Cfg::kBM);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  kernel<<<dim3(RowTiles<Cfg::kBN>(a), MTiles<Cfg::kBM>(a)), Cfg::kThreads, Cfg::kSmemBytes,
+           stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -356,7 +356,7 @@ def _expert_inputs(x: np.ndarray, experts: np.ndarray, num_experts: int
 
 @functools.partial(jax.jit, static_argnames=("activation",))
 def _glu_hidden(x, gate, up, activation):
-    from samoyeds_jax.moe import _act
+    from samoyeds_jax.ops import _glu_act as _act
     x = x.astype(jnp.float32)
     g = jnp.matmul(x, gate.astype(jnp.float32), precision=_HIGHEST)
     u = jnp.matmul(x, up.astype(jnp.float32), precision=_HIGHEST)

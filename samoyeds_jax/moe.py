@@ -4,7 +4,8 @@ Data flow (``T`` tokens after flattening leading axes, ``k = top_k``, ``E`` expe
 
     x [T, d] --route--> weights [T, k] f32, experts [T, k] int32
              --dispatch--> sel [T*k], group_sizes [E], order [T*k]   (rows sorted by expert)
-    h = act(x[sel] @ W_gate) * (x[sel] @ W_up)   one sj.ragged_dot on the fused gate_up [E, d, 2f]
+    h = act(x[sel] @ W_gate) * (x[sel] @ W_up)   one sj.ragged_dot on the fused gate_up [E, d, 2f],
+                                                 the GLU in its epilogue
     y = h @ W_down                               sj.ragged_dot on the compact rows (no SEL)
     out[t] = sum_j weights[t, j] * y[row(t, j)]  (inverse permutation of ``order``, float32)
            + shared experts (dense, always on, optionally sigmoid-gated)
@@ -38,10 +39,10 @@ import numpy as np
 
 from samoyeds_jax.format import (
     SUPPORTED_DTYPES, SparseWeight, SparsityConfig, decode, encode, prune)
-from samoyeds_jax.ops import ragged_dot
+from samoyeds_jax.ops import GLU_CODES, _glu_act, ragged_dot
 
 ROUTERS = ("mixtral", "softmax_topk")
-ACTIVATIONS = ("silu", "gelu")
+ACTIVATIONS = tuple(GLU_CODES)  # the GLU activations the kernels fuse (ffi/glu.h)
 EXPERT_KEYS = ("gate", "up", "down")
 SHARED_KEYS = ("shared_gate", "shared_up", "shared_down")
 SHARED_GATE_KEY = "shared_expert_gate"
@@ -453,20 +454,15 @@ def combine(y: jax.Array, weights: jax.Array, order: jax.Array) -> jax.Array:
     return (weights.astype(jnp.float32)[..., None] * yt).sum(axis=1)
 
 
-def _act(h: jax.Array, activation: str) -> jax.Array:
-    if activation == "silu":
-        return jax.nn.silu(h)
-    return jax.nn.gelu(h, approximate=False)
-
-
 def _glu(g: jax.Array, u: jax.Array, activation: str, dtype) -> jax.Array:
     """act(g) * u in float32, rounded to the compute dtype (the down projection's input)."""
-    return (_act(g.astype(jnp.float32), activation) * u.astype(jnp.float32)).astype(dtype)
+    return (_glu_act(g.astype(jnp.float32), activation) * u.astype(jnp.float32)).astype(dtype)
 
 
 def expert_ffn(x: jax.Array, gate_up: SparseWeight, down: SparseWeight,
                group_sizes: jax.Array, sel: jax.Array, activation: str = "silu") -> jax.Array:
-    """The routed experts on the sparse weights: two ``sj.ragged_dot`` calls.
+    """The routed experts on the sparse weights: two ``sj.ragged_dot`` calls, the GLU
+    fused into the first one's epilogue.
 
     Args:
       x: ``[T, d]`` tokens (the weights' dtype).
@@ -475,9 +471,7 @@ def expert_ffn(x: jax.Array, gate_up: SparseWeight, down: SparseWeight,
     Returns:
       ``[R, d]`` in x's dtype, rows in SEL order.
     """
-    f = down.shape[-2]
-    gu = ragged_dot(x, gate_up, group_sizes, sel)                    # [R, 2f]
-    h = _glu(gu[:, :f], gu[:, f:], activation, x.dtype)
+    h = ragged_dot(x, gate_up, group_sizes, sel, glu=activation)     # [R, f]
     return ragged_dot(h, down, group_sizes)                           # [R, d]
 
 

@@ -35,8 +35,19 @@ def _shape_str(aval) -> str:
     return f"{jnp.dtype(aval.dtype).name}{list(aval.shape)}"
 
 
+# Fused GLU epilogues: name -> the handlers' code (ffi/glu.h); "" is none.
+GLU_CODES: dict[str, int] = dict(_samoyeds.GLU_CODES)
+
+
+def _glu_act(g: jax.Array, glu: str) -> jax.Array:
+    """The GLU activations of ffi/glu.h, in jnp (float32 in, float32 out)."""
+    if glu == "silu":
+        return jax.nn.silu(g)
+    return jax.nn.gelu(g, approximate=False)
+
+
 def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: SparsityConfig,
-                   has_sel: bool):
+                   has_sel: bool, glu: str = ""):
     """Shape/dtype rules; every message names the argument and what was expected."""
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D [T, K] (rows by in_features), got {_shape_str(x)}")
@@ -73,6 +84,13 @@ def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: Sp
     m = mk // config.n * config.v
     if max(t, r, k, m) >= 2**31:
         raise ValueError(f"sizes T={t}, R={r}, K={k}, M={m} must each be below 2**31")
+    if glu:
+        if glu not in GLU_CODES:
+            raise ValueError(f"glu={glu!r} must be one of {sorted(GLU_CODES)} or None")
+        if m % (2 * config.m_multiple) != 0:
+            raise ValueError(f"glu={glu!r} needs the weight's M={m} to be [gate | up] = 2F "
+                             f"with F a multiple of {config.m_multiple} for {config}")
+        m //= 2
     return jax.core.ShapedArray((r, m), x.dtype)
 
 
@@ -80,18 +98,20 @@ ragged_dot_p.def_abstract_eval(_abstract_eval)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(config: SparsityConfig, has_sel: bool):
-    return jax.jit(lambda *a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel))
+def _jitted(config: SparsityConfig, has_sel: bool, glu: str):
+    return jax.jit(lambda *a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel, glu=glu))
 
 
-# Eager calls compile the one-primitive computation once per (config, has_sel).
-ragged_dot_p.def_impl(lambda *args, config, has_sel: _jitted(config, has_sel)(*args))
+# Eager calls compile the one-primitive computation once per (config, has_sel, glu).
+ragged_dot_p.def_impl(
+    lambda *args, config, has_sel, glu="": _jitted(config, has_sel, glu)(*args))
 
 
-def _lowering(ctx, *args, config: SparsityConfig, has_sel: bool):
+def _lowering(ctx, *args, config: SparsityConfig, has_sel: bool, glu: str = ""):
     return jax.ffi.ffi_lowering(TARGET)(
         ctx, *args, n=np.int64(config.n), v=np.int64(config.v),
-        sub_row=np.int64(config.sub_row), has_sel=np.int64(has_sel))
+        sub_row=np.int64(config.sub_row), has_sel=np.int64(has_sel),
+        glu=np.int64(GLU_CODES.get(glu, 0)))
 
 
 def _no_cuda_lowering(ctx, *args, **params):
@@ -114,15 +134,16 @@ def _at_front(a, d, size):
     return jnp.moveaxis(a, d, 0)
 
 
-def _batch(args, dims, *, config: SparsityConfig, has_sel: bool):
+def _batch(args, dims, *, config: SparsityConfig, has_sel: bool, glu: str = ""):
     x, values, indices, metadata, sel, gs = args
     xd, vd, idd, md, sd, gd = dims
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     if any(d is not None for d in (vd, idd, md)):
         # A batched weight: one call per weight (rare: scan slices stacked layers instead).
         moved = [_at_front(a, d, size) for a, d in zip(args, dims)]
-        out = jax.lax.map(lambda a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel),
-                          tuple(moved))
+        out = jax.lax.map(
+            lambda a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel, glu=glu),
+            tuple(moved))
         return out, 0
     # Fold the batch into rows: one call over B*R rows whose order is sorted by
     # (expert, batch), then un-permute. Exact, one launch.
@@ -148,7 +169,7 @@ def _batch(args, dims, *, config: SparsityConfig, has_sel: bool):
     # Group sizes counted from the rows that exist (sizes past R are clipped to R).
     gs_all = jnp.zeros((e + 1,), jnp.int32).at[expert.reshape(-1)].add(1)[:e]
     y = ragged_dot_p.bind(x_flat, values, indices, metadata, src.reshape(-1)[perm], gs_all,
-                          config=config, has_sel=True)
+                          config=config, has_sel=True, glu=glu)
     inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
     return y[inv].reshape(size, r, y.shape[-1]), 0
 
@@ -164,20 +185,35 @@ _NO_WEIGHT_GRAD = (
     "stop_gradient the weight")
 
 
-def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool):
+def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool, glu: str = ""):
     x, values, indices, metadata, sel, gs = primals
     tx, tv = tangents[0], tangents[1]
     if type(tv) is not ad.Zero:
         raise TypeError(_NO_WEIGHT_GRAD)
-    y = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel)
+    if glu:
+        # Differentiated through the unfused product: y = act(g) * u of gu = x @ W, whose
+        # tangent is linear in x (the GLU's derivative is elementwise on gu).
+        gu = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel, glu="")
+        f = gu.shape[-1] // 2
+        g, u = gu[:, :f].astype(jnp.float32), gu[:, f:].astype(jnp.float32)
+        act, dact = jax.jvp(lambda z: _glu_act(z, glu), (g,), (jnp.ones_like(g),))
+        y = (act * u).astype(gu.dtype)
+        if type(tx) is ad.Zero:
+            return y, ad.Zero.from_primal_value(y)
+        dgu = ragged_dot_p.bind(tx, values, indices, metadata, sel, gs, config=config,
+                                has_sel=has_sel, glu="").astype(jnp.float32)
+        dy = dact * u * dgu[:, :f] + act * dgu[:, f:]
+        return y, dy.astype(gu.dtype)
+    y = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel, glu="")
     if type(tx) is ad.Zero:
         return y, ad.Zero.from_primal_value(y)
     return y, ragged_dot_p.bind(tx, values, indices, metadata, sel, gs, config=config,
-                                has_sel=has_sel)
+                                has_sel=has_sel, glu="")
 
 
 def _transpose(ct, x, values, indices, metadata, sel, gs, *, config: SparsityConfig,
-               has_sel: bool):
+               has_sel: bool, glu: str = ""):
+    assert not glu, "a fused GLU is not linear; its JVP uses the unfused product"
     # dx[src(r)] += ct[r] @ W_e(r)^T, through the decoded weight (a correct, not fast, path).
     if type(ct) is ad.Zero:
         return (ad.Zero(x.aval), None, None, None, None, None)
@@ -241,7 +277,8 @@ def _t_transpose(cdx, ct, values, indices, metadata, gs, *, config: SparsityConf
     if type(cdx) is ad.Zero:
         return (ad.Zero(ct.aval), None, None, None, None)
     dct = ragged_dot_p.bind(cdx.astype(ct.aval.dtype), values, indices, metadata,
-                            jnp.zeros((0,), jnp.int32), gs, config=config, has_sel=False)
+                            jnp.zeros((0,), jnp.int32), gs, config=config, has_sel=False,
+                            glu="")
     return (dct, None, None, None, None)
 
 
@@ -263,7 +300,7 @@ def _check_sw(sw: Any, expert_axis: bool) -> None:
 
 
 def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
-               sel: jax.Array | None = None) -> jax.Array:
+               sel: jax.Array | None = None, *, glu: str | None = None) -> jax.Array:
     """Grouped matmul with a sparse expert weight, mirroring ``jax.lax.ragged_dot``.
 
     Args:
@@ -274,9 +311,14 @@ def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
         rows ``offset[e] <= r < offset[e+1]`` (exclusive cumsum).
       sel: optional int32 ``[R]``: output row r uses token ``x[sel[r]]`` (SEL, the
         activation side of the dual-side format).
+      glu: optional ``"silu"`` (SwiGLU) or ``"gelu"`` (GeGLU, exact erf): a gated linear
+        unit fused into the kernel's epilogue. The weight's M = 2F outputs are
+        ``concat([gate, up])`` (as ``sj.sparsify_moe`` stores ``gate_up``) and the result
+        is ``act(x @ gate) * (x @ up)``, computed in float32 from the accumulators and
+        rounded once; F must be a multiple of the config's ``m_multiple``.
     Returns:
-      ``[R, M]`` in x's dtype, rows in SEL order; rows at or past ``sum(group_sizes)`` are
-      zero. Accumulation is float32.
+      ``[R, M]`` (``[R, M/2]`` with ``glu``) in x's dtype, rows in SEL order; rows at or
+      past ``sum(group_sizes)`` are zero. Accumulation is float32.
     """
     _check_sw(sw, expert_axis=True)
     x = jnp.asarray(x)
@@ -289,18 +331,21 @@ def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
         sel_arr, has_sel = jnp.asarray(sel), True
         if sel_arr.dtype != jnp.int32 and jnp.issubdtype(sel_arr.dtype, jnp.integer):
             sel_arr = sel_arr.astype(jnp.int32)
+    if glu is not None and glu not in GLU_CODES:
+        raise ValueError(f"glu={glu!r} must be one of {sorted(GLU_CODES)} or None")
     return ragged_dot_p.bind(x, sw.values, sw.indices, sw.metadata, sel_arr, group_sizes,
-                             config=sw.config, has_sel=has_sel)
+                             config=sw.config, has_sel=has_sel, glu=glu or "")
 
 
-def dot(x: jax.Array, sw: SparseWeight) -> jax.Array:
+def dot(x: jax.Array, sw: SparseWeight, *, glu: str | None = None) -> jax.Array:
     """``x @ W`` for one sparse weight.
 
     Args:
       x: ``[..., K]`` bfloat16 or float16.
       sw: SparseWeight ``[K, M]`` (no expert axis).
+      glu: optional fused gated linear unit, as in :func:`ragged_dot`.
     Returns:
-      ``[..., M]`` in x's dtype (float32 accumulation).
+      ``[..., M]`` (``[..., M/2]`` with ``glu``) in x's dtype (float32 accumulation).
     """
     _check_sw(sw, expert_axis=False)
     x = jnp.asarray(x)
@@ -309,5 +354,5 @@ def dot(x: jax.Array, sw: SparseWeight) -> jax.Array:
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
     expert = SparseWeight(sw.values[None], sw.indices[None], sw.metadata[None], sw.config)
-    y = ragged_dot(rows, expert, jnp.full((1,), rows.shape[0], jnp.int32))
+    y = ragged_dot(rows, expert, jnp.full((1,), rows.shape[0], jnp.int32), glu=glu)
     return y.reshape(*lead, y.shape[-1])

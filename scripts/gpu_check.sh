@@ -9,9 +9,12 @@
 #     sanitize : 4 compute-sanitizer tools, auto and Hopper-forced
 #     soak     : GPU hypothesis fuzz test and the randomized soak
 #     perf     : Mixtral demo, kernel and layer benchmarks (device time from traces)
+#     glu      : the layer's kernels one by one (fused GLU vs unfused, down)
+#     perflite : perf without the demo
 #     suite    : the issue-6 suite: stack and memory benchmarks, plots, profiler trace
 #     calib    : calibrated vs magnitude pruning on the GPU
 #     multi    : several GPUs (issue 9): sharded == single device, bench_multi scaling
+#     dprofile : ncu of the warp-level kernel at a decode shape (carried .devbin)
 #     profile  : wgmma rate and ncu of the Hopper kernel (carried .devbin), NVIDIA's 2:4 for context
 # Every mode but `kernel` builds and installs the package first (once).
 set -uo pipefail
@@ -60,6 +63,12 @@ kernel() {
     # tails: M with a 16-row kept tail, K not a multiple of the 128-column stage, odd T
     $H 4160 14368 1000 1 2 32 3 10;  $H 2112 1440 333 2 4 64 5 10
     $H 4096 1408 4099 1 1 128 7 10
+    # fused SwiGLU (M = [gate | up] = 2 x 14336): prefill, grouped, decode with K splits
+    # and the same products without the GLU (x of 4096 rows fits the L2, 8192 does not)
+    for g in 1 0; do
+      $H 4096 28672 4096 1 2 128 1 10 $g; $H 4096 28672 4096 1 2 128 4 10 $g
+      $H 4096 28672 8192 1 2 128 8 10 $g; $H 4096 28672 16 1 2 128 1 20 $g
+    done
   } 2>&1 | tee -a "$OUT/kernel.log"
   grep -c MISMATCH "$OUT/kernel.log" | sed 's/^/harness mismatches: /' | tee -a "$OUT/summary.txt"
 }
@@ -149,7 +158,28 @@ perf() {
     --cases=single --tokens=4096 --reps=10 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -3
   step "layer benchmark"
   python3 "$REPO/benchmarks/bench_layer.py" --preset=mixtral-8x7b --tokens=16,512,4096 \
-    --json_out="$OUT/bench_layer.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -14
+    --paths=samoyeds,xla_ragged_dot,xla_capacity_einsum,xla_all_experts,samoyeds_kernels,xla_kernels,samoyeds_gate_up,samoyeds_gate_up_unfused \
+    --json_out="$OUT/bench_layer.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -30
+}
+
+glu() {
+  build
+  step "layer kernels one by one: fused GLU vs gate_up + GLU in XLA, and down"
+  python3 "$REPO/benchmarks/bench_layer.py" --preset=mixtral-8x7b --tokens=16,512,4096 \
+    --paths=samoyeds,samoyeds_kernels,samoyeds_gate_up,samoyeds_gate_up_unfused,samoyeds_down \
+    --json_out="$OUT/bench_layer_parts.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -18
+}
+
+# The layer and kernel benchmarks without the demo (a shorter perf).
+perflite() {
+  build
+  step "kernel benchmark"
+  python3 "$REPO/benchmarks/bench_kernel.py" --preset=mixtral-8x7b --proj=up --tokens=16,4096 \
+    --reps=10 --json_out="$OUT/bench_kernel_up.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -12
+  step "layer benchmark"
+  python3 "$REPO/benchmarks/bench_layer.py" --preset=mixtral-8x7b --tokens=16,512,4096 \
+    --paths=samoyeds,xla_ragged_dot,xla_capacity_einsum,xla_all_experts,samoyeds_kernels,xla_kernels,samoyeds_gate_up,samoyeds_gate_up_unfused \
+    --json_out="$OUT/bench_layer.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -30
 }
 
 suite() {
@@ -201,6 +231,15 @@ profile() {
   python3 "$REPO/benchmarks/torch_semistructured.py" 2>&1 | tee -a "$OUT/summary.txt"
 }
 
+dprofile() {
+  # The decode kernel (warp-level, 1 Mixtral expert, 16 tokens) with its automatic K split.
+  step "ncu: warp-level kernel, Mixtral up-projection, 16 tokens"
+  ncu --clock-control none --set full -k regex:Warp --launch-skip 4 --launch-count 1 \
+    "$REPO/.devbin/harness" 4096 14336 16 1 2 128 1 2 > "$OUT/ncu_decode.txt" 2>&1
+  grep -E "Duration|Throughput|Occupancy|Registers|Block Limit|Warp Cycles|Issued Ipc|Stall|Waves|Shared Memory Config|Dynamic Shared|L2 Hit|Mem Busy|Max Bandwidth|DRAM" \
+    "$OUT/ncu_decode.txt" | head -60
+}
+
 multi() {
   # Issue 9: several GPUs of one host. NVLink multicast stays off.
   build
@@ -223,7 +262,7 @@ multi() {
 machine
 for mode in "$@"; do
   case $mode in
-    kernel|split|tests|sanitize|soak|perf|suite|calib|multi|profile) $mode ;;
+    kernel|split|tests|sanitize|soak|perf|perflite|glu|suite|calib|multi|profile|dprofile) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done

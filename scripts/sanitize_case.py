@@ -34,7 +34,7 @@ for dtype in (jnp.bfloat16, jnp.float16):
                     assert np.isfinite(np.asarray(y, np.float32)).all()
                     cases += 2
 # Long K, few tokens: the warp-level kernel's K split (auto on sm_90, or every count
-# through SAMOYEDS_SPLIT_K), 9 K stages with a partial last one.
+# through SAMOYEDS_SPLIT_K), 9 K stages with a partial last one; and a fused GLU.
 for nv in SUPPORTED_NV:
     cfg = sj.SparsityConfig(*nv, sub_row=32)
     k, m = 1120, 2 * cfg.m_multiple
@@ -44,7 +44,10 @@ for nv in SUPPORTED_NV:
     for tokens in (1, 7):
         x = jax.device_put(np.asarray(rng.standard_normal((tokens + 2, k)), jnp.bfloat16))
         gs = jax.device_put(np.asarray([tokens, 1], np.int32))  # one zero-filled row
-        y = jax.block_until_ready(sj.ragged_dot(x, sw, gs))
+        y = sj.ragged_dot(x, sw, gs)
+        y2 = sj.ragged_dot(x, sw, gs, glu="silu")  # gate and up halves of one tile
+        jax.block_until_ready((y, y2))
         assert np.isfinite(np.asarray(y, np.float32)).all()
-        cases += 1
+        assert np.isfinite(np.asarray(y2, np.float32)).all()
+        cases += 2
 print(f"sanitizer cases run: {cases}")

@@ -34,14 +34,14 @@ def _buffers(rng, has_sel: bool):
            else jnp.zeros((0,), jnp.int32))
     return dict(x=x, values=sw.values, indices=sw.indices, metadata=sw.metadata, sel=sel,
                 group_sizes=gs, n=CFG.n, v=CFG.v, sub_row=CFG.sub_row, has_sel=int(has_sel),
-                out=jax.ShapeDtypeStruct((rows, M), DT)), sw
+                glu=0, out=jax.ShapeDtypeStruct((rows, M), DT)), sw
 
 
 def call(b):
     f = jax.ffi.ffi_call(TARGET, b["out"])
     y = f(b["x"], b["values"], b["indices"], b["metadata"], b["sel"], b["group_sizes"],
           n=np.int64(b["n"]), v=np.int64(b["v"]), sub_row=np.int64(b["sub_row"]),
-          has_sel=np.int64(b["has_sel"]))
+          has_sel=np.int64(b["has_sel"]), glu=np.int64(b["glu"]))
     return jax.block_until_ready(y)
 
 
@@ -138,6 +138,18 @@ def _tamper(b, case, rng):
         i = int(rng.integers(0, int(b["group_sizes"].sum())))
         b["sel"] = b["sel"].at[i].set(-3)
         return f"sel[{i}]=-3 is not a token id in [0, {T})"
+    if case == "glu_unknown":
+        b["glu"] = 3
+        return "unknown glu=3"
+    if case == "glu_out_cols":  # a fused GLU writes [R, M/2]
+        b["glu"] = 1
+        return f"out must be [R, M/2] = [{R}, {M // 2}], got [{R}, {M}]"
+    if case == "glu_half_not_whole_tiles":  # M = 2F with F = 16: Mk/2 = 8 kept rows
+        b["glu"] = 1
+        b["values"], b["indices"], b["metadata"] = (
+            b[k][:, :16] for k in ("values", "indices", "metadata"))
+        b["out"] = jax.ShapeDtypeStruct((R, 16), DT)
+        return "a fused GLU needs M=32 = 2F with F a multiple of 32"
     if case == "indices_value_ge_v":
         e, r, w = int(rng.integers(0, E)), int(rng.integers(0, 32)), int(rng.integers(0, 2))
         bad = int(rng.integers(CFG.v, 256))
@@ -152,7 +164,7 @@ CASES = ["unsupported_v", "unsupported_sub_row", "unsupported_n", "x_rank", "x_d
          "kept_rows", "indices_shape", "indices_experts", "metadata_shape",
          "group_sizes_shape", "sel_rank", "sel_without_has_sel", "out_rows", "out_cols",
          "negative_group_size", "group_sizes_exceed_rows", "sel_too_large", "sel_negative",
-         "indices_value_ge_v"]
+         "glu_unknown", "glu_out_cols", "glu_half_not_whole_tiles", "indices_value_ge_v"]
 
 
 @pytest.mark.parametrize("case", CASES)

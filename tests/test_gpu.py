@@ -170,6 +170,43 @@ def test_split_k_decode(rng, nv, sub_row, tokens):
     _check(y, x, sw, jnp.asarray([tokens], jnp.int32), None, dtype)
 
 
+def _glu_ref(y64, glu):
+    from math import erf
+    f = y64.shape[-1] // 2
+    g, u = y64[:, :f], y64[:, f:]
+    act = g / (1 + np.exp(-g)) if glu == "silu" else 0.5 * g * (1 + np.vectorize(erf)(g / np.sqrt(2)))
+    return act * u
+
+
+@pytest.mark.parametrize("glu", ["silu", "gelu"])
+@pytest.mark.parametrize("nv,sub_row", [((1, 2), 128), ((1, 4), 32), ((2, 4), 64), ((1, 1), 128)])
+@pytest.mark.parametrize("tokens", [5, 100, 700])
+def test_fused_glu(rng, glu, nv, sub_row, tokens):
+    """glu= in the epilogue: a tile's lower half holds gate rows and its upper half the up
+    rows behind the same output columns. On the H100, 5 tokens: the warp-level decode tile
+    with K splits (clusters); 100: the warp-level prefill tile; 700: the Hopper kernel.
+    F leaves a partial last tile in some kernel for every config (1:2: 608 kept rows per
+    half = 9 x 64 + 32 on the Hopper kernel; 1:1: 1232 = 38 x 32 + 16 on the warp tile)."""
+    dtype = jnp.bfloat16
+    cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
+    k, f, e = 1152, 1232 if nv == (1, 1) else 1216, 2
+    sw = _weight(rng, e, k, 2 * f, cfg, dtype)
+    x = jnp.asarray(rng.standard_normal((tokens, k)), dtype)
+    sel = jnp.asarray(rng.integers(0, tokens, tokens + 3), jnp.int32)
+    gs = jnp.asarray([tokens // 2, tokens - tokens // 2], jnp.int32)  # 3 zero rows after
+    _poison_device_memory()
+    y = np.asarray(jax.jit(lambda *a: sj.ragged_dot(*a, glu=glu))(x, sw, gs, sel)
+                   .astype(jnp.float32), np.float64)
+    assert y.shape == (tokens + 3, f) and np.isfinite(y).all() and (y[tokens:] == 0).all()
+    w = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
+    xs = np.asarray(x.astype(jnp.float32), np.float64)[np.asarray(sel)[:tokens]]
+    ex = np.repeat(np.arange(e), np.asarray(gs))
+    gu = np.stack([xs[i] @ w[ex[i]] for i in range(tokens)])
+    ref = _glu_ref(gu, glu)
+    err = np.linalg.norm(y[:tokens] - ref) / np.linalg.norm(ref)
+    assert err < TOL[dtype], f"relative error {err:.3g}"
+
+
 _FORCED_SPLIT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
@@ -188,12 +225,20 @@ _FORCED_SPLIT = textwrap.dedent("""
         ref = np.concatenate([xs[:3] @ wd[0], xs[3:33] @ wd[1], np.zeros((7, 256))])
         assert np.isfinite(y).all() and (y[33:] == 0).all()
         worst = max(worst, np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        # A fused GLU over the same splits: act(gate) * up of the summed partials.
+        y = np.asarray(jax.jit(lambda *a: sj.ragged_dot(*a, glu="silu"))(x, sw, gs)
+                       .astype(jnp.float32), np.float64)
+        g, u = ref[:, :128], ref[:, 128:]
+        ref = g / (1 + np.exp(-g)) * u
+        assert np.isfinite(y).all() and (y[33:] == 0).all()
+        worst = max(worst, np.linalg.norm(y - ref) / np.linalg.norm(ref))
     print("SPLIT_MAX_ERR", worst)
 """)
 
 
 def test_forced_split_k(rng):
-    """SAMOYEDS_SPLIT_K=8 on 9 K stages: splits 5-7 get no stage and add zeros."""
+    """SAMOYEDS_SPLIT_K=8 on 9 K stages: splits 5-7 get no stage and add zeros; with and
+    without a fused GLU."""
     env = dict(os.environ, SAMOYEDS_KERNEL="warp", SAMOYEDS_SPLIT_K="8")
     out = subprocess.run([sys.executable, "-c", _FORCED_SPLIT, str(int(rng.integers(2**31)))],
                          env=env, capture_output=True, text=True, timeout=300)
