@@ -29,7 +29,9 @@ from samoyeds_jax import checkpoint as ck
 D, F, E, FS = 64, 96, 4, 64
 SP = sj.SparsityConfig(1, 2, 32)
 ARGS = ["--pattern", "1:2", "--sub-row", "32", "--quiet"]
-TWIN_TOL = {jnp.dtype(jnp.bfloat16): 3e-3, jnp.dtype(jnp.float16): 5e-4}
+# The converted layer vs the dense twin: the twin rounds gate and up before the GLU, the
+# fused epilogue does not (test_moe.TWIN_TOL).
+TWIN_TOL = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 1.5e-3}
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 

@@ -31,7 +31,12 @@ import samoyeds_jax as sj
 
 TOL = {jnp.dtype(jnp.bfloat16): 1.5e-2, jnp.dtype(jnp.float16): 2.5e-3}
 ROW_TOL = {jnp.dtype(jnp.bfloat16): 3e-2, jnp.dtype(jnp.float16): 5e-3}
-TWIN_TOL = {jnp.dtype(jnp.bfloat16): 3e-3, jnp.dtype(jnp.float16): 5e-4}
+# Two sparse programs on the same inputs differ only in float32 summation order.
+SAME_TOL = {jnp.dtype(jnp.bfloat16): 3e-3, jnp.dtype(jnp.float16): 5e-4}
+# The sparse layer vs its dense twin: the twin rounds gate and up to the compute dtype
+# before the GLU, the fused kernel epilogue takes them from the float32 sums (a few
+# units of the dtype's rounding: ~4.6e-3 bf16, ~5.8e-4 fp16 measured).
+TWIN_TOL = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 1.5e-3}
 DTYPES = [jnp.bfloat16, jnp.float16]
 # d = f = 128 fits every pattern (K a multiple of 128, M of 64); tests cycle through them.
 SPARSITY = [sj.SparsityConfig(1, 2, 64), sj.SparsityConfig(2, 4, 32),
@@ -227,11 +232,11 @@ def test_batch_dims_under_outer_jit(dtype, rng, seed):
     assert y.shape == (3, 5, D)
     ref = f64(x) + ref_moe(sparse, x, cfg)
     check(y, ref, dtype, f"seed={seed} [B,S,d] {dtype_id(dtype)}")
-    # The same tokens flattened give the same result (up to the twin tolerance: another
+    # The same tokens flattened give the same result (up to summation order: another
     # program may order float32 sums differently).
     flat = sj.moe(sparse, x.reshape(15, D), cfg)
     check(sj.moe(sparse, x, cfg).reshape(15, D), f64(flat), dtype, f"seed={seed} flat",
-          tol=TWIN_TOL[jnp.dtype(dtype)])
+          tol=SAME_TOL[jnp.dtype(dtype)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
