@@ -93,11 +93,11 @@ int main(int argc, char** argv) {
   auto launch = [&](int c, Path path) {
     CHECK(samoyeds::cuda::Dispatch<__nv_bfloat16>(0, args(c), n, v, path));
   };
-  // Time of one path per launch: `reps` launches back to back between two events (so the
-  // host's launch cost overlaps the previous kernel, as in a jitted program), rotating
-  // weight copies past the L2; the median of 5 such batches.
-  auto time_path = [&](Path path) {
-    for (int i = 0; i < 3; ++i) launch(i % copies, path);
+  // Time per launch: `reps` launches back to back between two events (so the host's
+  // launch cost overlaps the previous kernel, as in a jitted program), rotating weight
+  // copies past the L2; the median of 5 such batches.
+  auto time_fn = [&](auto&& launch_copy) {
+    for (int i = 0; i < 3; ++i) launch_copy(i % copies);
     CHECK(cudaDeviceSynchronize());
     cudaEvent_t a, b;
     CHECK(cudaEventCreate(&a));
@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
     std::vector<float> ms;
     for (int batch = 0; batch < 5; ++batch) {
       CHECK(cudaEventRecord(a));
-      for (int i = 0; i < reps; ++i) launch((batch * reps + i) % copies, path);
+      for (int i = 0; i < reps; ++i) launch_copy((batch * reps + i) % copies);
       CHECK(cudaEventRecord(b));
       CHECK(cudaEventSynchronize(b));
       float t;
@@ -115,15 +115,19 @@ int main(int argc, char** argv) {
     std::sort(ms.begin(), ms.end());
     return ms[ms.size() / 2] * 1e-3;
   };
+  auto time_path = [&](Path path) {
+    return time_fn([&](int c) { launch(c, path); });
+  };
   // The output of one path on weight copy 0, poisoned first so unwritten rows show.
-  auto output_of = [&](Path path) {
+  auto output_fn = [&](auto&& launch_copy) {
     CHECK(cudaMemset(dout, 0xFF, size_t(T) * out_cols * 2));  // bf16 0xFFFF is a NaN
-    launch(0, path);
+    launch_copy(0);
     CHECK(cudaDeviceSynchronize());
     std::vector<uint16_t> h(size_t(T) * out_cols);
     CHECK(cudaMemcpy(h.data(), dout, h.size() * 2, cudaMemcpyDeviceToHost));
     return h;
   };
+  auto output_of = [&](Path path) { return output_fn([&](int c) { launch(c, path); }); };
   auto bf16 = [](uint16_t h) {
     uint32_t u = uint32_t(h) << 16;
     float f;
@@ -144,24 +148,49 @@ int main(int argc, char** argv) {
     std::printf("warp   K splits: %d\n", splits);
   }
   report("warp", time_path(Path::kWarp));
-  int major = 0;
-  CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
-  if (major == 9) {
-    report("hopper", time_path(Path::kHopper));
-    // The two kernels accumulate in fp32 in different orders: agreement to a few bf16
-    // ulps of the output scale; a layout bug shows as O(1) differences or NaNs.
-    const auto w = output_of(Path::kWarp), h = output_of(Path::kHopper);
+  // The two kernels accumulate in fp32 in different orders: agreement to a few bf16 ulps
+  // of the output scale; a layout bug shows as O(1) differences or NaNs.
+  const auto ref = output_of(Path::kWarp);
+  auto compare = [&](const char* name, const std::vector<uint16_t>& h) {
     double max_diff = 0, max_ref = 0;
     size_t bad = 0;
-    for (size_t i = 0; i < w.size(); ++i) {
-      const float a = bf16(w[i]), b = bf16(h[i]);
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const float a = bf16(ref[i]), b = bf16(h[i]);
       if (!std::isfinite(a) || !std::isfinite(b)) { ++bad; continue; }
       max_diff = std::max(max_diff, double(std::fabs(a - b)));
       max_ref = std::max(max_ref, double(std::fabs(a)));
     }
-    std::printf("check  hopper vs warp: max|diff| %.4g of max|out| %.4g (rel %.2e), non-finite %zu -> %s\n",
-                max_diff, max_ref, max_diff / std::max(max_ref, 1e-30), bad,
+    std::printf("check  %s vs warp: max|diff| %.4g of max|out| %.4g (rel %.2e), non-finite %zu -> %s\n",
+                name, max_diff, max_ref, max_diff / std::max(max_ref, 1e-30), bad,
                 bad == 0 && max_diff <= 2e-2 * max_ref ? "OK" : "MISMATCH");
+  };
+  int major = 0;
+  CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  if (major == 9) {
+    report("hopper", time_path(Path::kHopper));
+    compare("hopper", output_of(Path::kHopper));
+#ifdef HARNESS_VARIANTS
+    // Block shapes under evaluation or replaced (NOTES.md), against the warp kernel's output.
+    using Bf = __nv_bfloat16;
+    namespace sc = samoyeds::cuda;
+    struct Variant {
+      const char* name;
+      int n, v;
+      cudaError_t (*fn)(cudaStream_t, const sc::Args&);
+    };
+    const Variant variants[] = {
+        {"h1c4s3", 1, 1, sc::LaunchHopper<Bf, 1, 1, sc::HopperCfg<1, 4, 128, 3>>},
+        {"h1c2s4", 1, 1, sc::LaunchHopper<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
+        {"w64x16", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 2, 2>>},
+        {"w64x16b", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 4, 1>>},
+    };
+    for (const Variant& var : variants) {
+      if (var.n != n || var.v != v) continue;
+      auto run = [&](int c) { CHECK(var.fn(0, args(c))); };
+      report(var.name, time_fn(run));
+      compare(var.name, output_fn(run));
+    }
+#endif
   }
   return 0;
 }

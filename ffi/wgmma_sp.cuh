@@ -17,6 +17,8 @@
 //     retired (rewriting it under a pending group gave wrong results: NOTES.md, v8.1).
 #pragma once
 
+#include <algorithm>
+
 #include "cuda_common.cuh"
 
 // The sm_90a device pass defines this; elsewhere the kernel body compiles to nothing and
@@ -36,9 +38,12 @@ constexpr bool HopperKernelBuilt() {
 #endif
 }
 
-template <int V>
+// Block shape: Consumers warpgroups of 64 kept rows each, BN routed rows (the wgmma N),
+// Stages ring buffers. HopperCfgFor<V> below picks the shape each N:V class runs with.
+template <int V, int Consumers = 2, int BN = (V == 4 ? 64 : 128), int Stages = 4>
 struct HopperCfg {
-  static constexpr int kConsumers = 2;               // MMA warpgroups
+  static constexpr int kV = V;
+  static constexpr int kConsumers = Consumers;       // MMA warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kLoadThreads = 128;           // one producer warpgroup
   static constexpr int kThreads = kLoadThreads + kConsumerThreads;
@@ -47,14 +52,16 @@ struct HopperCfg {
   // `inc` waits for registers that a `dec` released, so it must ask for no more than
   // that, or it never returns.
   static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
-  static constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = std::min(
+      240, (kLaunchRegs + kLoadThreads * (kLaunchRegs - kProducerRegs) / kConsumerThreads) / 8 * 8);
   static_assert(kLoadThreads * (kLaunchRegs - kProducerRegs) >=
                     kConsumerThreads * (kConsumerRegs - kLaunchRegs),
                 "consumers ask for no more registers than the producer releases");
   static constexpr int kBM = 64 * kConsumers;    // kept rows per block
-  static constexpr int kBN = V == 4 ? 64 : 128;  // routed rows per block (wgmma N)
+  static constexpr int kBN = BN;                 // routed rows per block (wgmma N)
   static constexpr int kBK = 128;                // dense K per stage
-  static constexpr int kStages = 4;
+  static constexpr int kStages = Stages;
   static constexpr int kSteps = kBK / kStepK;    // wgmma k-steps per stage
   // One stage of a compressed A row is kBK / 2 values = 128 bytes = one swizzle row.
   static constexpr int kARow = kBK / 2 * 2;
@@ -325,11 +332,11 @@ __device__ __forceinline__ void WgmmaSp(float (&d)[kFrags][4], uint64_t desc_a, 
     WgmmaSp128<T, kSel>(d, desc_a, desc_b, meta);
 }
 
-template <typename T, int N, int V>
-__global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
+template <typename T, int N, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
     RaggedDotHopperKernel(const Args a) {
 #ifdef SAMOYEDS_HOPPER_DEVICE_PASS
-  using Cfg = HopperCfg<V>;
+  constexpr int V = Cfg::kV;
   extern __shared__ uint8_t smem_raw[];
   // The swizzled operand tiles need 1024-byte aligned addresses.
   uint8_t* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
@@ -533,10 +540,20 @@ __global__ void __launch_bounds__(HopperCfg<V>::kThreads, 1)
 #endif  // SAMOYEDS_HOPPER_DEVICE_PASS
 }
 
-template <typename T, int N, int V>
+// The shape each N:V class runs with (measured: NOTES.md, v14). Plain 2:4 has no sub-row
+// steering, so its registers go to a third consumer warpgroup (BM 192) and the freed shared
+// memory is traded for one stage fewer.
+template <int V>
+struct HopperCfgForT { using type = HopperCfg<V>; };
+template <>
+struct HopperCfgForT<1> { using type = HopperCfg<1, 3, 128, 3>; };
+template <int V>
+using HopperCfgFor = typename HopperCfgForT<V>::type;
+
+template <typename T, int N, int V, typename Cfg = HopperCfgFor<V>>
 cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
-  using Cfg = HopperCfg<V>;
-  auto kernel = RaggedDotHopperKernel<T, N, V>;
+  static_assert(Cfg::kV == V, "the shape is for this N:V class");
+  auto kernel = RaggedDotHopperKernel<T, N, Cfg>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;

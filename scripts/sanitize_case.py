@@ -2,7 +2,11 @@
 
 Run under the sanitizer with XLA_PYTHON_CLIENT_ALLOCATOR=platform so that every buffer is
 its own allocation (out-of-bounds accesses are then caught at the buffer's edge).
+    python scripts/sanitize_case.py [N:V ...]   # only these configs (default: all); each
+                                               # case is printed as it starts with -v
 """
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +14,24 @@ import numpy as np
 import samoyeds_jax as sj
 from samoyeds_jax.format import SUPPORTED_NV
 
+args = [a for a in sys.argv[1:] if a != "-v"]
+VERBOSE = "-v" in sys.argv[1:]
+CONFIGS = [tuple(map(int, a.split(":"))) for a in args] or list(SUPPORTED_NV)
+unknown = [nv for nv in CONFIGS if nv not in SUPPORTED_NV]
+if unknown:
+    sys.exit(f"unsupported N:V {unknown}; expected some of {list(SUPPORTED_NV)}")
+
+
+def note(*what):
+    if VERBOSE:
+        print("case", *what, flush=True)
+
+
 rng = np.random.default_rng(0)
 cpu = jax.devices("cpu")[0]
 cases = 0
 for dtype in (jnp.bfloat16, jnp.float16):
-    for nv in SUPPORTED_NV:
+    for nv in CONFIGS:
         cfg = sj.SparsityConfig(*nv, sub_row=32)
         k, m = cfg.k_multiple, cfg.m_multiple  # the format's minimum shapes
         for k, m in ((k, m), (3 * k, 5 * m)):
@@ -26,6 +43,7 @@ for dtype in (jnp.bfloat16, jnp.float16):
             for tokens in (1, 7, 127):
                 x = jax.device_put(np.asarray(rng.standard_normal((tokens, k)), dtype))
                 for gs in ([tokens, 0, 0], [0, 0, tokens], [1, 0, tokens - 1] if tokens > 1 else [0, 1, 0]):
+                    note(dtype.__name__, nv, k, m, tokens, gs)
                     gs = jax.device_put(np.asarray(gs, np.int32))
                     y = sj.ragged_dot(x, sw, gs)
                     sel = jax.device_put(rng.integers(0, tokens, tokens + 3).astype(np.int32))
@@ -35,7 +53,7 @@ for dtype in (jnp.bfloat16, jnp.float16):
                     cases += 2
 # Long K, few tokens: the warp-level kernel's K split (auto on sm_90, or every count
 # through SAMOYEDS_SPLIT_K), 9 K stages with a partial last one; and a fused GLU.
-for nv in SUPPORTED_NV:
+for nv in CONFIGS:
     cfg = sj.SparsityConfig(*nv, sub_row=32)
     k, m = 1120, 2 * cfg.m_multiple
     with jax.default_device(cpu):
@@ -43,6 +61,7 @@ for nv in SUPPORTED_NV:
     sw = jax.device_put(sw, jax.devices()[0])
     for tokens in (1, 7):
         x = jax.device_put(np.asarray(rng.standard_normal((tokens + 2, k)), jnp.bfloat16))
+        note("long K", nv, tokens)
         gs = jax.device_put(np.asarray([tokens, 1], np.int32))  # one zero-filled row
         y = sj.ragged_dot(x, sw, gs)
         y2 = sj.ragged_dot(x, sw, gs, glu="silu")  # gate and up halves of one tile
