@@ -3,11 +3,12 @@
 //     B (the routed activation rows) are read from shared memory by descriptor, so the
 //     per-MMA instruction stream of the warp-level kernel (ldmatrix, fragment moves)
 //     disappears; the metadata is one register per thread per k-step pair;
-//   * warp-specialised: a producer warpgroup fills a 4-stage ring with cp.async (the SEL
+//   * warp-specialised: a producer warpgroup fills a ring of stages with cp.async (the SEL
 //     gather needs per-row addresses: no TMA tile load) and signals each stage's `full`
-//     mbarrier; 2 consumer warpgroups x 64 kept rows wait on it, issue, and release the
-//     stage on its `empty` mbarrier once their MMAs retire. No CTA-wide barrier in the
-//     loop, so one consumer's steering overlaps the other's MMAs;
+//     mbarrier; consumer warpgroups of 64 kept rows each (2, or 3 for plain 2:4:
+//     HopperCfgFor) wait on it, issue, and release the stage on its `empty` mbarrier once
+//     their MMAs retire. No CTA-wide barrier in the loop, so one consumer's steering
+//     overlaps the other's MMAs;
 //   * N = 128 routed rows (64 when V = 4: the V accumulator sets must fit the register
 //     file), K stages of 128 dense columns, tiles in the 128-byte swizzled K-major layout
 //     the descriptors describe;
@@ -252,13 +253,21 @@ template <int kCount>
 __device__ __forceinline__ void ConsumerSync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kCount) : "memory");
 }
+// SAMOYEDS_NO_SETMAXNREG keeps the launch's even register split: only for
+// compute-sanitizer racecheck, which stalls at random cases when warps reallocate
+// registers (NOTES.md, "compute-sanitizer racecheck"); the shared-memory accesses it
+// checks are the same either way.
 template <int kRegs>
 __device__ __forceinline__ void SetMaxRegsInc() {
+#ifndef SAMOYEDS_NO_SETMAXNREG
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
 }
 template <int kRegs>
 __device__ __forceinline__ void SetMaxRegsDec() {
+#ifndef SAMOYEDS_NO_SETMAXNREG
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
 }
 
 // Keeps the compiler from moving accumulator reads or writes across a wgmma wait/fence.

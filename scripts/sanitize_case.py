@@ -27,6 +27,7 @@ def note(*what):
         print("case", *what, flush=True)
 
 
+note("package", sj.__file__)
 rng = np.random.default_rng(0)
 cpu = jax.devices("cpu")[0]
 cases = 0
