@@ -19,6 +19,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 
@@ -553,11 +554,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 // steering, so its registers go to a third consumer warpgroup (BM 192) and the freed shared
 // memory is traded for one stage fewer.
 template <int V>
-struct HopperCfgForT { using type = HopperCfg<V>; };
-template <>
-struct HopperCfgForT<1> { using type = HopperCfg<1, 3, 128, 3>; };
-template <int V>
-using HopperCfgFor = typename HopperCfgForT<V>::type;
+using HopperCfgFor = std::conditional_t<V == 1, HopperCfg<1, 3, 128, 3>, HopperCfg<V>>;
 
 template <typename T, int N, int V, typename Cfg = HopperCfgFor<V>>
 cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
