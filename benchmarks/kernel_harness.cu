@@ -183,6 +183,10 @@ int main(int argc, char** argv) {
         {"h1c2s4", 1, 1, sc::LaunchHopper<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
         {"w64x16", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 2, 2>>},
         {"w64x16b", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 4, 1>>},
+        {"w32x16s6", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 6, 2, 2>>},
+        {"w32x16s8", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 8, 2, 2>>},
+        {"h16c1s8", 1, 2, sc::LaunchHopper<Bf, 1, 2, sc::HopperCfg<2, 1, 16, 8>>},
+        {"h16c1s12", 1, 2, sc::LaunchHopper<Bf, 1, 2, sc::HopperCfg<2, 1, 16, 12>>},
     };
     for (const Variant& var : variants) {
       if (var.n != n || var.v != v) continue;

@@ -120,11 +120,19 @@ cudaError_t LaunchClusters(cudaStream_t stream, Kernel kernel, dim3 grid, int th
 // Metadata for MMA rows that hold no kept row (their values are zero): positions 0 and 1
 // in every group, a valid ordered pattern.
 constexpr uint32_t kFillerMeta = 0x44444444u;
-// Shared memory for the block's sub-row indices (N:V with V > 1), after the pipeline.
+// Shared memory for the block's sub-row indices (N:V with V > 1), after the pipeline: at
+// most this much (the warp-level kernel reserves only what its launch needs).
 constexpr int kIndexStageBytes = 16 * 1024;
 // Dense K of one sparse MMA k-step (m16n8k32 and m64nNk32 alike): one metadata word.
 constexpr int kStepK = 32;
 static_assert(kStepK == kMetaColsPerWord, "one metadata word per MMA k-step");
+
+// The dynamic shared memory this launch was given.
+__device__ __forceinline__ int DynamicSmemBytes() {
+  uint32_t r;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return static_cast<int>(r);
+}
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -360,12 +368,12 @@ class StageLoader {
 // they fit, so per-window reads never wait on global memory. Every load of a thread is
 // issued before its first store (one memory round trip instead of one per byte: the
 // block's K loop waits on this). Returns whether they were staged (the caller syncs
-// before reading).
+// before reading). `capacity`: bytes reserved at idx_smem, at most kIndexStageBytes.
 template <int BM, int kThreads>
 __device__ bool StageIndices(const uint8_t* idx, const RowTile& t, uint8_t* idx_smem,
-                             int windows, int w0, int wc) {
+                             int windows, int w0, int wc, int capacity) {
   const int rows = t.hi > 0 ? BM / 2 + t.hi : t.lo;  // tile rows spanned
-  if (rows * wc > kIndexStageBytes) return false;
+  if (rows * wc > capacity) return false;
   // Byte i of the staged tile: the lower half's span below n_lo, the upper's from it
   // (selects, not a runtime-indexed array, which would live in local memory).
   const uint8_t* src_lo = idx + static_cast<int64_t>(KeptRow<BM>(t, 0)) * windows + w0;

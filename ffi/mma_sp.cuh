@@ -50,8 +50,19 @@ using TileLarge = TileCfg<64, 64, 3, 2, 2>;
 // Decode (few rows per expert): 32 kept rows x 16 routed rows, 4 warps of 16 x 8, a
 // deeper pipeline; twice the blocks of the prefill tile so one expert fills the GPU.
 using TileSmall = TileCfg<32, 16, 4, 2, 2>;
+// Dynamic shared memory of a launch: the pipeline, then the sub-row indices of the K range
+// one block covers (V > 1), reserved at launch so that the small decode tile keeps its
+// occupancy with deeper pipelines (up to kIndexStageBytes; beyond it the kernel reads the
+// indices from global memory).
 template <typename Tile, int V>
-constexpr int SmemBytes() { return Tile::kPipeBytes + (V > 1 ? kIndexStageBytes : 0); }
+int SmemBytes(const Args& a, int splits) {
+  if (V == 1) return Tile::kPipeBytes;
+  const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
+  const int per_split = (k_stages + splits - 1) / splits;
+  const int64_t windows = std::min<int64_t>(a.k / a.sub_row, int64_t{per_split} * Tile::kBK / a.sub_row);
+  const int64_t bytes = (Tile::kBM * windows + 15) / 16 * 16;
+  return Tile::kPipeBytes + static_cast<int>(std::min<int64_t>(kIndexStageBytes, bytes));
+}
 // Mean routed rows per expert up to which the decode tile is used (host-side choice
 // from shapes only: group sizes stay on the device).
 constexpr int64_t kSmallTileMaxRowsPerExpert = 32;
@@ -161,8 +172,9 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   uint8_t sub[Tile::kFragsM][2];
   uint8_t* idx_smem = smem + Tile::kPipeBytes;
   const int w_count = w_end - w_begin;
-  const bool idx_staged = V > 1 && StageIndices<Tile::kBM, Tile::kThreads>(
-                                       indices, tile, idx_smem, windows, w_begin, w_count);
+  const bool idx_staged =
+      V > 1 && StageIndices<Tile::kBM, Tile::kThreads>(indices, tile, idx_smem, windows, w_begin,
+                                                       w_count, DynamicSmemBytes() - Tile::kPipeBytes);
   auto load_sub = [&](int window, uint8_t (&dst)[Tile::kFragsM][2]) {
 #pragma unroll
     for (int i = 0; i < Tile::kFragsM; ++i)
@@ -358,12 +370,13 @@ int SplitsFor(const Args& a, int m_tiles) {
 template <typename T, int N, int V, typename Tile>
 cudaError_t Launch(cudaStream_t stream, const Args& a) {
   auto kernel = RaggedDotWarpKernel<T, N, V, Tile>;
-  constexpr int smem = SmemBytes<Tile, V>();
+  constexpr int kMaxSmem = Tile::kPipeBytes + (V > 1 ? kIndexStageBytes : 0);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         smem);
+                                         kMaxSmem);
   if (err != cudaSuccess) return err;
   const int m_tiles = MTiles<Tile::kBM>(a);
   const int splits = SplitsFor<Tile>(a, m_tiles);
+  const int smem = SmemBytes<Tile, V>(a, splits);
   return LaunchClusters(stream, kernel, dim3(RowTiles<Tile::kBN>(a), m_tiles, splits),
                         Tile::kThreads, smem, dim3(1, 1, splits), a);
 }

@@ -53,6 +53,8 @@ struct HopperCfg {
   // starts with kLaunchRegs per thread (the launch bound's share, in units of 8); an
   // `inc` waits for registers that a `dec` released, so it must ask for no more than
   // that, or it never returns.
+  // One consumer (the decode shape) needs no more than the even split.
+  static constexpr bool kRealloc = Consumers > 1;
   static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
   static constexpr int kProducerRegs = 56;
   static constexpr int kConsumerRegs = std::min(
@@ -333,10 +335,29 @@ __device__ __forceinline__ void WgmmaSp128(float (&d)[16][4], uint64_t desc_a, u
 #undef SAMOYEDS_WGMMA_SP128
 }
 
+template <typename T, int kSel>
+__device__ __forceinline__ void WgmmaSp16(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b,
+                                          uint32_t meta) {
+#define SAMOYEDS_WGMMA_SP16(TYPE)                                                        \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                               \
+               "wgmma.mma_async.sp.sync.aligned.m64n16k32.f32." TYPE "." TYPE " "       \
+               "{%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, %10, %11, p, 1, 1, 0, 0;\n}\n"      \
+               : SAMOYEDS_ACC4(d, 0), SAMOYEDS_ACC4(d, 1)                               \
+               : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    SAMOYEDS_WGMMA_SP16("bf16");
+  else
+    SAMOYEDS_WGMMA_SP16("f16");
+#undef SAMOYEDS_WGMMA_SP16
+}
+
 template <typename T, int kSel, int kFrags>
 __device__ __forceinline__ void WgmmaSp(float (&d)[kFrags][4], uint64_t desc_a, uint64_t desc_b,
                                         uint32_t meta) {
-  if constexpr (kFrags == 8)
+  static_assert(kFrags == 2 || kFrags == 8 || kFrags == 16, "wgmma N of 16, 64 or 128");
+  if constexpr (kFrags == 2)
+    WgmmaSp16<T, kSel>(d, desc_a, desc_b, meta);
+  else if constexpr (kFrags == 8)
     WgmmaSp64<T, kSel>(d, desc_a, desc_b, meta);
   else
     WgmmaSp128<T, kSel>(d, desc_a, desc_b, meta);
@@ -370,7 +391,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int windows = a.k / a.sub_row;
   const uint8_t* idx = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
   const bool idx_staged =
-      V > 1 && StageIndices<Cfg::kBM, Cfg::kThreads>(idx, tile, idx_smem, windows, 0, windows);
+      V > 1 && StageIndices<Cfg::kBM, Cfg::kThreads>(idx, tile, idx_smem, windows, 0, windows,
+                                                      kIndexStageBytes);
   if (threadIdx.x == 0) {
     for (int b = 0; b < Cfg::kStages; ++b) {
       MbarInit(full_bar + 8 * b, Cfg::kLoadThreads);
@@ -383,7 +405,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x < Cfg::kLoadThreads) {
     // Producer: fill stage `stage` into buffer stage % kStages once the consumers have
     // released that buffer's previous use.
-    SetMaxRegsDec<Cfg::kProducerRegs>();
+    if constexpr (Cfg::kRealloc) SetMaxRegsDec<Cfg::kProducerRegs>();
     const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
     const T* values = static_cast<const T*>(a.values) + static_cast<int64_t>(e) * a.kept_rows * half_k;
     const uint32_t* meta = a.metadata + static_cast<int64_t>(e) * a.kept_rows * words;
@@ -399,7 +421,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
 
   // Consumers.
-  SetMaxRegsInc<Cfg::kConsumerRegs>();
+  if constexpr (Cfg::kRealloc) SetMaxRegsInc<Cfg::kConsumerRegs>();
   const int ctid = threadIdx.x - Cfg::kLoadThreads;
   const int lane = ctid & 31, warp = ctid >> 5;
   // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows

@@ -16,6 +16,7 @@
 #     calib    : calibrated vs magnitude pruning on the GPU
 #     multi    : several GPUs (issue 9): sharded == single device, bench_multi scaling
 #     dprofile : ncu of the warp-level kernel at a decode shape (carried .devbin)
+#     decode   : decode-shape block variants (carried .devbin/harness_var) and ncu stall reasons
 #     profile  : wgmma rate and ncu of the Hopper kernel (carried .devbin), NVIDIA's 2:4 for context
 # Every mode but `kernel` builds and installs the package first (once).
 set -uo pipefail
@@ -266,6 +267,34 @@ dprofile() {
     "$OUT/ncu_decode.txt" | head -60
 }
 
+decode() {
+  step "decode shapes: default kernels and variants (harness_var)"
+  local H="timeout 40 $REPO/.devbin/harness_var"
+  {
+    for s in auto 1 4; do
+      [ $s = auto ] && unset SAMOYEDS_SPLIT_K || export SAMOYEDS_SPLIT_K=$s
+      echo "--- splits $s"
+      $H 4096 14336 16 1 2 128 1 50; $H 14336 4096 16 1 2 128 1 50
+      [ $s = auto ] && { $H 4096 14336 32 1 2 128 8 50; $H 4096 14336 64 1 2 128 1 50; }
+    done
+    unset SAMOYEDS_SPLIT_K
+  } 2>&1 | tee -a "$OUT/decode.log"
+  grep -c MISMATCH "$OUT/decode.log" | sed 's/^/decode mismatches: /' | tee -a "$OUT/summary.txt"
+  step "ncu stall reasons: warp-level decode kernel, then the Hopper N=16 variant"
+  local M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,smsp__cycles_active.avg'
+  local S="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis"
+  timeout 120 ncu --clock-control none $S --metrics "$M" -k regex:Warp --launch-skip 4 --launch-count 1 \
+    "$REPO/.devbin/harness_var" 4096 14336 16 1 2 128 1 2 > "$OUT/ncu_decode.txt" 2>&1
+  timeout 120 ncu --clock-control none $S --metrics "$M" -k regex:Hopper --launch-skip 18 --launch-count 1 \
+    "$REPO/.devbin/harness_var" 4096 14336 16 1 2 128 1 2 >> "$OUT/ncu_decode.txt" 2>&1
+  grep -E "RaggedDot|Duration|DRAM Throughput|Warp Cycles Per Issued|Eligible Warps|Achieved Occ|stalled_(long|short|barrier|wait|mio|lg|math|no_inst|branch|dispatch|selected|not_sel|sleep|membar|drain|imc)|inst_executed" \
+    "$OUT/ncu_decode.txt" | head -80
+  local fn
+  fn=$(cuobjdump -sass "$REPO/.devbin/harness_var" | grep -o "Function : .*RaggedDotWarpKernelI13__nv_bfloat16Li1ELi2ENS0_7TileCfgILi32ELi16ELi4ELi2ELi2E[^ ]*" | head -1 | sed 's/Function : //')
+  cuobjdump -sass -fun "$fn" "$REPO/.devbin/harness_var" > "$OUT/sass_decode.txt" 2>&1
+  echo "decode kernel SASS lines: $(wc -l < "$OUT/sass_decode.txt")"
+}
+
 multi() {
   # Issue 9: several GPUs of one host. NVLink multicast stays off.
   build
@@ -288,7 +317,7 @@ multi() {
 machine
 for mode in "$@"; do
   case $mode in
-    kernel|split|tests|sanitize|stress|soak|perf|perflite|glu|suite|calib|multi|profile|dprofile) $mode ;;
+    kernel|split|tests|sanitize|stress|soak|perf|perflite|glu|suite|calib|multi|profile|dprofile|decode) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done
