@@ -30,6 +30,7 @@ struct Args {
   bool has_sel;
   int glu;       // kGluNone, or the activation of a fused GLU (glu.h)
   int out_cols;  // columns of out: M, or M / 2 with a fused GLU
+  bool m_fast = false;  // grid order, set by TileGrid: M tiles along x, row tiles along y
 };
 
 // The kept rows one block computes and the output columns it owns. A tile has BM rows
@@ -186,11 +187,32 @@ __device__ Work FindWork(const Args& a, int tile) {
   return {-1, begin, min(begin + BN, a.rows)};
 }
 
-// Grid x extent for row tiles of BN: sum_e ceil(size_e / BN) <= R / BN + E, plus the
-// zero-fill tiles.
+// Row tiles of BN for any group sizes: sum_e ceil(size_e / BN) expert tiles plus
+// ceil((R - sum) / BN) zero-fill tiles is at most (R + (E + 1)(BN - 1)) / BN, and at most
+// R (no needed tile is empty).
 template <int BN>
 inline unsigned RowTiles(const Args& a) {
-  return static_cast<unsigned>((static_cast<int64_t>(a.rows) + BN - 1) / BN + a.experts + 1);
+  const int64_t r = a.rows;
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min(r, (r + (int64_t{a.experts} + 1) * (BN - 1)) / BN)));
+}
+
+// The launch grid (x, y, splits) of BN x BM tiles, and its order in a.m_fast. Row tiles
+// run along x (the fastest in launch order) so that blocks running together share weight
+// tiles in the L2. Decode shapes have few row tiles per expert and most of the bound's
+// tiles turn out empty; there the M tiles run along x, so the empty blocks come last in
+// the launch instead of holding SM slots between the busy ones (NOTES.md, v15).
+template <int BN, int BM>
+inline dim3 TileGrid(Args& a, unsigned splits = 1) {
+  const unsigned rows = RowTiles<BN>(a), ms = static_cast<unsigned>(MTiles<BM>(a));
+  a.m_fast = static_cast<int64_t>(a.rows) <= int64_t{2} * BN * a.experts && rows <= 65535;
+  return a.m_fast ? dim3(ms, rows, splits) : dim3(rows, ms, splits);
+}
+__device__ __forceinline__ int RowTileIndex(const Args& a) {
+  return a.m_fast ? blockIdx.y : blockIdx.x;
+}
+__device__ __forceinline__ int MTileIndex(const Args& a) {
+  return a.m_fast ? blockIdx.x : blockIdx.y;
 }
 
 // Walks the 8-column groups of a [rows, vec] grid from item `first` in strides of
@@ -281,33 +303,51 @@ class StageLoader {
   static_assert(kARowStep % 8 == 0 && kBRowStep % 8 == 0, "row steps keep the swizzle");
 
   // values/meta: this expert's arrays; src_row: the tile's token ids (-1: absent).
+  // Every copy's source row pointer and presence bit are resolved here, so a stage costs
+  // an offset add and the copy itself per 16 bytes (the decode tile's K loop is an
+  // instruction-latency chain: NOTES.md, v15).
   __device__ __forceinline__ StageLoader(const Args& a, const T* values, const uint32_t* meta,
                                          const int* src_row, const RowTile& tile, int rows_here)
-      : a_(a), values_(values), meta_(meta) {
+      : a_(a) {
     const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
     const int tid = threadIdx.x;
-    a_row_ = tid / kAChunks;
-    a_chunk_ = tid % kAChunks;
-    b_chunk_ = tid % kBChunks;
-    m_row_ = tid / Cfg::kSteps;
+    const int a_row = tid / kAChunks, a_chunk = tid % kAChunks;
+    const int m_row = tid / Cfg::kSteps;
     m_word_ = tid % Cfg::kSteps;
+    b_chunk_ = tid % kBChunks;
+    a_col_ = a_chunk * 16;
     const int b_row = tid / kBChunks;
-    a_dst_ = Cfg::AOffset(a_row_, a_chunk_);
+    a_dst_ = Cfg::AOffset(a_row, a_chunk);
     b_dst_ = Cfg::BOffset(b_row, b_chunk_);
-    m_dst_ = m_row_ * Cfg::kMetaRow + m_word_ * 4;
-    // Copies of the upper half start from a second base, the first moved by skip rows.
-    a_src_[0] = values + static_cast<int64_t>(FirstKept<kAPer, Cfg::kBM>(tile, a_row_)) * half_k +
-                a_chunk_ * 8;
-    m_src_[0] = meta + static_cast<int64_t>(FirstKept<kMPer, Cfg::kBM>(tile, m_row_)) * words +
-                m_word_;
-    a_src_[1] = a_src_[0] + static_cast<int64_t>(tile.skip) * half_k;
-    m_src_[1] = m_src_[0] + static_cast<int64_t>(tile.skip) * words;
-    // Copy c's row is present iff row < limit of its half: the lower half holds rows
-    // [0, lo), the upper [BM / 2, BM / 2 + hi).
-    a_lim_[0] = FirstLimit<kAPer, Cfg::kBM>(tile, a_row_);
-    a_lim_[1] = Cfg::kBM / 2 + tile.hi;
-    m_lim_[0] = FirstLimit<kMPer, Cfg::kBM>(tile, m_row_);
-    m_lim_[1] = Cfg::kBM / 2 + tile.hi;
+    m_dst_ = m_row * Cfg::kMetaRow + m_word_ * 4;
+    // Copies of the upper half start from a second base, the first moved by skip rows;
+    // copy c's row is present iff row < limit of its half: the lower half holds rows
+    // [0, lo), the upper [BM / 2, BM / 2 + hi). Absent rows keep a valid pointer and
+    // copy zeros.
+    const T* a_first = values + static_cast<int64_t>(FirstKept<kAPer, Cfg::kBM>(tile, a_row)) * half_k +
+                       a_chunk * 8;
+    const uint32_t* m_first =
+        meta + static_cast<int64_t>(FirstKept<kMPer, Cfg::kBM>(tile, m_row)) * words + m_word_;
+    const int a_lim[2] = {FirstLimit<kAPer, Cfg::kBM>(tile, a_row), Cfg::kBM / 2 + tile.hi};
+    const int m_lim[2] = {FirstLimit<kMPer, Cfg::kBM>(tile, m_row), Cfg::kBM / 2 + tile.hi};
+    a_ok_ = 0;
+#pragma unroll
+    for (int c = 0; c < kAPer; ++c) {
+      const bool up = UpperCopy<kAPer>(c);
+      const bool ok = a_row + c * kARowStep < a_lim[up];
+      a_ok_ |= static_cast<uint32_t>(ok) << c;
+      a_src_[c] = ok ? a_first + (static_cast<int64_t>(up ? tile.skip : 0) + c * kARowStep) * half_k
+                     : values;
+    }
+    m_ok_ = 0;
+#pragma unroll
+    for (int c = 0; c < kMPer; ++c) {
+      const bool up = UpperCopy<kMPer>(c);
+      const bool ok = m_row + c * kMRowStep < m_lim[up];
+      m_ok_ |= static_cast<uint32_t>(ok) << c;
+      m_src_[c] = ok ? m_first + (static_cast<int64_t>(up ? tile.skip : 0) + c * kMRowStep) * words
+                     : meta;
+    }
 #pragma unroll
     for (int c = 0; c < kBPer; ++c) {
       const int row = b_row + c * kBRowStep;
@@ -319,46 +359,41 @@ class StageLoader {
   __device__ __forceinline__ void Load(uint32_t dst, int stage) const {
     const uint32_t sa = dst, sb = sa + Cfg::kABytes, sm = sb + Cfg::kBBytes;
     // Sizes are read from the kernel parameters (constant bank), not kept in registers.
-    const int k = a_.k, half_k = k / 2, words = k / kMetaColsPerWord;
-    const T* x = static_cast<const T*>(a_.x);
+    const int k = a_.k;
     const int k0 = stage * Cfg::kBK;
-    const bool a_col_ok = k0 / 2 + a_chunk_ * 8 < half_k;
+    // Columns past K: only in the last stage of a K that is not a multiple of kBK (a
+    // 16-byte A chunk covers 16 dense columns, a B chunk 8, a metadata word 32).
+    const bool a_col_ok = k0 + a_col_ < k;
 #pragma unroll
     for (int c = 0; c < kAPer; ++c) {
-      const bool ok = a_col_ok && a_row_ + c * kARowStep < a_lim_[UpperCopy<kAPer>(c)];
-      const T* src =
-          ok ? a_src_[UpperCopy<kAPer>(c)] + static_cast<int64_t>(c * kARowStep) * half_k + k0 / 2
-             : values_;
-      CpAsync16(sa + a_dst_ + c * kARowStep * Cfg::kARow, src, ok ? 16 : 0);
+      const bool ok = ((a_ok_ >> c) & 1) && a_col_ok;
+      CpAsync16(sa + a_dst_ + c * kARowStep * Cfg::kARow, a_src_[c] + k0 / 2, ok ? 16 : 0);
     }
     // Absent routed rows are not copied at all: their output columns are never stored,
     // so decode shapes move only the rows they have.
+    const T* x = static_cast<const T*>(a_.x) + k0 + b_chunk_ * 8;
     const bool b_col_ok = k0 + b_chunk_ * 8 < k;
 #pragma unroll
     for (int c = 0; c < kBPer; ++c) {
       const int t = b_tok_[c];
-      const T* src = x + static_cast<int64_t>(max(t, 0)) * k + k0 + b_chunk_ * 8;
-      CpAsync16If(sb + b_dst_ + c * kBRowStep * Cfg::kBRowStride, src, t >= 0 && b_col_ok);
+      CpAsync16If(sb + b_dst_ + c * kBRowStep * Cfg::kBRowStride,
+                  x + static_cast<int64_t>(max(t, 0)) * k, t >= 0 && b_col_ok);
     }
+    const bool m_col_ok = k0 + m_word_ * kMetaColsPerWord < k;
     const int word0 = k0 / kMetaColsPerWord;
 #pragma unroll
     for (int c = 0; c < kMPer; ++c) {
-      const bool ok = m_row_ + c * kMRowStep < m_lim_[UpperCopy<kMPer>(c)] && word0 + m_word_ < words;
-      const uint32_t* src =
-          ok ? m_src_[UpperCopy<kMPer>(c)] + static_cast<int64_t>(c * kMRowStep) * words + word0
-             : meta_;
-      CpAsync4(sm + m_dst_ + c * kMRowStep * Cfg::kMetaRow, src, ok ? 4 : 0);
+      const bool ok = ((m_ok_ >> c) & 1) && m_col_ok;
+      CpAsync4(sm + m_dst_ + c * kMRowStep * Cfg::kMetaRow, m_src_[c] + word0, ok ? 4 : 0);
     }
   }
 
  private:
   const Args& a_;  // the kernel's parameters
-  const T* values_;
-  const uint32_t* meta_;
-  const T* a_src_[2];         // [lower, upper half]
-  const uint32_t* m_src_[2];
-  int a_lim_[2], m_lim_[2];  // [lower, upper half]: copies of rows below are present
-  int a_row_, a_chunk_, b_chunk_, m_row_, m_word_;
+  const T* a_src_[kAPer];  // per copy: its row's first column of this thread's chunk
+  const uint32_t* m_src_[kMPer];
+  uint32_t a_ok_, m_ok_;   // bit c: copy c's row is present
+  int a_col_, b_chunk_, m_word_;
   uint32_t a_dst_, b_dst_, m_dst_;
   int b_tok_[kBPer];
 };

@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   __shared__ int src_row[Tile::kBN];  // token id of each routed row, -1 when absent
 
   constexpr int kOutRows = Tile::kBM / N * V;  // output rows (of M) per block
-  const RowTile tile = TileRows<Tile::kBM, N, V>(a, blockIdx.y);
-  const Work work = FindWork<Tile::kBN>(a, blockIdx.x);
+  const RowTile tile = TileRows<Tile::kBM, N, V>(a, MTileIndex(a));
+  const Work work = FindWork<Tile::kBN>(a, RowTileIndex(a));
   if (work.row_begin >= work.row_end) return;
   // K split (gridDim.z > 1, decode shapes on sm_90): the blocks of one cluster share this
   // tile and take consecutive ranges of K stages; ClusterEpilogue adds their partials.
@@ -374,11 +374,11 @@ cudaError_t Launch(cudaStream_t stream, const Args& a) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kMaxSmem);
   if (err != cudaSuccess) return err;
-  const int m_tiles = MTiles<Tile::kBM>(a);
-  const int splits = SplitsFor<Tile>(a, m_tiles);
+  const int splits = SplitsFor<Tile>(a, MTiles<Tile::kBM>(a));
   const int smem = SmemBytes<Tile, V>(a, splits);
-  return LaunchClusters(stream, kernel, dim3(RowTiles<Tile::kBN>(a), m_tiles, splits),
-                        Tile::kThreads, smem, dim3(1, 1, splits), a);
+  Args b = a;
+  const dim3 grid = TileGrid<Tile::kBN, Tile::kBM>(b, splits);
+  return LaunchClusters(stream, kernel, grid, Tile::kThreads, smem, dim3(1, 1, splits), b);
 }
 
 template <typename T, int N, int V>

@@ -379,8 +379,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   constexpr int kOutRows = Cfg::kBM / N * V;
-  const RowTile tile = TileRows<Cfg::kBM, N, V>(a, blockIdx.y);
-  const Work work = FindWork<Cfg::kBN>(a, blockIdx.x);
+  const RowTile tile = TileRows<Cfg::kBM, N, V>(a, MTileIndex(a));
+  const Work work = FindWork<Cfg::kBN>(a, RowTileIndex(a));
   if (work.row_begin >= work.row_end) return;
   if (work.expert < 0) {
     ZeroFillTile<T, Cfg::kThreads>(a, work, tile.out0, tile.out_here);
@@ -585,8 +585,9 @@ cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(RowTiles<Cfg::kBN>(a), MTiles<Cfg::kBM>(a)), Cfg::kThreads, Cfg::kSmemBytes,
-           stream>>>(a);
+  Args b = a;
+  const dim3 grid = TileGrid<Cfg::kBN, Cfg::kBM>(b);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(b);
   return cudaGetLastError();
 }
 
