@@ -16,8 +16,9 @@
 namespace samoyeds::cuda {
 
 // A tile configuration; every size below derives from these.
-template <int BM, int BN, int Stages, int WarpsM, int WarpsN>
+template <int BM, int BN, int Stages, int WarpsM, int WarpsN, int MinBlocks = 2>
 struct TileCfg {
+  static constexpr int kMinBlocks = MinBlocks;  // resident blocks per SM the registers allow
   static constexpr int kBM = BM;   // kept rows per block
   static constexpr int kBN = BN;   // routed rows per block
   static constexpr int kBK = 128;  // dense K per pipeline stage
@@ -94,7 +95,7 @@ __device__ __forceinline__ void MmaSp(float (&d)[4], const uint32_t (&a)[4],
 }
 
 template <typename T, int N, int V, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 2)
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     RaggedDotWarpKernel(const Args a) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int src_row[Tile::kBN];  // token id of each routed row, -1 when absent
@@ -359,7 +360,7 @@ int SplitsFor(const Args& a, int m_tiles) {
   // Busy row tiles, assuming the routed rows spread over as many experts as they can.
   const int64_t row_tiles = std::max<int64_t>((a.rows + Tile::kBN - 1) / Tile::kBN,
                                               std::min(a.experts, a.rows));
-  const int64_t target = int64_t{kSplitTargetBlocksPerSm} * dev.sms;
+  const int64_t target = int64_t{std::max(kSplitTargetBlocksPerSm, Tile::kMinBlocks)} * dev.sms;
   int s = 1;
   while (s < kMaxSplits && row_tiles * m_tiles * s * 2 <= target &&
          k_stages >= 2 * s * kMinStagesPerSplit)

@@ -62,6 +62,12 @@ struct HopperCfg {
   static_assert(kLoadThreads * (kLaunchRegs - kProducerRegs) >=
                     kConsumerThreads * (kConsumerRegs - kLaunchRegs),
                 "consumers ask for no more registers than the producer releases");
+  // Benchmark switch (kernel_harness.cu only): false reuses the first ring fill for every
+  // later stage (wrong results), to time the loop without its shared-memory writes.
+  static constexpr bool kRefill = true;
+  // Two consumers with sub-row steering take turns to issue their MMAs (named barriers
+  // 2 and 3), so one's drain and steering overlap the other's MMAs (NOTES.md, v15d).
+  static constexpr bool kPingPong = V > 1 && Consumers == 2;
   static constexpr int kBM = 64 * kConsumers;    // kept rows per block
   static constexpr int kBN = BN;                 // routed rows per block (wgmma N)
   static constexpr int kBK = 128;                // dense K per stage
@@ -256,6 +262,24 @@ template <int kCount>
 __device__ __forceinline__ void ConsumerSync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kCount) : "memory");
 }
+// Turn-taking between two consumer warpgroups: barrier 2 + w is warpgroup w's turn.
+// (Immediate barrier ids under a predicate: no register for the id in the consumers,
+// whose steering kernels have none to spare.)
+template <int kCount>
+__device__ __forceinline__ void TurnWait(bool wg1, bool active = true) {
+  const int sel = active ? (wg1 ? 2 : 1) : 0;
+  asm volatile("{\n .reg .pred p, q;\n setp.eq.b32 p, %0, 2;\n setp.eq.b32 q, %0, 1;\n"
+               " @p bar.sync 3, %1;\n @q bar.sync 2, %1;\n}\n" ::"r"(sel),
+               "n"(kCount)
+               : "memory");
+}
+template <int kCount>
+__device__ __forceinline__ void TurnPass(bool wg1) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n"
+               " @p bar.arrive 2, %1;\n @!p bar.arrive 3, %1;\n}\n" ::"r"(static_cast<int>(wg1)),
+               "n"(kCount)
+               : "memory");
+}
 // SAMOYEDS_NO_SETMAXNREG keeps the launch's even register split: only for
 // compute-sanitizer racecheck, which stalls at random cases when warps reallocate
 // registers (NOTES.md, "compute-sanitizer racecheck"); the shared-memory accesses it
@@ -413,7 +437,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int stage = 0; stage < k_stages; ++stage) {
       const int buf = stage % Cfg::kStages;
       if (stage >= Cfg::kStages) MbarWait(empty_bar + 8 * buf, (stage / Cfg::kStages - 1) & 1);
-      loader.Load(a, smem_base + buf * Cfg::kStageBytes, stage);
+      if (Cfg::kRefill || stage < Cfg::kStages) loader.Load(a, smem_base + buf * Cfg::kStageBytes, stage);
       CpAsyncMbarArrive(full_bar + 8 * buf);
     }
     CpAsyncWait<0>();
@@ -516,7 +540,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // pressure (it had spilled the barrier phase, reloaded from local memory at every
   // stage).
   if (window_shift == 2) {
+    // Ping-pong: warpgroup 0 issues stage s, then warpgroup 1 (which steered meanwhile),
+    // then warpgroup 0 stage s + 1, ... Warpgroup 0 takes its first turn unasked and the
+    // turn warpgroup 1 passes after its last stage after the loop, so every barrier phase
+    // completes.
+    constexpr int kPair = 2 * 128;
     for (int stage = 0; stage < k_stages; ++stage) {
+      if constexpr (Cfg::kPingPong) TurnWait<kPair>(wg == 1, stage > 0 || wg == 1);
       const int buf = begin_stage(stage);
       if constexpr (V > 1)
         steer(stage);
@@ -528,6 +558,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
       for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s]);
       end_stage(stage);
+      if constexpr (Cfg::kPingPong) TurnPass<kPair>(wg == 1);  // once the group is committed
     }
   } else {
     // sub_row 32 or 64: windows inside a stage; a partial last stage.
@@ -555,6 +586,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   WgmmaWait<0>();
   FenceAcc(acc);
+  if constexpr (Cfg::kPingPong) {
+    // Warpgroup 0's extra turn, taken when no MMA is in flight.
+    if (window_shift == 2 && wg == 0) TurnWait<2 * 128>(false);
+  }
   // Both consumers' MMAs have retired before the epilogue tile overwrites the ring.
   ConsumerSync<Cfg::kConsumerThreads>();
 

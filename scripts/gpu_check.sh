@@ -17,6 +17,8 @@
 #     multi    : several GPUs (issue 9): sharded == single device, bench_multi scaling
 #     dprofile : ncu of the warp-level kernel at a decode shape (carried .devbin)
 #     decode   : decode-shape block variants (carried .devbin/harness_var) and ncu stall reasons
+#     floor    : the time to read N bytes (carried .devbin/stream_floor) next to the decode
+#                kernel at growing K (fixed cost and streaming rate)
 #     profile  : wgmma rate and ncu of the Hopper kernel (carried .devbin), NVIDIA's 2:4 for context
 # Every mode but `kernel` builds and installs the package first (once).
 set -uo pipefail
@@ -269,8 +271,13 @@ dprofile() {
 
 decode() {
   step "decode shapes: default kernels and variants (harness_var)"
-  local H="timeout 40 $REPO/.devbin/harness_var"
+  local H="timeout 40 $REPO/.devbin/harness_var" B="$REPO/.devbin/harness_base"
   {
+    if [ -x "$B" ]; then  # a build of the previous code, for a same-run baseline
+      echo "--- baseline build"
+      timeout 40 "$B" 4096 14336 16 1 2 128 1 50; timeout 40 "$B" 14336 4096 16 1 2 128 1 50
+      timeout 40 "$B" 4096 14336 32 1 2 128 8 50
+    fi
     for s in auto 1 4; do
       [ $s = auto ] && unset SAMOYEDS_SPLIT_K || export SAMOYEDS_SPLIT_K=$s
       echo "--- splits $s"
@@ -295,6 +302,17 @@ decode() {
   echo "decode kernel SASS lines: $(wc -l < "$OUT/sass_decode.txt")"
 }
 
+floor() {
+  step "streaming floor vs the decode kernel (1 expert, 16 tokens, M = 14336, K growing)"
+  {
+    timeout 120 "$REPO/.devbin/stream_floor" 4 8 16 33 66 117 235
+    for k in 1024 2048 4096 8192 16384; do
+      timeout 40 "$REPO/.devbin/harness" $k 14336 16 1 2 128 1 50 | grep "^warp .*median"
+    done
+    timeout 40 "$REPO/.devbin/harness" 4096 14336 32 1 2 128 8 50 | grep "^warp .*median"
+  } 2>&1 | tee -a "$OUT/floor.log"
+}
+
 multi() {
   # Issue 9: several GPUs of one host. NVLink multicast stays off.
   build
@@ -317,7 +335,7 @@ multi() {
 machine
 for mode in "$@"; do
   case $mode in
-    kernel|split|tests|sanitize|stress|soak|perf|perflite|glu|suite|calib|multi|profile|dprofile|decode) $mode ;;
+    kernel|split|tests|sanitize|stress|soak|perf|perflite|glu|suite|calib|multi|profile|dprofile|decode|floor) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done
