@@ -32,9 +32,6 @@
 struct NoRefill1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kRefill = false; };
 struct NoRefill1c2 : samoyeds::cuda::HopperCfg<1, 2, 128, 4> { static constexpr bool kRefill = false; };
 struct NoRefill2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kRefill = false; };
-// Before v15d: both consumers issue as soon as their stage is ready.
-template <int V>
-struct NoPingPong : samoyeds::cuda::HopperCfg<V> { static constexpr bool kPingPong = false; };
 #endif
 
 int main(int argc, char** argv) {
@@ -193,19 +190,10 @@ int main(int argc, char** argv) {
         {"noref1", 1, 1, sc::LaunchHopper<Bf, 1, 1, NoRefill1>},
         {"noref1c2", 1, 1, sc::LaunchHopper<Bf, 1, 1, NoRefill1c2>},
         {"noref2", 1, 2, sc::LaunchHopper<Bf, 1, 2, NoRefill2>},
-        {"nopp2", 1, 2, sc::LaunchHopper<Bf, 1, 2, NoPingPong<2>>},
-        {"nopp4", 1, 4, sc::LaunchHopper<Bf, 1, 4, NoPingPong<4>>},
-        {"nopp24", 2, 4, sc::LaunchHopper<Bf, 2, 4, NoPingPong<4>>},
         {"h1c4s3", 1, 1, sc::LaunchHopper<Bf, 1, 1, sc::HopperCfg<1, 4, 128, 3>>},
         {"h1c2s4", 1, 1, sc::LaunchHopper<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
-        {"w64x16", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 2, 2>>},
         {"w64x16b", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 4, 1>>},
         {"w32x16s6", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 6, 2, 2>>},
-        {"w32x16s8", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 8, 2, 2>>},
-        {"w3b8", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 3, 2, 2, 8>>},
-        {"w4b6", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 4, 2, 2, 6>>},
-        {"h16c1s8", 1, 2, sc::LaunchHopper<Bf, 1, 2, sc::HopperCfg<2, 1, 16, 8>>},
-        {"h16c1s12", 1, 2, sc::LaunchHopper<Bf, 1, 2, sc::HopperCfg<2, 1, 16, 12>>},
     };
     for (const Variant& var : variants) {
       if (var.n != n || var.v != v) continue;

@@ -91,7 +91,8 @@ int main(int argc, char** argv) {
     const double copy_us = time([&](int c) {
       CHECK(cudaMemcpyAsync(dst, buf[c], bytes, cudaMemcpyDeviceToDevice, 0));
     });
-    std::printf("%7.1f MB  read kernel %8.2f us %6.2f TB/s   memcpy d2d %8.2f us %6.2f TB/s (read+write)\n",
+    std::printf("%7.1f MB  read kernel %8.2f us %6.2f TB/s   "
+                "memcpy d2d %8.2f us %6.2f TB/s (read+write)\n",
                 bytes / 1048576.0, read_us, bytes / read_us / 1e6, copy_us,
                 2.0 * bytes / copy_us / 1e6);
     for (auto& p : buf) CHECK(cudaFree(p));

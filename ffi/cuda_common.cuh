@@ -324,8 +324,8 @@ class StageLoader {
     // copy c's row is present iff row < limit of its half: the lower half holds rows
     // [0, lo), the upper [BM / 2, BM / 2 + hi). Absent rows keep a valid pointer and
     // copy zeros.
-    const T* a_first = values + static_cast<int64_t>(FirstKept<kAPer, Cfg::kBM>(tile, a_row)) * half_k +
-                       a_chunk * 8;
+    const T* a_first =
+        values + static_cast<int64_t>(FirstKept<kAPer, Cfg::kBM>(tile, a_row)) * half_k + a_chunk * 8;
     const uint32_t* m_first =
         meta + static_cast<int64_t>(FirstKept<kMPer, Cfg::kBM>(tile, m_row)) * words + m_word_;
     const int a_lim[2] = {FirstLimit<kAPer, Cfg::kBM>(tile, a_row), Cfg::kBM / 2 + tile.hi};

@@ -16,9 +16,8 @@
 namespace samoyeds::cuda {
 
 // A tile configuration; every size below derives from these.
-template <int BM, int BN, int Stages, int WarpsM, int WarpsN, int MinBlocks = 2>
+template <int BM, int BN, int Stages, int WarpsM, int WarpsN>
 struct TileCfg {
-  static constexpr int kMinBlocks = MinBlocks;  // resident blocks per SM the registers allow
   static constexpr int kBM = BM;   // kept rows per block
   static constexpr int kBN = BN;   // routed rows per block
   static constexpr int kBK = 128;  // dense K per pipeline stage
@@ -52,15 +51,15 @@ using TileLarge = TileCfg<64, 64, 3, 2, 2>;
 // deeper pipeline; twice the blocks of the prefill tile so one expert fills the GPU.
 using TileSmall = TileCfg<32, 16, 4, 2, 2>;
 // Dynamic shared memory of a launch: the pipeline, then the sub-row indices of the K range
-// one block covers (V > 1), reserved at launch so that the small decode tile keeps its
-// occupancy with deeper pipelines (up to kIndexStageBytes; beyond it the kernel reads the
-// indices from global memory).
+// one block covers (V > 1), sized at launch (a Mixtral decode block needs 0.5 KB of the
+// 16 KB kIndexStageBytes; indices beyond that are read from global memory).
 template <typename Tile, int V>
 int SmemBytes(const Args& a, int splits) {
   if (V == 1) return Tile::kPipeBytes;
   const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
   const int per_split = (k_stages + splits - 1) / splits;
-  const int64_t windows = std::min<int64_t>(a.k / a.sub_row, int64_t{per_split} * Tile::kBK / a.sub_row);
+  const int64_t windows =
+      std::min<int64_t>(a.k / a.sub_row, int64_t{per_split} * Tile::kBK / a.sub_row);
   const int64_t bytes = (Tile::kBM * windows + 15) / 16 * 16;
   return Tile::kPipeBytes + static_cast<int>(std::min<int64_t>(kIndexStageBytes, bytes));
 }
@@ -95,7 +94,7 @@ __device__ __forceinline__ void MmaSp(float (&d)[4], const uint32_t (&a)[4],
 }
 
 template <typename T, int N, int V, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
+__global__ void __launch_bounds__(Tile::kThreads, 2)
     RaggedDotWarpKernel(const Args a) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int src_row[Tile::kBN];  // token id of each routed row, -1 when absent
@@ -173,9 +172,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   uint8_t sub[Tile::kFragsM][2];
   uint8_t* idx_smem = smem + Tile::kPipeBytes;
   const int w_count = w_end - w_begin;
+  const int idx_capacity = DynamicSmemBytes() - Tile::kPipeBytes;
   const bool idx_staged =
       V > 1 && StageIndices<Tile::kBM, Tile::kThreads>(indices, tile, idx_smem, windows, w_begin,
-                                                       w_count, DynamicSmemBytes() - Tile::kPipeBytes);
+                                                       w_count, idx_capacity);
   auto load_sub = [&](int window, uint8_t (&dst)[Tile::kFragsM][2]) {
 #pragma unroll
     for (int i = 0; i < Tile::kFragsM; ++i)
@@ -360,7 +360,7 @@ int SplitsFor(const Args& a, int m_tiles) {
   // Busy row tiles, assuming the routed rows spread over as many experts as they can.
   const int64_t row_tiles = std::max<int64_t>((a.rows + Tile::kBN - 1) / Tile::kBN,
                                               std::min(a.experts, a.rows));
-  const int64_t target = int64_t{std::max(kSplitTargetBlocksPerSm, Tile::kMinBlocks)} * dev.sms;
+  const int64_t target = int64_t{kSplitTargetBlocksPerSm} * dev.sms;
   int s = 1;
   while (s < kMaxSplits && row_tiles * m_tiles * s * 2 <= target &&
          k_stages >= 2 * s * kMinStagesPerSplit)

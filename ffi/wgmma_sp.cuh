@@ -53,8 +53,6 @@ struct HopperCfg {
   // starts with kLaunchRegs per thread (the launch bound's share, in units of 8); an
   // `inc` waits for registers that a `dec` released, so it must ask for no more than
   // that, or it never returns.
-  // One consumer (the decode shape) needs no more than the even split.
-  static constexpr bool kRealloc = Consumers > 1;
   static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
   static constexpr int kProducerRegs = 56;
   static constexpr int kConsumerRegs = std::min(
@@ -65,9 +63,6 @@ struct HopperCfg {
   // Benchmark switch (kernel_harness.cu only): false reuses the first ring fill for every
   // later stage (wrong results), to time the loop without its shared-memory writes.
   static constexpr bool kRefill = true;
-  // Two consumers with sub-row steering take turns to issue their MMAs (named barriers
-  // 2 and 3), so one's drain and steering overlap the other's MMAs (NOTES.md, v15d).
-  static constexpr bool kPingPong = V > 1 && Consumers == 2;
   static constexpr int kBM = 64 * kConsumers;    // kept rows per block
   static constexpr int kBN = BN;                 // routed rows per block (wgmma N)
   static constexpr int kBK = 128;                // dense K per stage
@@ -262,24 +257,6 @@ template <int kCount>
 __device__ __forceinline__ void ConsumerSync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kCount) : "memory");
 }
-// Turn-taking between two consumer warpgroups: barrier 2 + w is warpgroup w's turn.
-// (Immediate barrier ids under a predicate: no register for the id in the consumers,
-// whose steering kernels have none to spare.)
-template <int kCount>
-__device__ __forceinline__ void TurnWait(bool wg1, bool active = true) {
-  const int sel = active ? (wg1 ? 2 : 1) : 0;
-  asm volatile("{\n .reg .pred p, q;\n setp.eq.b32 p, %0, 2;\n setp.eq.b32 q, %0, 1;\n"
-               " @p bar.sync 3, %1;\n @q bar.sync 2, %1;\n}\n" ::"r"(sel),
-               "n"(kCount)
-               : "memory");
-}
-template <int kCount>
-__device__ __forceinline__ void TurnPass(bool wg1) {
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n"
-               " @p bar.arrive 2, %1;\n @!p bar.arrive 3, %1;\n}\n" ::"r"(static_cast<int>(wg1)),
-               "n"(kCount)
-               : "memory");
-}
 // SAMOYEDS_NO_SETMAXNREG keeps the launch's even register split: only for
 // compute-sanitizer racecheck, which stalls at random cases when warps reallocate
 // registers (NOTES.md, "compute-sanitizer racecheck"); the shared-memory accesses it
@@ -359,29 +336,10 @@ __device__ __forceinline__ void WgmmaSp128(float (&d)[16][4], uint64_t desc_a, u
 #undef SAMOYEDS_WGMMA_SP128
 }
 
-template <typename T, int kSel>
-__device__ __forceinline__ void WgmmaSp16(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b,
-                                          uint32_t meta) {
-#define SAMOYEDS_WGMMA_SP16(TYPE)                                                        \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                               \
-               "wgmma.mma_async.sp.sync.aligned.m64n16k32.f32." TYPE "." TYPE " "       \
-               "{%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, %10, %11, p, 1, 1, 0, 0;\n}\n"      \
-               : SAMOYEDS_ACC4(d, 0), SAMOYEDS_ACC4(d, 1)                               \
-               : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    SAMOYEDS_WGMMA_SP16("bf16");
-  else
-    SAMOYEDS_WGMMA_SP16("f16");
-#undef SAMOYEDS_WGMMA_SP16
-}
-
 template <typename T, int kSel, int kFrags>
 __device__ __forceinline__ void WgmmaSp(float (&d)[kFrags][4], uint64_t desc_a, uint64_t desc_b,
                                         uint32_t meta) {
-  static_assert(kFrags == 2 || kFrags == 8 || kFrags == 16, "wgmma N of 16, 64 or 128");
-  if constexpr (kFrags == 2)
-    WgmmaSp16<T, kSel>(d, desc_a, desc_b, meta);
-  else if constexpr (kFrags == 8)
+  if constexpr (kFrags == 8)
     WgmmaSp64<T, kSel>(d, desc_a, desc_b, meta);
   else
     WgmmaSp128<T, kSel>(d, desc_a, desc_b, meta);
@@ -429,7 +387,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x < Cfg::kLoadThreads) {
     // Producer: fill stage `stage` into buffer stage % kStages once the consumers have
     // released that buffer's previous use.
-    if constexpr (Cfg::kRealloc) SetMaxRegsDec<Cfg::kProducerRegs>();
+    SetMaxRegsDec<Cfg::kProducerRegs>();
     const int half_k = a.k / 2, words = a.k / kMetaColsPerWord;
     const T* values = static_cast<const T*>(a.values) + static_cast<int64_t>(e) * a.kept_rows * half_k;
     const uint32_t* meta = a.metadata + static_cast<int64_t>(e) * a.kept_rows * words;
@@ -437,7 +395,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int stage = 0; stage < k_stages; ++stage) {
       const int buf = stage % Cfg::kStages;
       if (stage >= Cfg::kStages) MbarWait(empty_bar + 8 * buf, (stage / Cfg::kStages - 1) & 1);
-      if (Cfg::kRefill || stage < Cfg::kStages) loader.Load(a, smem_base + buf * Cfg::kStageBytes, stage);
+      if (Cfg::kRefill || stage < Cfg::kStages)
+        loader.Load(a, smem_base + buf * Cfg::kStageBytes, stage);
       CpAsyncMbarArrive(full_bar + 8 * buf);
     }
     CpAsyncWait<0>();
@@ -445,7 +404,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
 
   // Consumers.
-  if constexpr (Cfg::kRealloc) SetMaxRegsInc<Cfg::kConsumerRegs>();
+  SetMaxRegsInc<Cfg::kConsumerRegs>();
   const int ctid = threadIdx.x - Cfg::kLoadThreads;
   const int lane = ctid & 31, warp = ctid >> 5;
   // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows
@@ -540,13 +499,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // pressure (it had spilled the barrier phase, reloaded from local memory at every
   // stage).
   if (window_shift == 2) {
-    // Ping-pong: warpgroup 0 issues stage s, then warpgroup 1 (which steered meanwhile),
-    // then warpgroup 0 stage s + 1, ... Warpgroup 0 takes its first turn unasked and the
-    // turn warpgroup 1 passes after its last stage after the loop, so every barrier phase
-    // completes.
-    constexpr int kPair = 2 * 128;
     for (int stage = 0; stage < k_stages; ++stage) {
-      if constexpr (Cfg::kPingPong) TurnWait<kPair>(wg == 1, stage > 0 || wg == 1);
       const int buf = begin_stage(stage);
       if constexpr (V > 1)
         steer(stage);
@@ -558,7 +511,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
       for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s]);
       end_stage(stage);
-      if constexpr (Cfg::kPingPong) TurnPass<kPair>(wg == 1);  // once the group is committed
     }
   } else {
     // sub_row 32 or 64: windows inside a stage; a partial last stage.
@@ -586,10 +538,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   WgmmaWait<0>();
   FenceAcc(acc);
-  if constexpr (Cfg::kPingPong) {
-    // Warpgroup 0's extra turn, taken when no MMA is in flight.
-    if (window_shift == 2 && wg == 0) TurnWait<2 * 128>(false);
-  }
   // Both consumers' MMAs have retired before the epilogue tile overwrites the ring.
   ConsumerSync<Cfg::kConsumerThreads>();
 
