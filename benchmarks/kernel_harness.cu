@@ -16,15 +16,8 @@
 #include <vector>
 
 #include "../ffi/cuda_ops.cu"
+#include "launch_timing.cuh"
 
-#define CHECK(x)                                                                    \
-  do {                                                                              \
-    cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
 
 #ifdef HARNESS_VARIANTS
 // The Hopper loop without its shared-memory writes after the first ring fill (wrong
@@ -101,28 +94,7 @@ int main(int argc, char** argv) {
   auto launch = [&](int c, Path path) {
     CHECK(samoyeds::cuda::Dispatch<__nv_bfloat16>(0, args(c), n, v, path));
   };
-  // Time per launch: `reps` launches back to back between two events (so the host's
-  // launch cost overlaps the previous kernel, as in a jitted program), rotating weight
-  // copies past the L2; the median of 5 such batches.
-  auto time_fn = [&](auto&& launch_copy) {
-    for (int i = 0; i < 3; ++i) launch_copy(i % copies);
-    CHECK(cudaDeviceSynchronize());
-    cudaEvent_t a, b;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&b));
-    std::vector<float> ms;
-    for (int batch = 0; batch < 5; ++batch) {
-      CHECK(cudaEventRecord(a));
-      for (int i = 0; i < reps; ++i) launch_copy((batch * reps + i) % copies);
-      CHECK(cudaEventRecord(b));
-      CHECK(cudaEventSynchronize(b));
-      float t;
-      CHECK(cudaEventElapsedTime(&t, a, b));
-      ms.push_back(t / reps);
-    }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2] * 1e-3;
-  };
+  auto time_fn = [&](auto&& launch_copy) { return SecondsPerLaunch(launch_copy, copies, reps); };
   auto time_path = [&](Path path) {
     return time_fn([&](int c) { launch(c, path); });
   };

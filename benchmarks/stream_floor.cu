@@ -3,9 +3,9 @@
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a benchmarks/stream_floor.cu -o stream_floor
 //   ./stream_floor [MB ...]
 // Every thread keeps 8 independent 16-byte loads in flight (grid-stride, all SMs, 8
-// blocks of 256 threads per SM); buffers are rotated past the 50 MB L2; timing as in
-// kernel_harness.cu (batches of back-to-back launches between CUDA events, median of 5),
-// plus the same through cudaMemcpyAsync device-to-device (which also writes N bytes).
+// blocks of 256 threads per SM); buffers are rotated past the 50 MB L2; timed like
+// kernel_harness.cu (launch_timing.cuh), and the same bytes through cudaMemcpyAsync
+// device-to-device (which also writes them).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -13,14 +13,8 @@
 
 #include <cuda_runtime.h>
 
-#define CHECK(x)                                                                        \
-  do {                                                                                  \
-    cudaError_t e_ = (x);                                                               \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));   \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
+#include "launch_timing.cuh"
+
 
 constexpr int kUnroll = 8;
 
@@ -55,9 +49,6 @@ int main(int argc, char** argv) {
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   uint4* sink;
   CHECK(cudaMalloc(&sink, 16));
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
   for (double mb : sizes_mb) {
     const size_t bytes = size_t(mb * (1 << 20)) / 16 * 16;
     const int copies = int((300u << 20) / bytes) + 2;  // more than the L2 between reuses
@@ -68,23 +59,7 @@ int main(int argc, char** argv) {
       CHECK(cudaMemset(p, 1, bytes));
     }
     CHECK(cudaMalloc(&dst, bytes));
-    auto time = [&](auto&& launch) {
-      for (int i = 0; i < 3; ++i) launch(i % copies);
-      CHECK(cudaDeviceSynchronize());
-      std::vector<float> ms;
-      const int reps = 40;
-      for (int batch = 0; batch < 5; ++batch) {
-        CHECK(cudaEventRecord(a));
-        for (int i = 0; i < reps; ++i) launch((batch * reps + i) % copies);
-        CHECK(cudaEventRecord(b));
-        CHECK(cudaEventSynchronize(b));
-        float t;
-        CHECK(cudaEventElapsedTime(&t, a, b));
-        ms.push_back(t / reps);
-      }
-      std::sort(ms.begin(), ms.end());
-      return ms[2] * 1e3;  // us
-    };
+    auto time = [&](auto&& launch) { return SecondsPerLaunch(launch, copies, 40) * 1e6; };  // us
     const double read_us = time([&](int c) {
       ReadAll<<<sms * 8, 256>>>(static_cast<const uint4*>(buf[c]), bytes / 16, sink);
     });
