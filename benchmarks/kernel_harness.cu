@@ -18,7 +18,6 @@
 #include "../ffi/cuda_ops.cu"
 #include "launch_timing.cuh"
 
-
 #ifdef HARNESS_VARIANTS
 // The Hopper loop without its shared-memory writes after the first ring fill (wrong
 // results: MISMATCH expected), to time what the producer's writes cost (NOTES.md, v15c).

@@ -328,26 +328,8 @@ class StageLoader {
         values + static_cast<int64_t>(FirstKept<kAPer, Cfg::kBM>(tile, a_row)) * half_k + a_chunk * 8;
     const uint32_t* m_first =
         meta + static_cast<int64_t>(FirstKept<kMPer, Cfg::kBM>(tile, m_row)) * words + m_word_;
-    const int a_lim[2] = {FirstLimit<kAPer, Cfg::kBM>(tile, a_row), Cfg::kBM / 2 + tile.hi};
-    const int m_lim[2] = {FirstLimit<kMPer, Cfg::kBM>(tile, m_row), Cfg::kBM / 2 + tile.hi};
-    a_ok_ = 0;
-#pragma unroll
-    for (int c = 0; c < kAPer; ++c) {
-      const bool up = UpperCopy<kAPer>(c);
-      const bool ok = a_row + c * kARowStep < a_lim[up];
-      a_ok_ |= static_cast<uint32_t>(ok) << c;
-      a_src_[c] = ok ? a_first + (static_cast<int64_t>(up ? tile.skip : 0) + c * kARowStep) * half_k
-                     : values;
-    }
-    m_ok_ = 0;
-#pragma unroll
-    for (int c = 0; c < kMPer; ++c) {
-      const bool up = UpperCopy<kMPer>(c);
-      const bool ok = m_row + c * kMRowStep < m_lim[up];
-      m_ok_ |= static_cast<uint32_t>(ok) << c;
-      m_src_[c] = ok ? m_first + (static_cast<int64_t>(up ? tile.skip : 0) + c * kMRowStep) * words
-                     : meta;
-    }
+    a_ok_ = ResolveCopies<kAPer, kARowStep>(tile, a_row, a_first, values, half_k, a_src_);
+    m_ok_ = ResolveCopies<kMPer, kMRowStep>(tile, m_row, m_first, meta, words, m_src_);
 #pragma unroll
     for (int c = 0; c < kBPer; ++c) {
       const int row = b_row + c * kBRowStep;
@@ -390,6 +372,26 @@ class StageLoader {
 
  private:
   const Args& a_;  // the kernel's parameters
+  // kPer copies of rows r0 + c * kRowStep from `first` (r0's row; rows of `row_len`
+  // elements): each copy's source, or `base` when its row is absent; returns the presence
+  // bits (bit c: copy c).
+  template <int kPer, int kRowStep, typename E>
+  static __device__ __forceinline__ uint32_t ResolveCopies(const RowTile& tile, int r0,
+                                                           const E* first, const E* base,
+                                                           int row_len, const E* (&src)[kPer]) {
+    const int lim[2] = {FirstLimit<kPer, Cfg::kBM>(tile, r0), Cfg::kBM / 2 + tile.hi};
+    uint32_t ok_bits = 0;
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) {
+      const bool up = UpperCopy<kPer>(c);
+      const bool ok = r0 + c * kRowStep < lim[up];
+      ok_bits |= static_cast<uint32_t>(ok) << c;
+      src[c] = ok ? first + (static_cast<int64_t>(up ? tile.skip : 0) + c * kRowStep) * row_len
+                  : base;
+    }
+    return ok_bits;
+  }
+
   const T* a_src_[kAPer];  // per copy: its row's first column of this thread's chunk
   const uint32_t* m_src_[kMPer];
   uint32_t a_ok_, m_ok_;   // bit c: copy c's row is present

@@ -287,13 +287,11 @@ decode() {
     unset SAMOYEDS_SPLIT_K
   } 2>&1 | tee -a "$OUT/decode.log"
   grep -c MISMATCH "$OUT/decode.log" | sed 's/^/decode mismatches: /' | tee -a "$OUT/summary.txt"
-  step "ncu stall reasons: warp-level decode kernel, then the Hopper N=16 variant"
+  step "ncu stall reasons: warp-level decode kernel"
   local M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,smsp__cycles_active.avg'
   local S="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis"
   timeout 120 ncu --clock-control none $S --metrics "$M" -k regex:Warp --launch-skip 4 --launch-count 1 \
     "$REPO/.devbin/harness_var" 4096 14336 16 1 2 128 1 2 > "$OUT/ncu_decode.txt" 2>&1
-  timeout 120 ncu --clock-control none $S --metrics "$M" -k regex:Hopper --launch-skip 18 --launch-count 1 \
-    "$REPO/.devbin/harness_var" 4096 14336 16 1 2 128 1 2 >> "$OUT/ncu_decode.txt" 2>&1
   grep -E "RaggedDot|Duration|DRAM Throughput|Warp Cycles Per Issued|Eligible Warps|Achieved Occ|stalled_(long|short|barrier|wait|mio|lg|math|no_inst|branch|dispatch|selected|not_sel|sleep|membar|drain|imc)|inst_executed" \
     "$OUT/ncu_decode.txt" | head -80
   local fn
