@@ -48,9 +48,8 @@ build() {
   python3 -c "import samoyeds_jax._samoyeds as m; print('HAS_CUDA', m.HAS_CUDA, 'FFI', m.FFI_API_VERSION)" | tee -a "$OUT/summary.txt"
   step "sass"
   cuobjdump -sass "$SO" > /tmp/sass.txt 2>&1
-  { echo "per kernel: HMMA.SP / HGMMA.SP count, local-memory (LDL/STL) count";
-    awk '/Function :/ {f=$3} /HMMA\.SP|HGMMA\.SP/ {sp[f]++} /LDL|STL/ {l[f]++} END {for (k in sp) printf "  %s SP-MMA=%d LDL/STL=%d\n", substr(k, 1, 150), sp[k], l[k]+0}' /tmp/sass.txt; } \
-    | sed 's/_ZN8samoyeds4cuda[0-9]*//' | tee -a "$OUT/summary.txt"
+  { echo "per kernel: HMMA.SP / HGMMA.SP count, local-memory (LDL/STL) count, serialized wgmmas";
+    python3 "$REPO/scripts/sass_check.py" /tmp/sass.txt; } | tee -a "$OUT/summary.txt"
   BUILT=1
 }
 
