@@ -24,7 +24,8 @@
 struct NoRefill1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kRefill = false; };
 struct NoRefill1c2 : samoyeds::cuda::HopperCfg<1, 2, 128, 4> { static constexpr bool kRefill = false; };
 struct NoRefill2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kRefill = false; };
-// 1:2 and 1:4 through the shared-memory epilogue, as before v16 (NOTES.md).
+// 1:1, 1:2 and 1:4 through the shared-memory epilogue, as before v16 (NOTES.md).
+struct SmemEpi1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kDirectStore = false; };
 struct SmemEpi2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kDirectStore = false; };
 struct SmemEpi4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kDirectStore = false; };
 #endif
@@ -161,6 +162,7 @@ int main(int argc, char** argv) {
       cudaError_t (*fn)(cudaStream_t, const sc::Args&);
     };
     const Variant variants[] = {
+        {"smemepi1", 1, 1, sc::LaunchHopper<Bf, 1, 1, SmemEpi1>},
         {"smemepi2", 1, 2, sc::LaunchHopper<Bf, 1, 2, SmemEpi2>},
         {"smemepi4", 1, 4, sc::LaunchHopper<Bf, 1, 4, SmemEpi4>},
         {"noref1", 1, 1, sc::LaunchHopper<Bf, 1, 1, NoRefill1>},

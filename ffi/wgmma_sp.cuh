@@ -14,10 +14,9 @@
 //     the descriptors describe;
 //   * N:V: swap-to-front steering between windows (the warpgroup waits for its MMAs
 //     before it touches the accumulators);
-//   * epilogue: with one kept row per block (1:2, 1:4) and no fused GLU, each lane holds
-//     all V sub-rows of its blocks, so the accumulators go straight to `out` (V values
-//     side by side, whole 32-byte sectors per warp store); otherwise through a shared
-//     fp32 tile (NOTES.md, v16);
+//   * epilogue: with one kept row per block (1:1, 1:2, 1:4) and no fused GLU, the
+//     accumulators go straight to `out` in whole 32-byte sectors per warp store
+//     (StoreAccDirect); 2:4 and a fused GLU go through a shared fp32 tile (NOTES.md, v16);
 //   * a sparse-metadata register is not rewritten until the wgmma group that uses it has
 //     retired (rewriting it under a pending group gave wrong results: NOTES.md, v8.1).
 #pragma once
@@ -67,8 +66,8 @@ struct HopperCfg {
   // Benchmark switch (kernel_harness.cu only): false reuses the first ring fill for every
   // later stage (wrong results), to time the loop without its shared-memory writes.
   static constexpr bool kRefill = true;
-  // Benchmark switch (kernel_harness.cu only): false sends 1:2 and 1:4 results through
-  // the shared-memory epilogue too (NOTES.md, v16).
+  // Benchmark switch (kernel_harness.cu only): false sends 1:1, 1:2 and 1:4 results
+  // through the shared-memory epilogue too (NOTES.md, v16).
   static constexpr bool kDirectStore = true;
   static constexpr int kBM = 64 * kConsumers;    // kept rows per block
   static constexpr int kBN = BN;                 // routed rows per block (wgmma N)
@@ -365,36 +364,48 @@ __device__ __forceinline__ void StoreVec(T* dst, const float (&v)[kN]) {
     *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
 }
 
-// Epilogue without shared memory for N = 1, V > 1 (no fused GLU): the lane's tile rows
-// `kept` (g and g + 8 of its fragment) are blocks of V output rows, whose V accumulator
-// sets it holds (slot: which sub-row each set holds), for routed rows 8j + 2tq + {0, 1}.
-// So it stores V adjacent outputs per routed row, and the 8 lanes of a quad column
-// write 8 consecutive blocks: 16 V contiguous bytes per routed row and store.
+// Epilogue without shared memory for one kept row per block (N = 1) and no fused GLU.
+// The lane holds tile rows kept[h] (g and g + 8 of its fragment) for routed rows
+// 8j + 2tq + {0, 1}, and every store of a warp writes whole 32-byte sectors:
+//   V > 1: a kept row is a block of V output rows whose V accumulator sets the lane holds
+//     (slot: which sub-row each set holds): V adjacent outputs per routed row, and the
+//     8 lanes of a quad column write 8 consecutive blocks (16 V bytes);
+//   V = 1: lanes g, g ^ 1 trade one value, so that even lanes hold rows g, g + 1 and odd
+//     lanes rows g + 7, g + 8 of one routed row: 8 lanes write the fragment's 16 rows.
 template <typename T, int V, int kFrags>
 __device__ __forceinline__ void StoreAccDirect(const Args& a, const Work& work, int out0,
                                                const float (&acc)[V][kFrags][4],
                                                const uint8_t (&slot)[2][V], const int (&kept)[2],
-                                               int tq) {
-  static_assert(V == 2 || V == 4, "one kept row per block of V output rows");
+                                               int g, int tq) {
   T* out = static_cast<T*>(a.out) + static_cast<int64_t>(work.row_begin) * a.out_cols + out0;
   const int rows_here = work.row_end - work.row_begin;
+  const bool odd = g & 1;
 #pragma unroll
-  for (int h = 0; h < 2; ++h)
+  for (int j = 0; j < kFrags; ++j)
 #pragma unroll
-    for (int j = 0; j < kFrags; ++j)
+    for (int q = 0; q < 2; ++q) {
+      const int n = 8 * j + 2 * tq + q;
+      T* dst = out + static_cast<int64_t>(n) * a.out_cols;
+      if constexpr (V == 1) {
+        const float lo = acc[0][j][q], hi = acc[0][j][2 + q];  // rows g, g + 8
+        const float other = __shfl_xor_sync(0xffffffffu, odd ? lo : hi, 4);
+        const float w[2] = {odd ? other : lo, odd ? hi : other};
+        if (n < rows_here) StoreVec<T, 2>(dst + (odd ? kept[1] - 1 : kept[0]), w);
+      } else {
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int n = 8 * j + 2 * tq + q;
-        float v[V];  // by sub-row
+        for (int h = 0; h < 2; ++h) {
+          float v[V];  // by sub-row
 #pragma unroll
-        for (int s = 0; s < V; ++s) {
-          float x = acc[0][j][2 * h + q];
+          for (int s = 0; s < V; ++s) {
+            float x = acc[0][j][2 * h + q];
 #pragma unroll
-          for (int c = 1; c < V; ++c) x = slot[h][c] == s ? acc[c][j][2 * h + q] : x;
-          v[s] = x;
+            for (int c = 1; c < V; ++c) x = slot[h][c] == s ? acc[c][j][2 * h + q] : x;
+            v[s] = x;
+          }
+          if (n < rows_here) StoreVec<T, V>(dst + kept[h] * V, v);
         }
-        if (n < rows_here) StoreVec<T, V>(out + static_cast<int64_t>(n) * a.out_cols + kept[h] * V, v);
       }
+    }
 }
 
 template <typename T, int N, typename Cfg>
@@ -590,9 +601,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   WgmmaWait<0>();
   FenceAcc(acc);
-  if constexpr (N == 1 && V > 1 && Cfg::kDirectStore) {
+  if constexpr (N == 1 && Cfg::kDirectStore) {
     if (a.glu == kGluNone) {
-      if (frag_ok) StoreAccDirect<T, V, Cfg::kFrags>(a, work, tile.out0, acc, slot, my_kept, tq);
+      if (frag_ok) StoreAccDirect<T, V, Cfg::kFrags>(a, work, tile.out0, acc, slot, my_kept, g, tq);
       return;
     }
   }
