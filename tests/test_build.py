@@ -40,3 +40,37 @@ def test_tests_import_the_installed_package():
     assert pkg != REPO / "samoyeds_jax", (
         f"samoyeds_jax was imported from the source tree {pkg}, not the installed package")
     assert "site-packages" in pkg.parts or "dist-packages" in pkg.parts, pkg
+
+
+def _sass(function: str, body: list[str]) -> str:
+    lines = [f"\t\tFunction : {function}"]
+    lines += [f"        /*{16 * i:04x}*/                   {ins} ;   /* 0x0 */"
+              for i, ins in enumerate(body)]
+    return "\n".join(lines)
+
+
+def test_sass_check_counts_serialized_wgmmas_and_spills():
+    # scripts/sass_check.py backs gpu_check.sh's claim "0 serialized wgmma pairs, 0 spills".
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sass_check", REPO / "scripts" / "sass_check.py")
+    sass_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass_check)
+    wgmma = "HGMMA.SP.64x128x32.F32.BF16 R24, gdesc[UR4], R24, R97, 0x0, gsb0"
+    wait0 = "WARPGROUP.DEPBAR.LE gsb0, 0x0"
+    listing = "\n".join([
+        "",
+        _sass("_ZN8samoyeds4cuda21RaggedDotHopperKernelIserial", [
+            wgmma, wait0, wgmma, wait0, wgmma, "WARPGROUP.DEPBAR.LE gsb0, 0x1", "STL [R1], R9",
+            "LDL R6, [R1]"]),
+        _sass("_ZN8samoyeds4cuda21RaggedDotHopperKernelIoverlap", [
+            wgmma, "R2UR UR4, R94", wgmma, wgmma, "WARPGROUP.DEPBAR.LE gsb0, 0x1", wait0]),
+        _sass("_ZN8samoyeds4cuda19RaggedDotWarpKernelIwarp", [
+            "HMMA.SP.16816.F32.BF16 R4, R8, R12, R4, R2, 0x0", "EXIT"]),
+        _sass("_Z5otherv", ["EXIT"]),
+    ])
+    rows = sass_check.summarize(listing)
+    assert rows == [
+        "  RaggedDotHopperKernelIserial SP-MMA=3 LDL/STL=2 serialized-wgmma-pairs=2",
+        "  RaggedDotHopperKernelIoverlap SP-MMA=3 LDL/STL=0 serialized-wgmma-pairs=0",
+        "  RaggedDotWarpKernelIwarp SP-MMA=1 LDL/STL=0",
+    ]
