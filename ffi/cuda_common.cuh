@@ -519,6 +519,17 @@ __device__ __forceinline__ void AccToShared(const float (&acc)[V][kFrags][4],
   }
 }
 
+// kN consecutive outputs converted to T, one kN * sizeof(T)-byte store (dst aligned to it).
+template <typename T, int kN>
+__device__ __forceinline__ void StoreVec(T* dst, const float (&v)[kN]) {
+  static_assert(sizeof(T) == 2 && (kN == 2 || kN == 4 || kN == 8), "4-, 8- or 16-byte stores");
+  using Vec = std::conditional_t<kN == 2, uint32_t, std::conditional_t<kN == 4, uint2, uint4>>;
+  alignas(sizeof(Vec)) T packed[kN];
+#pragma unroll
+  for (int q = 0; q < kN; ++q) packed[q] = static_cast<T>(v[q]);
+  *reinterpret_cast<Vec*>(dst) = *reinterpret_cast<const Vec*>(packed);
+}
+
 // Epilogue, part 2: shared fp32 tile -> out rows with 16-byte stores. With a fused GLU
 // output column c is act(tile column c) * tile column c + kPair (TileRows).
 // tid: the thread's index among the kThreads that store.
@@ -528,12 +539,11 @@ __device__ __forceinline__ void StoreTile(const Args& a, const Work& work, int o
   T* out = static_cast<T*>(a.out) + static_cast<int64_t>(work.row_begin) * a.out_cols + out0;
   ForEachGroup(work.row_end - work.row_begin, out_here / 8, tid, kThreads, [&](int n, int g) {
     const float* src = c_tile + n * kCStride + g * 8;
-    alignas(16) T packed[8];
+    float v[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q)
-      packed[q] = static_cast<T>(kGlu ? GluActivation(src[q], a.glu) * src[kPair + q] : src[q]);
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * a.out_cols + g * 8) =
-        *reinterpret_cast<const uint4*>(packed);
+      v[q] = kGlu ? GluActivation(src[q], a.glu) * src[kPair + q] : src[q];
+    StoreVec<T, 8>(out + static_cast<int64_t>(n) * a.out_cols + g * 8, v);
   });
 }
 template <typename T, int kThreads, int kCStride, int kPair>
@@ -585,12 +595,11 @@ __device__ __forceinline__ void ClusterEpilogue(const Args& a, const Work& work,
         sum[h][4] += hi.x; sum[h][5] += hi.y; sum[h][6] += hi.z; sum[h][7] += hi.w;
       }
     }
-    alignas(16) T packed[8];
+    float v[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q)
-      packed[q] = static_cast<T>(glu ? GluActivation(sum[0][q], a.glu) * sum[1][q] : sum[0][q]);
-    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * a.out_cols + g * 8) =
-        *reinterpret_cast<const uint4*>(packed);
+      v[q] = glu ? GluActivation(sum[0][q], a.glu) * sum[1][q] : sum[0][q];
+    StoreVec<T, 8>(out + static_cast<int64_t>(n) * a.out_cols + g * 8, v);
   });
 #endif
 }

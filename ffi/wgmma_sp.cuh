@@ -351,19 +351,6 @@ __device__ __forceinline__ void WgmmaSp(float (&d)[kFrags][4], uint64_t desc_a, 
     WgmmaSp128<T, kSel>(d, desc_a, desc_b, meta);
 }
 
-// kN consecutive outputs converted to T, one kN * sizeof(T)-byte store.
-template <typename T, int kN>
-__device__ __forceinline__ void StoreVec(T* dst, const float (&v)[kN]) {
-  static_assert(kN == 2 || kN == 4, "4- or 8-byte stores");
-  alignas(8) T packed[kN];
-#pragma unroll
-  for (int q = 0; q < kN; ++q) packed[q] = static_cast<T>(v[q]);
-  if constexpr (kN == 2)
-    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(packed);
-  else
-    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
-}
-
 // Epilogue without shared memory for one kept row per block (N = 1) and no fused GLU.
 // The lane holds tile rows kept[h] (g and g + 8 of its fragment) for routed rows
 // 8j + 2tq + {0, 1}, and every store of a warp writes whole 32-byte sectors:
