@@ -27,6 +27,10 @@ struct NoRefill2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kRefill 
 // 1:1, 1:2 and 1:4 through the shared-memory epilogue, as before v16 (NOTES.md).
 struct SmemEpi1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kDirectStore = false; };
 struct SmemEpi2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kDirectStore = false; };
+// 1:2 at sub_row 128 before v17: one N = 128 group per consumer, drained every window.
+using Whole2 = samoyeds::cuda::HopperCfg<2>;
+// The halves loop drained every 4 stages instead of 8 (NOTES.md, v17).
+struct Halves2U4 : samoyeds::cuda::HopperHalvesCfg { static constexpr int kHalvesUnroll = 4; };
 struct SmemEpi4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kDirectStore = false; };
 #endif
 
@@ -162,14 +166,16 @@ int main(int argc, char** argv) {
       cudaError_t (*fn)(cudaStream_t, const sc::Args&);
     };
     const Variant variants[] = {
-        {"smemepi1", 1, 1, sc::LaunchHopper<Bf, 1, 1, SmemEpi1>},
-        {"smemepi2", 1, 2, sc::LaunchHopper<Bf, 1, 2, SmemEpi2>},
-        {"smemepi4", 1, 4, sc::LaunchHopper<Bf, 1, 4, SmemEpi4>},
-        {"noref1", 1, 1, sc::LaunchHopper<Bf, 1, 1, NoRefill1>},
-        {"noref1c2", 1, 1, sc::LaunchHopper<Bf, 1, 1, NoRefill1c2>},
-        {"noref2", 1, 2, sc::LaunchHopper<Bf, 1, 2, NoRefill2>},
-        {"h1c4s3", 1, 1, sc::LaunchHopper<Bf, 1, 1, sc::HopperCfg<1, 4, 128, 3>>},
-        {"h1c2s4", 1, 1, sc::LaunchHopper<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
+        {"smemepi1", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, SmemEpi1>},
+        {"smemepi2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, SmemEpi2>},
+        {"smemepi4", 1, 4, sc::LaunchHopperCfg<Bf, 1, 4, SmemEpi4>},
+        {"whole2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Whole2>},
+        {"halves2u4", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Halves2U4>},
+        {"noref1", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1>},
+        {"noref1c2", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1c2>},
+        {"noref2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, NoRefill2>},
+        {"h1c4s3", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 4, 128, 3>>},
+        {"h1c2s4", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
         {"w64x16b", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 4, 1>>},
         {"w32x16s6", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 6, 2, 2>>},
     };

@@ -12,8 +12,10 @@
 //   * N = 128 routed rows (64 when V = 4: the V accumulator sets must fit the register
 //     file), K stages of 128 dense columns, tiles in the 128-byte swizzled K-major layout
 //     the descriptors describe;
-//   * N:V: swap-to-front steering between windows (the warpgroup waits for its MMAs
-//     before it touches the accumulators);
+//   * N:V: swap-to-front steering between windows, on accumulators whose MMAs have
+//     retired; 1:2 at sub_row 128 runs each consumer's N as two halves with their own
+//     MMA groups, so one half is steered while the other's MMAs run (no drain per
+//     window, NOTES.md v17); otherwise the warpgroup drains at each window;
 //   * epilogue: with one kept row per block (1:1, 1:2, 1:4) and no fused GLU, the
 //     accumulators go straight to `out` in whole 32-byte sectors per warp store
 //     (StoreAccDirect); 2:4 and a fused GLU go through a shared fp32 tile (NOTES.md, v16);
@@ -45,9 +47,16 @@ constexpr bool HopperKernelBuilt() {
 
 // Block shape: Consumers warpgroups of 64 kept rows each, BN routed rows (the wgmma N),
 // Stages ring buffers. HopperCfgFor<V> below picks the shape each N:V class runs with.
-template <int V, int Consumers = 2, int BN = (V == 4 ? 64 : 128), int Stages = 4>
+template <int V, int Consumers = 2, int BN = (V == 4 ? 64 : 128), int Stages = 4, int Halves = 1>
 struct HopperCfg {
   static constexpr int kV = V;
+  // Halves = 2: each consumer runs its BN routed rows as two wgmma N = BN / 2 halves with
+  // their own MMA groups, steering one half while the other's MMAs run (V > 1 only).
+  static constexpr int kHalves = Halves;
+  static_assert(Halves == 1 || (Halves == 2 && V > 1), "halves are for sub-row steering");
+  // Stages per drain of the halves loop (harness, 1:2 at 4096 tokens: 8 beat 2 and 4 by
+  // 2-5 %; NOTES.md, v17).
+  static constexpr int kHalvesUnroll = 8;
   static constexpr int kConsumers = Consumers;       // MMA warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kLoadThreads = 128;           // one producer warpgroup
@@ -84,7 +93,7 @@ struct HopperCfg {
   static constexpr int kMetaBytes = kBM * kMetaRow;
   static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kFrags = kBN / 8;         // n8 column groups of one warp's accumulators
+  static constexpr int kFrags = kBN / 8 / Halves;  // n8 column groups of one half's accumulators
   // 128-byte swizzle of 16-byte chunks (the layout the descriptors name): chunk c of row
   // r lives at chunk c ^ (r % 8). B's two K halves are separate [kBN x 128 B] slabs.
   static __device__ __forceinline__ uint32_t AOffset(int row, int chunk) {
@@ -218,9 +227,10 @@ inline bool UseHopperFor(const Args& a) {
 // sm_90 shared-memory matrix descriptor, K-major with 128-byte swizzle: start address,
 // leading byte offset (unused for this layout: 1), stride byte offset 1024 (8 rows of
 // 128 bytes), layout type 1 (128B swizzle) in bits 62-63.
+constexpr uint32_t kDesc128Hi = (1024 >> 4) | (1u << 30);  // bits 32-63
 __device__ __forceinline__ uint64_t Desc128(uint32_t smem_addr) {
   return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+         (static_cast<uint64_t>(kDesc128Hi) << 32);
 }
 
 __device__ __forceinline__ void WgmmaFence() {
@@ -360,24 +370,37 @@ __device__ __forceinline__ void WgmmaSp(float (&d)[kFrags][4], uint64_t desc_a, 
 //   V = 1: lanes g, g ^ 1 trade one value, so that even lanes hold rows g, g + 1 and odd
 //     lanes rows g + 7, g + 8 of one routed row: 8 lanes write the fragment's 16 rows.
 template <typename T, int V, int kFrags>
-__device__ __forceinline__ void StoreAccDirect(const Args& a, const Work& work, int out0,
+__device__ __forceinline__ void StoreAccDirect(const Args& a, const Work& work, int out0, int n0,
                                                const float (&acc)[V][kFrags][4],
-                                               const uint8_t (&slot)[2][V], const int (&kept)[2],
+                                               const int (&slot)[2][V], const int (&kept)[2],
                                                int g, int tq) {
-  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(work.row_begin) * a.out_cols + out0;
   const int rows_here = work.row_end - work.row_begin;
   const bool odd = g & 1;
+  // The lane's first routed row n0 + 2 tq; routed row 8j + q further is (8j + q) rows of
+  // `row_bytes` on (32-bit offsets: a tile spans at most kFrags * 8 output rows).
+  const uint32_t row_bytes = static_cast<uint32_t>(a.out_cols) * sizeof(T);
+  char* lane_out = reinterpret_cast<char*>(static_cast<T*>(a.out) +
+                                           static_cast<int64_t>(work.row_begin + n0 + 2 * tq) *
+                                               a.out_cols + out0);
+  // Output column of the lane's store per row h (V = 1: one pair of rows per lane).
+  char* col_out[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    col_out[h] = lane_out + sizeof(T) * (V == 1 ? (odd ? kept[1] - 1 : kept[0]) : kept[h] * V);
+  // Every routed row of this half present (all tiles but an expert's last): no checks.
+  const bool full = n0 + 8 * kFrags <= rows_here;
+  const int rows_left = rows_here - n0 - 2 * tq;  // routed rows 8j + q < rows_left exist
 #pragma unroll
   for (int j = 0; j < kFrags; ++j)
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-      const int n = 8 * j + 2 * tq + q;
-      T* dst = out + static_cast<int64_t>(n) * a.out_cols;
+      const uint32_t off = (8 * j + q) * row_bytes;
+      const bool ok = full || 8 * j + q < rows_left;
       if constexpr (V == 1) {
         const float lo = acc[0][j][q], hi = acc[0][j][2 + q];  // rows g, g + 8
         const float other = __shfl_xor_sync(0xffffffffu, odd ? lo : hi, 4);
         const float w[2] = {odd ? other : lo, odd ? hi : other};
-        if (n < rows_here) StoreVec<T, 2>(dst + (odd ? kept[1] - 1 : kept[0]), w);
+        if (ok) StoreVec<T, 2>(reinterpret_cast<T*>(col_out[0] + off), w);
       } else {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -389,7 +412,7 @@ __device__ __forceinline__ void StoreAccDirect(const Args& a, const Work& work, 
             for (int c = 1; c < V; ++c) x = slot[h][c] == s ? acc[c][j][2 * h + q] : x;
             v[s] = x;
           }
-          if (n < rows_here) StoreVec<T, V>(dst + kept[h] * V, v);
+          if (ok) StoreVec<T, V>(reinterpret_cast<T*>(col_out[h] + off), v);
         }
       }
     }
@@ -459,43 +482,53 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int lane = ctid & 31, warp = ctid >> 5;
   // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows
   // g and g + 8 of them, columns 8j + 2t + {0, 1} (the m16n8 fragment layout per warp).
-  const int wg = warp / 4;
+  // The warpgroup index goes through a shuffle so the compiler knows it is warp-uniform
+  // and keeps the descriptor arithmetic in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
   const int g = lane >> 2, tq = lane & 3;
   const int row0 = wg * 64 + (warp % 4) * 16;
   const bool frag_ok = RowPresent<Cfg::kBM>(tile, row0);  // halves hold whole fragments
   const int my_kept[2] = {row0 + g, row0 + g + 8};
-  // The lane's rows in global memory (the two lie in one tile half, 8 kept rows apart).
-  const uint8_t* idx_lane = idx + static_cast<int64_t>(KeptRow<Cfg::kBM>(tile, my_kept[0])) * windows;
   const int k_steps = a.k / kStepK;
 
-  float acc[V][Cfg::kFrags][4];
+  constexpr int H = Cfg::kHalves;
+  constexpr int kHalfN = Cfg::kBN / H;  // routed rows per half
+  float acc[H][V][Cfg::kFrags][4];
 #pragma unroll
-  for (int v = 0; v < V; ++v)
+  for (int h = 0; h < H; ++h)
 #pragma unroll
-    for (int j = 0; j < Cfg::kFrags; ++j)
+    for (int v = 0; v < V; ++v)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) acc[v][j][q] = 0.0f;
-  uint8_t slot[2][V];
+      for (int j = 0; j < Cfg::kFrags; ++j)
 #pragma unroll
-  for (int h = 0; h < 2; ++h)
+        for (int q = 0; q < 4; ++q) acc[h][v][j][q] = 0.0f;
+  // Which sub-row each accumulator set holds, per lane row (the same for both halves
+  // once both have been steered for a window).
+  int slot[2][V];
 #pragma unroll
-    for (int c = 0; c < V; ++c) slot[h][c] = static_cast<uint8_t>(c);
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int c = 0; c < V; ++c) slot[r][c] = c;
 
+  // The lane's two rows' sub-row indices, one byte per window: staged in shared memory,
+  // else in global memory (generic pointers: no branch per load). Lanes of absent
+  // fragments read the staging area; what they read is never stored.
+  const uint8_t* sub_src[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    sub_src[r] = idx_staged || !frag_ok
+                     ? idx_smem + (frag_ok ? my_kept[r] * windows : 0)
+                     : idx + static_cast<int64_t>(KeptRow<Cfg::kBM>(tile, my_kept[r])) * windows;
   uint8_t sub[2] = {0, 0}, sub_next[2] = {0, 0};
   auto load_sub = [&](int window, uint8_t (&dst)[2]) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t raw = !frag_ok     ? 0
-                          : idx_staged ? idx_smem[my_kept[h] * windows + window]
-                                       : __ldg(idx_lane + h * 8 * windows + window);
-      dst[h] = static_cast<uint8_t>(raw % V);
-    }
+    for (int r = 0; r < 2; ++r) dst[r] = static_cast<uint8_t>(sub_src[r][window] % V);
   };
   const int window_shift = __ffs(a.sub_row / kStepK) - 1;
   const int window_mask = (1 << window_shift) - 1;
   if constexpr (V > 1) load_sub(0, sub_next);
 
-  // Pieces of a K stage, shared by the two loops below.
+  // Pieces of a K stage, shared by the loops below.
   // Waits for stage `stage`'s data; returns its buffer.
   auto begin_stage = [&](int stage) {
     const int buf = stage % Cfg::kStages;
@@ -503,21 +536,35 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     FenceProxyAsync();  // the cp.async (generic proxy) data is read by the tensor cores
     return buf;
   };
-  // Window boundary: the accumulators must be at rest before they are steered.
-  auto steer = [&](int window) {
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceAcc(acc);
+  // Window `window` begins: its exchanges are planned (slot updated) and the next
+  // window's sub-rows fetched.
+  auto plan_window = [&](int window, bool (&swap)[2][V]) {
     sub[0] = sub_next[0];
     sub[1] = sub_next[1];
     if (window + 1 < windows) load_sub(window + 1, sub_next);
-    SteerToFront<V, Cfg::kFrags>(acc, slot, sub);
-    FenceAcc(acc);
+    PlanSteer<V>(slot, sub, swap);
   };
-  // The stage's metadata, one register per k-step, loaded only once no MMA is in flight
-  // (a wgmma's metadata register must not be rewritten before its group retires).
-  // Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1): selector 0 for the
-  // even step, 1 for the odd one (the mma.sp m16n8k32 per-warp layout).
+  // Steers half h's accumulators; its MMAs must have retired. With V = 2 the exchanges
+  // rename registers instead of copying them where the loops run stage pairs (SwapIf);
+  // with V = 4 that form's extra live registers spill.
+  auto steer_half = [&](int h, const bool (&swap)[2][V]) {
+    FenceAcc(acc[h]);
+    ApplySteer<V, Cfg::kFrags, V == 2 && H == 2>(acc[h], swap);
+    FenceAcc(acc[h]);
+  };
+  // Window boundary with every MMA drained first.
+  auto steer = [&](int window) {
+    WgmmaCommit();
+    WgmmaWait<0>();
+    bool swap[2][V];
+    plan_window(window, swap);
+#pragma unroll
+    for (int h = 0; h < H; ++h) steer_half(h, swap);
+  };
+  // The stage's metadata, one register per k-step, loaded only once no MMA that uses the
+  // registers is in flight (a wgmma's metadata register must not be rewritten before its
+  // group retires). Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1):
+  // selector 0 for the even step, 1 for the odd one (the mma.sp m16n8k32 per-warp layout).
   const int meta_offset = Cfg::kABytes + Cfg::kBBytes + (row0 + g + 8 * (tq & 1)) * Cfg::kMetaRow;
   auto load_meta = [&](int buf, uint32_t (&mw)[Cfg::kSteps]) {
     const uint32_t* words =
@@ -526,29 +573,87 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int s = 0; s < Cfg::kSteps; ++s)
       mw[s] = frag_ok ? words[(s & ~1) + (tq >> 1)] : kFillerMeta;
   };
-  auto issue = [&](int buf, int s, uint32_t mw) {
-    const uint32_t stage_base = smem_base + buf * Cfg::kStageBytes;
-    const uint64_t da = Desc128(stage_base + wg * 64 * Cfg::kARow + s * 32);
-    const uint64_t db =
-        Desc128(stage_base + Cfg::kABytes + (s >> 1) * Cfg::kBHalf + (s & 1) * 64);
+  // Operand descriptors: the low word of Desc128 holds the start address / 16 (14 bits,
+  // no carry out for shared addresses), so a tile's descriptor is its stage's plus a
+  // constant; the high word is the same for every tile.
+  const uint32_t a_desc0 = static_cast<uint32_t>(Desc128(smem_base + wg * 64 * Cfg::kARow));
+  const uint32_t b_desc0 = static_cast<uint32_t>(Desc128(smem_base + Cfg::kABytes));
+  // Half h's routed rows start kHalfN rows (kHalfN * 128 bytes, whole swizzle atoms)
+  // into each B slab.
+  auto issue = [&](int buf, int s, uint32_t mw, int h) {
+    const uint32_t stage_off = buf * (Cfg::kStageBytes >> 4);
+    const uint32_t a_lo = a_desc0 + stage_off + ((s * 32) >> 4);
+    const uint32_t b_lo =
+        b_desc0 + stage_off + (((s >> 1) * Cfg::kBHalf + h * kHalfN * 128 + (s & 1) * 64) >> 4);
+    const uint64_t da = (static_cast<uint64_t>(kDesc128Hi) << 32) | a_lo;
+    const uint64_t db = (static_cast<uint64_t>(kDesc128Hi) << 32) | b_lo;
     if (s % 2 == 0)
-      WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw);
+      WgmmaSp<T, 0, Cfg::kFrags>(acc[h][0], da, db, mw);
     else
-      WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw);
+      WgmmaSp<T, 1, Cfg::kFrags>(acc[h][0], da, db, mw);
   };
+  auto release = [&](int stage) { MbarArrive(empty_bar + 8 * (stage % Cfg::kStages)); };
   // One MMA group stays in flight; the previous stage's have retired, so its buffer goes
   // back to the producer.
   auto end_stage = [&](int stage) {
     WgmmaCommit();
     WgmmaWait<1>();
-    if (stage > 0) MbarArrive(empty_bar + 8 * ((stage - 1) % Cfg::kStages));
+    if (stage > 0) release(stage - 1);
   };
 
-  // Two loops, so that register allocation of the common case (every stage exactly one
-  // window: sub_row 128, so K is a multiple of 128) does not carry the general loop's
+  // Separate loops, so that register allocation of the common case (every stage exactly
+  // one window: sub_row 128, so K is a multiple of 128) does not carry the general loop's
   // pressure (it had spilled the barrier phase, reloaded from local memory at every
   // stage).
-  if (window_shift == 2) {
+  if constexpr (H == 2) {
+    // Two halves, one group each: half 0 is steered and issued while half 1's MMAs of the
+    // previous stage run, then half 1 while half 0's run, so no steering waits for a
+    // drain. Launched for sub_row == kBK only (LaunchHopper): every stage is one window.
+    // The metadata registers alternate by stage parity: the previous stage's half-1
+    // group still reads its set when the next stage's metadata is loaded.
+    auto run_stage = [&](int stage, uint32_t (&mw)[Cfg::kSteps]) {
+      const int buf = begin_stage(stage);
+      bool swap[2][V];
+      plan_window(stage, swap);
+      steer_half(0, swap);  // half 0's previous group retired at the last wait
+      load_meta(buf, mw);
+      WgmmaFence();
+#pragma unroll
+      for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s], 0);
+      WgmmaCommit();
+      WgmmaWait<1>();  // half 1's previous group
+      if (stage > 0) release(stage - 1);
+      steer_half(1, swap);
+      WgmmaFence();
+#pragma unroll
+      for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s], 1);
+      WgmmaCommit();
+      WgmmaWait<1>();  // half 0's group
+    };
+    constexpr int kU = Cfg::kHalvesUnroll;
+    static_assert(kU % 2 == 0, "stage pairs: the metadata sets alternate");
+    uint32_t mw_even[Cfg::kSteps], mw_odd[Cfg::kSteps];
+    int stage = 0;
+    for (; stage + kU <= k_stages; stage += kU) {
+#pragma unroll
+      for (int u = 0; u < kU; u += 2) {
+        run_stage(stage + u, mw_even);
+        run_stage(stage + u + 1, mw_odd);
+      }
+      // ptxas keeps wgmmas pipelined only if nothing is in flight at a loop's back edge
+      // (otherwise it serializes every wgmma of the kernel: C7514/C7515).
+      WgmmaWait<0>();
+    }
+#pragma unroll
+    for (int u = 0; u + 1 < kU; ++u) {
+      if (stage + u < k_stages) {
+        if (u % 2)
+          run_stage(stage + u, mw_odd);
+        else
+          run_stage(stage + u, mw_even);
+      }
+    }
+  } else if (window_shift == 2) {
     for (int stage = 0; stage < k_stages; ++stage) {
       const int buf = begin_stage(stage);
       if constexpr (V > 1)
@@ -559,7 +664,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       load_meta(buf, mw);
       WgmmaFence();
 #pragma unroll
-      for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s]);
+      for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s], 0);
       end_stage(stage);
     }
   } else {
@@ -581,16 +686,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             WgmmaFence();
           }
         }
-        issue(buf, s, mw[s]);
+        issue(buf, s, mw[s], 0);
       }
       end_stage(stage);
     }
   }
   WgmmaWait<0>();
-  FenceAcc(acc);
+#pragma unroll
+  for (int h = 0; h < H; ++h) FenceAcc(acc[h]);
   if constexpr (N == 1 && Cfg::kDirectStore) {
     if (a.glu == kGluNone) {
-      if (frag_ok) StoreAccDirect<T, V, Cfg::kFrags>(a, work, tile.out0, acc, slot, my_kept, g, tq);
+      if (frag_ok) {
+#pragma unroll
+        for (int h = 0; h < H; ++h)
+          StoreAccDirect<T, V, Cfg::kFrags>(a, work, tile.out0, h * kHalfN, acc[h], slot,
+                                            my_kept, g, tq);
+      }
       return;
     }
   }
@@ -603,7 +714,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   float* c_tile = reinterpret_cast<float*>(smem);
 #pragma unroll
   for (int slot_n = 0; slot_n < N; ++slot_n) {
-    AccToShared<N, V, Cfg::kFrags, kCStride>(acc, slot, my_kept, 0, tq, slot_n, c_tile);
+#pragma unroll
+    for (int h = 0; h < H; ++h)
+      AccToShared<N, V, Cfg::kFrags, kCStride>(acc[h], slot, my_kept, h * kHalfN, tq, slot_n,
+                                               c_tile);
     ConsumerSync<Cfg::kConsumerThreads>();
   }
   SharedToOut<T, Cfg::kConsumerThreads, kCStride, GluPairCols<Cfg::kBM, N, V>()>(
@@ -616,10 +730,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 // memory is traded for one stage fewer.
 template <int V>
 using HopperCfgFor = std::conditional_t<V == 1, HopperCfg<1, 3, 128, 3>, HopperCfg<V>>;
+// 1:2 with every stage one window (sub_row 128) steers each N half while the other's MMAs
+// run (NOTES.md, v17).
+using HopperHalvesCfg = HopperCfg<2, 2, 128, 4, 2>;
 
-template <typename T, int N, int V, typename Cfg = HopperCfgFor<V>>
-cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
+template <typename T, int N, int V, typename Cfg>
+cudaError_t LaunchHopperCfg(cudaStream_t stream, const Args& a) {
   static_assert(Cfg::kV == V, "the shape is for this N:V class");
+  if (Cfg::kHalves == 2 && a.sub_row != Cfg::kBK) return cudaErrorInvalidValue;
   auto kernel = RaggedDotHopperKernel<T, N, Cfg>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Cfg::kSmemBytes);
@@ -628,6 +746,14 @@ cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
   const dim3 grid = TileGrid<Cfg::kBN, Cfg::kBM>(b);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(b);
   return cudaGetLastError();
+}
+
+template <typename T, int N, int V>
+cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
+  if constexpr (V == 2) {
+    if (a.sub_row == HopperHalvesCfg::kBK) return LaunchHopperCfg<T, N, V, HopperHalvesCfg>(stream, a);
+  }
+  return LaunchHopperCfg<T, N, V, HopperCfgFor<V>>(stream, a);
 }
 
 }  // namespace samoyeds::cuda
