@@ -27,11 +27,11 @@ struct NoRefill2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kRefill 
 // 1:1, 1:2 and 1:4 through the shared-memory epilogue, as before v16 (NOTES.md).
 struct SmemEpi1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kDirectStore = false; };
 struct SmemEpi2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kDirectStore = false; };
+struct SmemEpi4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kDirectStore = false; };
 // 1:2 at sub_row 128 before v17: one N = 128 group per consumer, drained every window.
 using Whole2 = samoyeds::cuda::HopperCfg<2>;
 // The halves loop drained every 4 stages instead of 8 (NOTES.md, v17).
 struct Halves2U4 : samoyeds::cuda::HopperHalvesCfg { static constexpr int kHalvesUnroll = 4; };
-struct SmemEpi4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kDirectStore = false; };
 #endif
 
 int main(int argc, char** argv) {
