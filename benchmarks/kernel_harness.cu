@@ -1,7 +1,7 @@
 // Standalone driver of the CUDA kernel (no JAX) for ncu and kernel-only timing:
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi -I$(jax ffi include) \
 //        benchmarks/kernel_harness.cu -o harness
-//   ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
+//   [HARNESS_RASTER=n] ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
 // (GLU 1: SwiGLU fused into the epilogue, out [T, M/2] = silu(gate) * up of M = [gate | up])
 // Random values, metadata (valid sorted 2:4 pairs) and sub-row indices; one expert stack
 // with TOKENS rows split evenly over EXPERTS; CUDA-event timing, median of 5 batches of REPS back-to-back launches
@@ -24,6 +24,7 @@
 struct NoRefill1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kRefill = false; };
 struct NoRefill1c2 : samoyeds::cuda::HopperCfg<1, 2, 128, 4> { static constexpr bool kRefill = false; };
 struct NoRefill2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kRefill = false; };
+struct NoRefillHalves : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kRefill = false; };
 // 1:1, 1:2 and 1:4 through the shared-memory epilogue, as before v16 (NOTES.md).
 struct SmemEpi1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kDirectStore = false; };
 struct SmemEpi2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kDirectStore = false; };
@@ -92,10 +93,15 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(dx, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(dgs, gs.data(), E * 4, cudaMemcpyHostToDevice));
 
+  // HARNESS_RASTER=n: raster groups of n row tiles instead of TileGrid's choice (a huge n
+  // is the order before v18: one group).
+  const int raster = std::getenv("HARNESS_RASTER") ? std::atoi(std::getenv("HARNESS_RASTER")) : 0;
   auto args = [&](int c) {
-    return samoyeds::cuda::Args{dx, dv[c], static_cast<uint8_t*>(di[c]),
-                                static_cast<uint32_t*>(dm[c]), nullptr,
-                                static_cast<int32_t*>(dgs), dout, T, K, M, E, Mk, T, L, false, glu, out_cols};
+    samoyeds::cuda::Args r{dx, dv[c], static_cast<uint8_t*>(di[c]),
+                           static_cast<uint32_t*>(dm[c]), nullptr,
+                           static_cast<int32_t*>(dgs), dout, T, K, M, E, Mk, T, L, false, glu, out_cols};
+    r.raster = raster;
+    return r;
   };
   using samoyeds::cuda::Path;
   auto launch = [&](int c, Path path) {
@@ -174,6 +180,7 @@ int main(int argc, char** argv) {
         {"noref1", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1>},
         {"noref1c2", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1c2>},
         {"noref2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, NoRefill2>},
+        {"norefh", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, NoRefillHalves>},
         {"h1c4s3", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 4, 128, 3>>},
         {"h1c2s4", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
         {"w64x16b", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 4, 1>>},

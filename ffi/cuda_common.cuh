@@ -31,6 +31,7 @@ struct Args {
   int glu;       // kGluNone, or the activation of a fused GLU (glu.h)
   int out_cols;  // columns of out: M, or M / 2 with a fused GLU
   bool m_fast = false;  // grid order, set by TileGrid: M tiles along x, row tiles along y
+  int raster = 0;       // row tiles per raster group (BlockTile); 0: TileGrid picks
 };
 
 // The kept rows one block computes and the output columns it owns. A tile has BM rows
@@ -197,22 +198,43 @@ inline unsigned RowTiles(const Args& a) {
       std::max<int64_t>(1, std::min(r, (r + (int64_t{a.experts} + 1) * (BN - 1)) / BN)));
 }
 
-// The launch grid (x, y, splits) of BN x BM tiles, and its order in a.m_fast. Row tiles
-// run along x (the fastest in launch order) so that blocks running together share weight
-// tiles in the L2. Decode shapes have few row tiles per expert and most of the bound's
-// tiles turn out empty; there the M tiles run along x, so the empty blocks come last in
-// the launch instead of holding SM slots between the busy ones (NOTES.md, v15).
+// Activation bytes one raster group of row tiles keeps hot in the L2 (BlockTile).
+constexpr int64_t kRasterBytes = int64_t{8} << 20;
+
+// The launch grid (x, y, splits) of BN x BM tiles, and its order (a.m_fast, a.raster).
+// Prefill shapes run in raster groups: the blocks of a group cover `raster` row tiles
+// (~kRasterBytes of activations) and every M tile, row tiles fastest, so the blocks
+// running together share weight tiles and the group's activation rows stay in the L2
+// while its weights stream past. One group over every row tile (the order before v18)
+// re-read the activations from DRAM at every wave: 1:2 at 4096 tokens read ~620 MB for
+// ~180 MB of data (NOTES.md, v18). Decode shapes have few row tiles per expert and most
+// of the bound's tiles turn out empty; there the M tiles run along x, so the empty blocks
+// come last in the launch instead of holding SM slots between the busy ones (v15).
 template <int BN, int BM>
 inline dim3 TileGrid(Args& a, unsigned splits = 1) {
   const unsigned rows = RowTiles<BN>(a), ms = static_cast<unsigned>(MTiles<BM>(a));
   a.m_fast = static_cast<int64_t>(a.rows) <= int64_t{2} * BN * a.experts && rows <= 65535;
+  if (a.raster <= 0) {
+    const int64_t tile_bytes = int64_t{BN} * a.k * 2;  // bf16 / fp16 rows
+    a.raster = static_cast<int>(std::max<int64_t>(1, kRasterBytes / tile_bytes));
+  }
+  a.raster = std::min<int>(a.raster, static_cast<int>(rows));
   return a.m_fast ? dim3(ms, rows, splits) : dim3(rows, ms, splits);
 }
-__device__ __forceinline__ int RowTileIndex(const Args& a) {
-  return a.m_fast ? blockIdx.y : blockIdx.x;
-}
-__device__ __forceinline__ int MTileIndex(const Args& a) {
-  return a.m_fast ? blockIdx.x : blockIdx.y;
+
+// This block's row tile and M tile (TileGrid's order).
+struct TileIndex {
+  int row, m;
+};
+__device__ __forceinline__ TileIndex BlockTile(const Args& a) {
+  if (a.m_fast) return {static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.x)};
+  // Launch order is x fastest: block `lin` of the (row tile, M tile) grid is item `in`
+  // of raster group `group`, whose n row tiles run fastest.
+  const int rows = gridDim.x, ms = gridDim.y;
+  const int lin = blockIdx.y * rows + blockIdx.x;
+  const int group = lin / (a.raster * ms), in = lin - group * a.raster * ms;
+  const int row0 = group * a.raster, n = min(a.raster, rows - row0);
+  return {row0 + in % n, in / n};
 }
 
 // Walks the 8-column groups of a [rows, vec] grid from item `first` in strides of

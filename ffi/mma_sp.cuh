@@ -100,8 +100,9 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   __shared__ int src_row[Tile::kBN];  // token id of each routed row, -1 when absent
 
   constexpr int kOutRows = Tile::kBM / N * V;  // output rows (of M) per block
-  const RowTile tile = TileRows<Tile::kBM, N, V>(a, MTileIndex(a));
-  const Work work = FindWork<Tile::kBN>(a, RowTileIndex(a));
+  const TileIndex block = BlockTile(a);
+  const RowTile tile = TileRows<Tile::kBM, N, V>(a, block.m);
+  const Work work = FindWork<Tile::kBN>(a, block.row);
   if (work.row_begin >= work.row_end) return;
   // K split (gridDim.z > 1, decode shapes on sm_90): the blocks of one cluster share this
   // tile and take consecutive ranges of K stages; ClusterEpilogue adds their partials.

@@ -434,8 +434,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   constexpr int kOutRows = Cfg::kBM / N * V;
-  const RowTile tile = TileRows<Cfg::kBM, N, V>(a, MTileIndex(a));
-  const Work work = FindWork<Cfg::kBN>(a, RowTileIndex(a));
+  const TileIndex block = BlockTile(a);
+  const RowTile tile = TileRows<Cfg::kBM, N, V>(a, block.m);
+  const Work work = FindWork<Cfg::kBN>(a, block.row);
   if (work.row_begin >= work.row_end) return;
   if (work.expert < 0) {
     ZeroFillTile<T, Cfg::kThreads>(a, work, tile.out0, tile.out_here);
