@@ -520,10 +520,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     sub_src[r] = idx_staged || !frag_ok
                      ? idx_smem + (frag_ok ? my_kept[r] * windows : 0)
                      : idx + static_cast<int64_t>(KeptRow<Cfg::kBM>(tile, my_kept[r])) * windows;
+  // The next window's bytes are loaded a window ahead and reduced % V only when used,
+  // so a load has a whole window to arrive.
   uint8_t sub[2] = {0, 0}, sub_next[2] = {0, 0};
   auto load_sub = [&](int window, uint8_t (&dst)[2]) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) dst[r] = static_cast<uint8_t>(sub_src[r][window] % V);
+    for (int r = 0; r < 2; ++r) dst[r] = sub_src[r][window];
   };
   const int window_shift = __ffs(a.sub_row / kStepK) - 1;
   const int window_mask = (1 << window_shift) - 1;
@@ -540,8 +542,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // Window `window` begins: its exchanges are planned (slot updated) and the next
   // window's sub-rows fetched.
   auto plan_window = [&](int window, bool (&swap)[2][V]) {
-    sub[0] = sub_next[0];
-    sub[1] = sub_next[1];
+    sub[0] = sub_next[0] % V;
+    sub[1] = sub_next[1] % V;
     if (window + 1 < windows) load_sub(window + 1, sub_next);
     PlanSteer<V>(slot, sub, swap);
   };
