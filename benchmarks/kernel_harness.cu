@@ -33,6 +33,10 @@ struct SmemEpi4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kDirectSt
 using Whole2 = samoyeds::cuda::HopperCfg<2>;
 // The halves loop drained every 4 stages instead of 8 (NOTES.md, v17).
 struct Halves2U4 : samoyeds::cuda::HopperHalvesCfg { static constexpr int kHalvesUnroll = 4; };
+// The halves loop with A read by descriptor per half, as before v19 (NOTES.md).
+struct HalvesSS : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kARegs = false; };
+// 1:1 with 128 routed rows per block, as before v19 (NOTES.md).
+using H1N128 = samoyeds::cuda::HopperCfg<1, 3, 128, 3>;
 #endif
 
 int main(int argc, char** argv) {
@@ -177,6 +181,8 @@ int main(int argc, char** argv) {
         {"smemepi4", 1, 4, sc::LaunchHopperCfg<Bf, 1, 4, SmemEpi4>},
         {"whole2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Whole2>},
         {"halves2u4", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Halves2U4>},
+        {"halvesss", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, HalvesSS>},
+        {"h1n128", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, H1N128>},
         {"noref1", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1>},
         {"noref1c2", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1c2>},
         {"noref2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, NoRefill2>},

@@ -156,6 +156,13 @@ __device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, int src_
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
+// Four 8x8 b16 matrices from shared memory: lane l gives the address of row l % 8 of
+// matrix l / 8 and receives, per matrix, row l / 4, columns 2 (l % 4) + {0, 1}.
+__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {

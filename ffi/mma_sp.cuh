@@ -67,12 +67,6 @@ int SmemBytes(const Args& a, int splits) {
 // from shapes only: group sizes stay on the device).
 constexpr int64_t kSmallTileMaxRowsPerExpert = 32;
 
-__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 template <typename T, int kSelector>
 __device__ __forceinline__ void MmaSp(float (&d)[4], const uint32_t (&a)[4],
                                       const uint32_t (&b)[4], uint32_t meta) {

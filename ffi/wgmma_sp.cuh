@@ -2,7 +2,9 @@
 //   * wgmma.mma_async.sp m64nNk32, fp32 accumulation: A (the compressed weight tile) and
 //     B (the routed activation rows) are read from shared memory by descriptor, so the
 //     per-MMA instruction stream of the warp-level kernel (ldmatrix, fragment moves)
-//     disappears; the metadata is one register per thread per k-step pair;
+//     disappears; the metadata is one register per thread per k-step pair. The 1:2
+//     halves loop (below) reads A into registers once per stage (ldmatrix) and issues
+//     both halves from there;
 //   * warp-specialised: a producer warpgroup fills a ring of stages with cp.async (the SEL
 //     gather needs per-row addresses: no TMA tile load) and signals each stage's `full`
 //     mbarrier; consumer warpgroups of 64 kept rows each (2, or 3 for plain 2:4:
@@ -10,8 +12,8 @@
 //     their MMAs retire. No CTA-wide barrier in the loop, so one consumer's steering
 //     overlaps the other's MMAs;
 //   * N = 128 routed rows (64 when V = 4: the V accumulator sets must fit the register
-//     file), K stages of 128 dense columns, tiles in the 128-byte swizzled K-major layout
-//     the descriptors describe;
+//     file; 192 for plain 2:4, which has no V sets), K stages of 128 dense columns, tiles
+//     in the 128-byte swizzled K-major layout the descriptors describe;
 //   * N:V: swap-to-front steering between windows, on accumulators whose MMAs have
 //     retired; 1:2 at sub_row 128 runs each consumer's N as two halves with their own
 //     MMA groups, so one half is steered while the other's MMAs run (no drain per
@@ -78,6 +80,10 @@ struct HopperCfg {
   // Benchmark switch (kernel_harness.cu only): false sends 1:1, 1:2 and 1:4 results
   // through the shared-memory epilogue too (NOTES.md, v16).
   static constexpr bool kDirectStore = true;
+  // The halves loop reads each stage's compressed A fragments once into registers
+  // (ldmatrix) and issues both halves from them (sparse wgmma with A in registers), so A
+  // leaves shared memory once per stage instead of once per half.
+  static constexpr bool kARegs = false;
   static constexpr int kBM = 64 * kConsumers;    // kept rows per block
   static constexpr int kBN = BN;                 // routed rows per block (wgmma N)
   static constexpr int kBK = 128;                // dense K per stage
@@ -102,9 +108,10 @@ struct HopperCfg {
   static __device__ __forceinline__ uint32_t BOffset(int row, int chunk) {
     return (chunk >> 3) * kBHalf + AOffset(row, chunk & 7);
   }
-  // Dynamic shared memory: pipeline, staged sub-row indices, SEL rows, the full and
-  // empty mbarriers of every stage, alignment slack.
-  static constexpr int kBarrierOffset = kPipeBytes + kIndexStageBytes + kBN * 4;
+  // Dynamic shared memory: pipeline, staged sub-row indices (none for V = 1), SEL rows,
+  // the full and empty mbarriers of every stage, alignment slack.
+  static constexpr int kIndexBytes = V > 1 ? kIndexStageBytes : 0;
+  static constexpr int kBarrierOffset = kPipeBytes + kIndexBytes + kBN * 4;
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8 + 1024;
   static_assert(kARow == 128, "A stage rows are one 128-byte swizzle row");
   static_assert(kABytes % 1024 == 0 && kBHalf % 1024 == 0 && kStageBytes % 1024 == 0,
@@ -310,6 +317,10 @@ __device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
   SAMOYEDS_ACC32(d), SAMOYEDS_ACC4(d, 8), SAMOYEDS_ACC4(d, 9), SAMOYEDS_ACC4(d, 10),      \
       SAMOYEDS_ACC4(d, 11), SAMOYEDS_ACC4(d, 12), SAMOYEDS_ACC4(d, 13),                     \
       SAMOYEDS_ACC4(d, 14), SAMOYEDS_ACC4(d, 15)
+#define SAMOYEDS_ACC96(d)                                                                 \
+  SAMOYEDS_ACC64(d), SAMOYEDS_ACC4(d, 16), SAMOYEDS_ACC4(d, 17), SAMOYEDS_ACC4(d, 18),    \
+      SAMOYEDS_ACC4(d, 19), SAMOYEDS_ACC4(d, 20), SAMOYEDS_ACC4(d, 21),                     \
+      SAMOYEDS_ACC4(d, 22), SAMOYEDS_ACC4(d, 23)
 #define SAMOYEDS_REGS32                                                                   \
   "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
   "%23,%24,%25,%26,%27,%28,%29,%30,%31}"
@@ -317,6 +328,12 @@ __device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
   "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
   "%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43," \
   "%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+#define SAMOYEDS_REGS96                                                                   \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
+  "%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43," \
+  "%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64," \
+  "%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85," \
+  "%86,%87,%88,%89,%90,%91,%92,%93,%94,%95}"
 
 // wgmma.mma_async.sp with A and B by descriptor; scale-d = 1 (accumulate), no
 // negation, no transpose (both operands K-major). N/2 accumulator registers per thread.
@@ -352,13 +369,52 @@ __device__ __forceinline__ void WgmmaSp128(float (&d)[16][4], uint64_t desc_a, u
 #undef SAMOYEDS_WGMMA_SP128
 }
 
+template <typename T, int kSel>
+__device__ __forceinline__ void WgmmaSp192(float (&d)[24][4], uint64_t desc_a, uint64_t desc_b,
+                                           uint32_t meta) {
+#define SAMOYEDS_WGMMA_SP192(TYPE)                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                               \
+               "wgmma.mma_async.sp.sync.aligned.m64n192k32.f32." TYPE "." TYPE " "      \
+               SAMOYEDS_REGS96 ", %96, %97, %98, %99, p, 1, 1, 0, 0;\n}\n"            \
+               : SAMOYEDS_ACC96(d)                                                      \
+               : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    SAMOYEDS_WGMMA_SP192("bf16");
+  else
+    SAMOYEDS_WGMMA_SP192("f16");
+#undef SAMOYEDS_WGMMA_SP192
+}
+
 template <typename T, int kSel, int kFrags>
 __device__ __forceinline__ void WgmmaSp(float (&d)[kFrags][4], uint64_t desc_a, uint64_t desc_b,
                                         uint32_t meta) {
+  static_assert(kFrags == 8 || kFrags == 16 || kFrags == 24, "wgmma N = 64, 128 or 192");
   if constexpr (kFrags == 8)
     WgmmaSp64<T, kSel>(d, desc_a, desc_b, meta);
-  else
+  else if constexpr (kFrags == 16)
     WgmmaSp128<T, kSel>(d, desc_a, desc_b, meta);
+  else
+    WgmmaSp192<T, kSel>(d, desc_a, desc_b, meta);
+}
+
+// wgmma.mma_async.sp m64n64k32 with A from registers: the lane's 4 words of its warp's
+// 16 x 16 compressed fragment (rows g, g + 8 by columns 2t, 2t + 8: ldmatrix.x4 order).
+// The words must not change until the group retires.
+template <typename T, int kSel>
+__device__ __forceinline__ void WgmmaSpRegA64(float (&d)[8][4], const uint32_t (&a)[4],
+                                              uint64_t desc_b, uint32_t meta) {
+#define SAMOYEDS_WGMMA_SP64_RS(TYPE)                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                               \
+               "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32." TYPE "." TYPE " "       \
+               SAMOYEDS_REGS32 ", {%32, %33, %34, %35}, %36, %37, %38, p, 1, 1, 0;\n}\n" \
+               : SAMOYEDS_ACC32(d)                                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(meta),    \
+                 "n"(kSel))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    SAMOYEDS_WGMMA_SP64_RS("bf16");
+  else
+    SAMOYEDS_WGMMA_SP64_RS("f16");
+#undef SAMOYEDS_WGMMA_SP64_RS
 }
 
 // Epilogue without shared memory for one kept row per block (N = 1) and no fused GLU.
@@ -428,7 +484,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   uint8_t* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
   uint8_t* idx_smem = smem + Cfg::kPipeBytes;
   int(&src_row)[Cfg::kBN] =
-      *reinterpret_cast<int(*)[Cfg::kBN]>(smem + Cfg::kPipeBytes + kIndexStageBytes);
+      *reinterpret_cast<int(*)[Cfg::kBN]>(smem + Cfg::kPipeBytes + Cfg::kIndexBytes);
   const uint32_t smem_base = SmemAddr(smem);
   const uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // + 8 * stage buffer
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
@@ -448,7 +504,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint8_t* idx = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
   const bool idx_staged =
       V > 1 && StageIndices<Cfg::kBM, Cfg::kThreads>(idx, tile, idx_smem, windows, 0, windows,
-                                                      kIndexStageBytes);
+                                                      Cfg::kIndexBytes);
   if (threadIdx.x == 0) {
     for (int b = 0; b < Cfg::kStages; ++b) {
       MbarInit(full_bar + 8 * b, Cfg::kLoadThreads);
@@ -512,20 +568,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int c = 0; c < V; ++c) slot[r][c] = c;
 
   // The lane's two rows' sub-row indices, one byte per window: staged in shared memory,
-  // else in global memory (generic pointers: no branch per load). Lanes of absent
+  // else in global memory (a generic pointer: no branch per load). Row g + 8 lies 8
+  // kept rows after row g (a fragment never straddles the tile halves). Lanes of absent
   // fragments read the staging area; what they read is never stored.
-  const uint8_t* sub_src[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-    sub_src[r] = idx_staged || !frag_ok
-                     ? idx_smem + (frag_ok ? my_kept[r] * windows : 0)
-                     : idx + static_cast<int64_t>(KeptRow<Cfg::kBM>(tile, my_kept[r])) * windows;
+  const uint8_t* sub_src =
+      idx_staged || !frag_ok
+          ? idx_smem + (frag_ok ? my_kept[0] * windows : 0)
+          : idx + static_cast<int64_t>(KeptRow<Cfg::kBM>(tile, my_kept[0])) * windows;
+  const int sub_off = frag_ok ? 8 * windows : 0;
   // The next window's bytes are loaded a window ahead and reduced % V only when used,
   // so a load has a whole window to arrive.
   uint8_t sub[2] = {0, 0}, sub_next[2] = {0, 0};
   auto load_sub = [&](int window, uint8_t (&dst)[2]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) dst[r] = sub_src[r][window];
+    dst[0] = sub_src[window];
+    dst[1] = sub_src[window + sub_off];
   };
   const int window_shift = __ffs(a.sub_row / kStepK) - 1;
   const int window_mask = (1 << window_shift) - 1;
@@ -595,6 +651,33 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     else
       WgmmaSp<T, 1, Cfg::kFrags>(acc[h][0], da, db, mw);
   };
+  // kARegs: the lane's ldmatrix row of its warp's A fragment in a stage buffer (rows
+  // 16 w + l % 8 + 8 ((l / 8) % 2), columns 8 (l / 16) of k-step 0). With the 128-byte
+  // swizzle, k-step s's chunk 2 s + l / 16 of that row is this offset ^ (s << 5).
+  static_assert(!Cfg::kARegs || H == 2, "A from registers in the halves loop only");
+  uint32_t a_ldm = 0;
+  if constexpr (Cfg::kARegs) {
+    const int r7 = lane & 7, hi = lane >> 4;
+    a_ldm = (row0 + r7 + (lane & 8)) * Cfg::kARow + ((r7 >> 1) << 5) + ((hi ^ (r7 & 1)) << 4);
+  }
+  auto load_a = [&](int buf, uint32_t (&af)[Cfg::kSteps][4]) {
+    const uint32_t base = smem_base + buf * Cfg::kStageBytes + a_ldm;
+#pragma unroll
+    for (int s = 0; s < Cfg::kSteps; ++s) LdMatrixX4(base ^ (s << 5), af[s]);
+  };
+  auto issue_rs = [&](int buf, int s, uint32_t mw, int h, const uint32_t (&af)[4]) {
+    const uint32_t stage_off = buf * (Cfg::kStageBytes >> 4);
+    const uint32_t b_lo =
+        b_desc0 + stage_off + (((s >> 1) * Cfg::kBHalf + h * kHalfN * 128 + (s & 1) * 64) >> 4);
+    const uint64_t db = (static_cast<uint64_t>(kDesc128Hi) << 32) | b_lo;
+    static_assert(!Cfg::kARegs || Cfg::kFrags == 8, "A-register MMAs are N = 64");
+    if constexpr (Cfg::kARegs) {
+      if (s % 2 == 0)
+        WgmmaSpRegA64<T, 0>(acc[h][0], af, db, mw);
+      else
+        WgmmaSpRegA64<T, 1>(acc[h][0], af, db, mw);
+    }
+  };
   auto release = [&](int stage) { MbarArrive(empty_bar + 8 * (stage % Cfg::kStages)); };
   // One MMA group stays in flight; the previous stage's have retired, so its buffer goes
   // back to the producer.
@@ -614,46 +697,82 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // drain. Launched for sub_row == kBK only (LaunchHopper): every stage is one window.
     // The metadata registers alternate by stage parity: the previous stage's half-1
     // group still reads its set when the next stage's metadata is loaded.
-    auto run_stage = [&](int stage, uint32_t (&mw)[Cfg::kSteps]) {
+    // kARegs: both halves read the stage's A and metadata registers, so the previous
+    // stage's half 1 retires before they are rewritten (one register set; the other
+    // consumer's MMAs cover the gap).
+    constexpr int kASets = Cfg::kARegs ? Cfg::kSteps : 1;
+    auto run_stage = [&](int stage, uint32_t (&mw)[Cfg::kSteps], uint32_t (&af)[kASets][4]) {
       const int buf = begin_stage(stage);
       bool swap[2][V];
       plan_window(stage, swap);
       steer_half(0, swap);  // half 0's previous group retired at the last wait
-      load_meta(buf, mw);
-      WgmmaFence();
+      if constexpr (Cfg::kARegs) {
+        WgmmaWait<0>();  // half 1's previous group
+        if (stage > 0) release(stage - 1);
+        load_meta(buf, mw);
+        load_a(buf, af);
+        WgmmaFence();
 #pragma unroll
-      for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s], 0);
-      WgmmaCommit();
-      WgmmaWait<1>();  // half 1's previous group
-      if (stage > 0) release(stage - 1);
-      steer_half(1, swap);
-      WgmmaFence();
+        for (int s = 0; s < Cfg::kSteps; ++s) issue_rs(buf, s, mw[s], 0, af[s]);
+        WgmmaCommit();
+        steer_half(1, swap);
+        WgmmaFence();
 #pragma unroll
-      for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s], 1);
+        for (int s = 0; s < Cfg::kSteps; ++s) issue_rs(buf, s, mw[s], 1, af[s]);
+      } else {
+        load_meta(buf, mw);
+        WgmmaFence();
+#pragma unroll
+        for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s], 0);
+        WgmmaCommit();
+        WgmmaWait<1>();  // half 1's previous group
+        if (stage > 0) release(stage - 1);
+        steer_half(1, swap);
+        WgmmaFence();
+#pragma unroll
+        for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s], 1);
+      }
       WgmmaCommit();
       WgmmaWait<1>();  // half 0's group
     };
     constexpr int kU = Cfg::kHalvesUnroll;
     static_assert(kU % 2 == 0, "stage pairs: the metadata sets alternate");
-    uint32_t mw_even[Cfg::kSteps], mw_odd[Cfg::kSteps];
+    uint32_t mw_even[Cfg::kSteps], mw_other[Cfg::kARegs ? 1 : Cfg::kSteps];
+    uint32_t(&mw_odd)[Cfg::kSteps] = *[&] {
+      if constexpr (Cfg::kARegs)
+        return &mw_even;
+      else
+        return &mw_other;
+    }();
+    uint32_t af_even[kASets][4];
+    auto& af_odd = af_even;
     int stage = 0;
     for (; stage + kU <= k_stages; stage += kU) {
 #pragma unroll
       for (int u = 0; u < kU; u += 2) {
-        run_stage(stage + u, mw_even);
-        run_stage(stage + u + 1, mw_odd);
+        run_stage(stage + u, mw_even, af_even);
+        run_stage(stage + u + 1, mw_odd, af_odd);
       }
       // ptxas keeps wgmmas pipelined only if nothing is in flight at a loop's back edge
       // (otherwise it serializes every wgmma of the kernel: C7514/C7515).
       WgmmaWait<0>();
     }
+    if constexpr (Cfg::kARegs) {
+      // One register set: the remainder runs as a loop, drained at its back edge (an
+      // unrolled guarded remainder made ptxas spill and serialize every wgmma: C7512).
+      for (; stage < k_stages; ++stage) {
+        run_stage(stage, mw_even, af_even);
+        WgmmaWait<0>();
+      }
+    } else {
 #pragma unroll
-    for (int u = 0; u + 1 < kU; ++u) {
-      if (stage + u < k_stages) {
-        if (u % 2)
-          run_stage(stage + u, mw_odd);
-        else
-          run_stage(stage + u, mw_even);
+      for (int u = 0; u + 1 < kU; ++u) {
+        if (stage + u < k_stages) {
+          if (u % 2)
+            run_stage(stage + u, mw_odd, af_odd);
+          else
+            run_stage(stage + u, mw_even, af_even);
+        }
       }
     }
   } else if (window_shift == 2) {
@@ -728,14 +847,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif  // SAMOYEDS_HOPPER_DEVICE_PASS
 }
 
-// The shape each N:V class runs with (measured: NOTES.md, v14). Plain 2:4 has no sub-row
-// steering, so its registers go to a third consumer warpgroup (BM 192) and the freed shared
-// memory is traded for one stage fewer.
+// The shape each N:V class runs with (measured: NOTES.md, v14, v19). Plain 2:4 has no
+// sub-row steering, so its registers go to a third consumer warpgroup (BM 192) and to
+// N = 192 routed rows per block (the B tile is read once per 192 x 192 outputs instead of
+// per 192 x 128; three stages of 75 KB fill shared memory).
 template <int V>
-using HopperCfgFor = std::conditional_t<V == 1, HopperCfg<1, 3, 128, 3>, HopperCfg<V>>;
+using HopperCfgFor = std::conditional_t<V == 1, HopperCfg<1, 3, 192, 3>, HopperCfg<V>>;
 // 1:2 with every stage one window (sub_row 128) steers each N half while the other's MMAs
-// run (NOTES.md, v17).
-using HopperHalvesCfg = HopperCfg<2, 2, 128, 4, 2>;
+// run (NOTES.md, v17), both halves from one A fragment in registers (v19).
+struct HopperHalvesCfg : HopperCfg<2, 2, 128, 4, 2> {
+  static constexpr bool kARegs = true;
+};
 
 template <typename T, int N, int V, typename Cfg>
 cudaError_t LaunchHopperCfg(cudaStream_t stream, const Args& a) {
