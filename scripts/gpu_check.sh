@@ -11,7 +11,7 @@
 #     stress   : small cases launched 50000 times each, Hopper-forced (looks for rare hangs)
 #     perf     : Mixtral demo, kernel and layer benchmarks (device time from traces)
 #     glu      : the layer's kernels one by one (fused GLU vs unfused, down)
-#     perflite : perf without the demo
+#     perflite : kernel benchmarks (up, 1:1, down) and the layer benchmark, no demo
 #     suite    : the issue-6 suite: stack and memory benchmarks, plots, profiler trace
 #     calib    : calibrated vs magnitude pruning on the GPU
 #     multi    : several GPUs (issue 9): sharded == single device, bench_multi scaling
@@ -204,6 +204,10 @@ perflite() {
   step "kernel benchmark"
   python3 "$REPO/benchmarks/bench_kernel.py" --preset=mixtral-8x7b --proj=up --tokens=16,4096 \
     --reps=10 --json_out="$OUT/bench_kernel_up.json" 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -12
+  python3 "$REPO/benchmarks/bench_kernel.py" --preset=mixtral-8x7b --proj=up --nv=1:1 \
+    --cases=single --tokens=4096 --reps=10 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -3
+  python3 "$REPO/benchmarks/bench_kernel.py" --preset=mixtral-8x7b --proj=down \
+    --cases=single --tokens=4096 --reps=10 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -3
   step "layer benchmark"
   python3 "$REPO/benchmarks/bench_layer.py" --preset=mixtral-8x7b --tokens=16,512,4096 \
     --paths=samoyeds,xla_ragged_dot,xla_capacity_einsum,xla_all_experts,samoyeds_kernels,xla_kernels,samoyeds_gate_up,samoyeds_gate_up_unfused \
