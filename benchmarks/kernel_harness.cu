@@ -35,8 +35,11 @@ using Whole2 = samoyeds::cuda::HopperCfg<2>;
 struct Halves2U4 : samoyeds::cuda::HopperHalvesCfg { static constexpr int kHalvesUnroll = 4; };
 // The halves loop with A read by descriptor per half, as before v19 (NOTES.md).
 struct HalvesSS : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kARegs = false; };
-// 1:1 with 128 routed rows per block, as before v19 (NOTES.md).
-using H1N128 = samoyeds::cuda::HopperCfg<1, 3, 128, 3>;
+// The sub-row indices staged by the whole block before the producer starts (before v19).
+struct EarlyIdxHalves : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kLateIndices = false; };
+struct EarlyIdx4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kLateIndices = false; };
+// 1:1 with 128 routed rows per block at every shape, as before v19 (NOTES.md).
+using H1N128 = samoyeds::cuda::HopperPlainNarrowCfg;
 #endif
 
 int main(int argc, char** argv) {
@@ -183,6 +186,8 @@ int main(int argc, char** argv) {
         {"halves2u4", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Halves2U4>},
         {"halvesss", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, HalvesSS>},
         {"h1n128", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, H1N128>},
+        {"earlyidx", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, EarlyIdxHalves>},
+        {"earlyidx4", 1, 4, sc::LaunchHopperCfg<Bf, 1, 4, EarlyIdx4>},
         {"noref1", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1>},
         {"noref1c2", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1c2>},
         {"noref2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, NoRefill2>},

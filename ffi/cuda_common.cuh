@@ -435,9 +435,10 @@ class StageLoader {
 // issued before its first store (one memory round trip instead of one per byte: the
 // block's K loop waits on this). Returns whether they were staged (the caller syncs
 // before reading). `capacity`: bytes reserved at idx_smem, at most kIndexStageBytes.
+// Threads tid = 0 .. kThreads - 1 of the block share the work.
 template <int BM, int kThreads>
 __device__ bool StageIndices(const uint8_t* idx, const RowTile& t, uint8_t* idx_smem,
-                             int windows, int w0, int wc, int capacity) {
+                             int windows, int w0, int wc, int capacity, int tid) {
   const int rows = t.hi > 0 ? BM / 2 + t.hi : t.lo;  // tile rows spanned
   if (rows * wc > capacity) return false;
   // Byte i of the staged tile: the lower half's span below n_lo, the upper's from it
@@ -452,20 +453,20 @@ __device__ bool StageIndices(const uint8_t* idx, const RowTile& t, uint8_t* idx_
     uint4 v[kPer];
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
-      const int i = (threadIdx.x + u * kThreads) * 16;
+      const int i = (tid + u * kThreads) * 16;
       const uint8_t* p = i < n_lo ? src_lo + i : src_hi + (i - n_lo);
       if (i < n) v[u] = __ldg(reinterpret_cast<const uint4*>(p));
     }
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
-      const int i = (threadIdx.x + u * kThreads) * 16;
+      const int i = (tid + u * kThreads) * 16;
       uint8_t* p = i < n_lo ? idx_smem + i : dst_hi + (i - n_lo);
       if (i < n) *reinterpret_cast<uint4*>(p) = v[u];
     }
     return true;
   }
   constexpr int kBatch = 8;
-  for (int first = threadIdx.x; first < n; first += kBatch * kThreads) {
+  for (int first = tid; first < n; first += kBatch * kThreads) {
     uint8_t v[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {

@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   const int idx_capacity = DynamicSmemBytes() - Tile::kPipeBytes;
   const bool idx_staged =
       V > 1 && StageIndices<Tile::kBM, Tile::kThreads>(indices, tile, idx_smem, windows, w_begin,
-                                                       w_count, idx_capacity);
+                                                       w_count, idx_capacity, threadIdx.x);
   auto load_sub = [&](int window, uint8_t (&dst)[Tile::kFragsM][2]) {
 #pragma unroll
     for (int i = 0; i < Tile::kFragsM; ++i)

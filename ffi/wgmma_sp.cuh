@@ -80,6 +80,9 @@ struct HopperCfg {
   // Benchmark switch (kernel_harness.cu only): false sends 1:1, 1:2 and 1:4 results
   // through the shared-memory epilogue too (NOTES.md, v16).
   static constexpr bool kDirectStore = true;
+  // Benchmark switch (kernel_harness.cu only): false stages the sub-row indices with the
+  // whole block before the producer starts, as before v19.
+  static constexpr bool kLateIndices = true;
   // The halves loop reads each stage's compressed A fragments once into registers
   // (ldmatrix) and issues both halves from them (sparse wgmma with A in registers), so A
   // leaves shared memory once per stage instead of once per half.
@@ -502,16 +505,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
   const int windows = a.k / a.sub_row;
   const uint8_t* idx = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
-  const bool idx_staged =
-      V > 1 && StageIndices<Cfg::kBM, Cfg::kThreads>(idx, tile, idx_smem, windows, 0, windows,
-                                                      Cfg::kIndexBytes);
+  // Without kLateIndices the whole block stages the sub-row indices before any load.
+  bool idx_staged = false;
+  if constexpr (V > 1 && !Cfg::kLateIndices)
+    idx_staged = StageIndices<Cfg::kBM, Cfg::kThreads>(idx, tile, idx_smem, windows, 0, windows,
+                                                       Cfg::kIndexBytes, threadIdx.x);
   if (threadIdx.x == 0) {
     for (int b = 0; b < Cfg::kStages; ++b) {
       MbarInit(full_bar + 8 * b, Cfg::kLoadThreads);
       MbarInit(empty_bar + 8 * b, Cfg::kConsumerThreads);
     }
   }
-  __syncthreads();  // SEL rows, staged indices and initialised barriers are visible
+  __syncthreads();  // SEL rows and initialised barriers are visible
 
   const int k_stages = (a.k + Cfg::kBK - 1) / Cfg::kBK;
   if (threadIdx.x < Cfg::kLoadThreads) {
@@ -536,6 +541,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // Consumers.
   SetMaxRegsInc<Cfg::kConsumerRegs>();
   const int ctid = threadIdx.x - Cfg::kLoadThreads;
+  if constexpr (V > 1 && Cfg::kLateIndices) {
+    // The consumers stage the sub-row indices while the producer's first loads are in
+    // flight (they are first read at the first window): one global round trip less
+    // before each tile's first MMA.
+    idx_staged = StageIndices<Cfg::kBM, Cfg::kConsumerThreads>(idx, tile, idx_smem, windows, 0,
+                                                               windows, Cfg::kIndexBytes, ctid);
+    ConsumerSync<Cfg::kConsumerThreads>();
+  }
   const int lane = ctid & 31, warp = ctid >> 5;
   // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows
   // g and g + 8 of them, columns 8j + 2t + {0, 1} (the m16n8 fragment layout per warp).
@@ -697,55 +710,54 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // drain. Launched for sub_row == kBK only (LaunchHopper): every stage is one window.
     // The metadata registers alternate by stage parity: the previous stage's half-1
     // group still reads its set when the next stage's metadata is loaded.
-    // kARegs: both halves read the stage's A and metadata registers, so the previous
-    // stage's half 1 retires before they are rewritten (one register set; the other
-    // consumer's MMAs cover the gap).
-    constexpr int kASets = Cfg::kARegs ? Cfg::kSteps : 1;
-    auto run_stage = [&](int stage, uint32_t (&mw)[Cfg::kSteps], uint32_t (&af)[kASets][4]) {
+    // kARegs: both halves issue from the stage's A fragments in registers, one register
+    // set (two, alternating like the metadata, spill 124 bytes): the previous stage's
+    // half 1 retires before the stage's A and metadata are loaded, and the other
+    // consumer's MMAs cover that gap.
+    constexpr bool kOneSet = Cfg::kARegs;
+    constexpr int kASteps = Cfg::kARegs ? Cfg::kSteps : 1;
+    auto run_stage = [&](int stage, uint32_t (&mw)[Cfg::kSteps], uint32_t (&af)[kASteps][4]) {
       const int buf = begin_stage(stage);
       bool swap[2][V];
       plan_window(stage, swap);
       steer_half(0, swap);  // half 0's previous group retired at the last wait
-      if constexpr (Cfg::kARegs) {
+      if constexpr (kOneSet) {
         WgmmaWait<0>();  // half 1's previous group
         if (stage > 0) release(stage - 1);
-        load_meta(buf, mw);
-        load_a(buf, af);
+      }
+      load_meta(buf, mw);
+      if constexpr (Cfg::kARegs) load_a(buf, af);
+      auto issue_half = [&](int h) {
         WgmmaFence();
 #pragma unroll
-        for (int s = 0; s < Cfg::kSteps; ++s) issue_rs(buf, s, mw[s], 0, af[s]);
+        for (int s = 0; s < Cfg::kSteps; ++s) {
+          if constexpr (Cfg::kARegs)
+            issue_rs(buf, s, mw[s], h, af[s]);
+          else
+            issue(buf, s, mw[s], h);
+        }
         WgmmaCommit();
-        steer_half(1, swap);
-        WgmmaFence();
-#pragma unroll
-        for (int s = 0; s < Cfg::kSteps; ++s) issue_rs(buf, s, mw[s], 1, af[s]);
-      } else {
-        load_meta(buf, mw);
-        WgmmaFence();
-#pragma unroll
-        for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s], 0);
-        WgmmaCommit();
+      };
+      issue_half(0);
+      if constexpr (!kOneSet) {
         WgmmaWait<1>();  // half 1's previous group
         if (stage > 0) release(stage - 1);
-        steer_half(1, swap);
-        WgmmaFence();
-#pragma unroll
-        for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s], 1);
       }
-      WgmmaCommit();
+      steer_half(1, swap);
+      issue_half(1);
       WgmmaWait<1>();  // half 0's group
     };
     constexpr int kU = Cfg::kHalvesUnroll;
-    static_assert(kU % 2 == 0, "stage pairs: the metadata sets alternate");
-    uint32_t mw_even[Cfg::kSteps], mw_other[Cfg::kARegs ? 1 : Cfg::kSteps];
+    static_assert(kU % 2 == 0, "stage pairs: the register sets alternate");
+    uint32_t mw_even[Cfg::kSteps], mw_other[kOneSet ? 1 : Cfg::kSteps];
+    uint32_t af_even[kASteps][4];
     uint32_t(&mw_odd)[Cfg::kSteps] = *[&] {
-      if constexpr (Cfg::kARegs)
+      if constexpr (kOneSet)
         return &mw_even;
       else
         return &mw_other;
     }();
-    uint32_t af_even[kASets][4];
-    auto& af_odd = af_even;
+    auto& af_odd = af_even;  // unused unless kARegs (then one set)
     int stage = 0;
     for (; stage + kU <= k_stages; stage += kU) {
 #pragma unroll
@@ -758,8 +770,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       WgmmaWait<0>();
     }
     if constexpr (Cfg::kARegs) {
-      // One register set: the remainder runs as a loop, drained at its back edge (an
-      // unrolled guarded remainder made ptxas spill and serialize every wgmma: C7512).
+      // The remainder as a loop drained at its back edge (so one register set serves):
+      // with A in registers an unrolled guarded remainder made ptxas spill and
+      // serialize every wgmma (C7512).
       for (; stage < k_stages; ++stage) {
         run_stage(stage, mw_even, af_even);
         WgmmaWait<0>();
@@ -853,6 +866,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 // per 192 x 128; three stages of 75 KB fill shared memory).
 template <int V>
 using HopperCfgFor = std::conditional_t<V == 1, HopperCfg<1, 3, 192, 3>, HopperCfg<V>>;
+// Plain 2:4 where N = 192 blocks would not fill one wave of the GPU: more, smaller blocks
+// win there (4 experts x 150 rows, K = 2048, M = 1408: 20.4 vs 24.5 us).
+using HopperPlainNarrowCfg = HopperCfg<1, 3, 128, 3>;
 // 1:2 with every stage one window (sub_row 128) steers each N half while the other's MMAs
 // run (NOTES.md, v17), both halves from one A fragment in registers (v19).
 struct HopperHalvesCfg : HopperCfg<2, 2, 128, 4, 2> {
@@ -877,6 +893,13 @@ template <typename T, int N, int V>
 cudaError_t LaunchHopper(cudaStream_t stream, const Args& a) {
   if constexpr (V == 2) {
     if (a.sub_row == HopperHalvesCfg::kBK) return LaunchHopperCfg<T, N, V, HopperHalvesCfg>(stream, a);
+  }
+  if constexpr (V == 1) {
+    using Wide = HopperCfgFor<V>;
+    Args b = a;
+    const dim3 grid = TileGrid<Wide::kBN, Wide::kBM>(b);
+    if (int64_t{grid.x} * grid.y < CurrentDevice().sms)
+      return LaunchHopperCfg<T, N, V, HopperPlainNarrowCfg>(stream, a);
   }
   return LaunchHopperCfg<T, N, V, HopperCfgFor<V>>(stream, a);
 }
