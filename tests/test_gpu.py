@@ -208,6 +208,34 @@ def test_fused_glu(rng, glu, nv, sub_row, tokens):
     assert err < TOL[dtype], f"relative error {err:.3g}"
 
 
+@pytest.mark.parametrize("glu", [None, "silu"])
+def test_plain_wide_blocks(rng, glu):
+    """Plain 2:4 runs 192 x 192 Hopper blocks where they fill a wave of the GPU (192 x 128
+    below that): a shape past the threshold on an H100 (12 M tiles x 15 row tiles), with
+    SEL, odd group sizes, an empty expert and a partial last row tile; fused GLU too."""
+    dtype = jnp.float16
+    cfg = sj.SparsityConfig(1, 1, 128)
+    k, m, tokens, e = 256, 2304, 2150, 3
+    sw = _weight(rng, e, k, m, cfg, dtype)
+    x = jnp.asarray(rng.standard_normal((tokens, k)), dtype)
+    sel = jnp.asarray(rng.integers(0, tokens, tokens), jnp.int32)
+    gs = jnp.asarray([1001, 0, 1146], jnp.int32)  # 3 zero rows after
+    _poison_device_memory()
+    y = jax.jit(lambda *a: sj.ragged_dot(*a, glu=glu))(x, sw, gs, sel)
+    if glu is None:
+        _check(y, x, sw, gs, sel, dtype, sample_rows=64, rng=rng)
+        return
+    y = np.asarray(y.astype(jnp.float32), np.float64)
+    assert y.shape == (tokens, m // 2) and np.isfinite(y).all() and (y[2147:] == 0).all()
+    rows = np.sort(rng.choice(2147, 64, replace=False))
+    w = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
+    xs = np.asarray(x.astype(jnp.float32), np.float64)[np.asarray(sel)[rows]]
+    ex = np.repeat(np.arange(e), np.asarray(gs))[rows]
+    ref = _glu_ref(np.stack([xs[i] @ w[ex[i]] for i in range(len(rows))]), glu)
+    err = np.linalg.norm(y[rows] - ref) / np.linalg.norm(ref)
+    assert err < TOL[dtype], f"relative error {err:.3g}"
+
+
 _FORCED_SPLIT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
