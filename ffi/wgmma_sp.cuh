@@ -338,55 +338,34 @@ __device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
   "%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85," \
   "%86,%87,%88,%89,%90,%91,%92,%93,%94,%95}"
 
-// wgmma.mma_async.sp with A and B by descriptor; scale-d = 1 (accumulate), no
+// wgmma.mma_async.sp m64nNk32 with A and B by descriptor; scale-d = 1 (accumulate), no
 // negation, no transpose (both operands K-major). N/2 accumulator registers per thread.
-template <typename T, int kSel>
-__device__ __forceinline__ void WgmmaSp64(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
-                                          uint32_t meta) {
-#define SAMOYEDS_WGMMA_SP64(TYPE)                                                        \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                               \
-               "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32." TYPE "." TYPE " "       \
-               SAMOYEDS_REGS32 ", %32, %33, %34, %35, p, 1, 1, 0, 0;\n}\n"              \
-               : SAMOYEDS_ACC32(d)                                                      \
-               : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    SAMOYEDS_WGMMA_SP64("bf16");
-  else
-    SAMOYEDS_WGMMA_SP64("f16");
-#undef SAMOYEDS_WGMMA_SP64
-}
-
-template <typename T, int kSel>
-__device__ __forceinline__ void WgmmaSp128(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b,
-                                           uint32_t meta) {
-#define SAMOYEDS_WGMMA_SP128(TYPE)                                                       \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                               \
-               "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." TYPE "." TYPE " "      \
-               SAMOYEDS_REGS64 ", %64, %65, %66, %67, p, 1, 1, 0, 0;\n}\n"              \
-               : SAMOYEDS_ACC64(d)                                                      \
-               : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    SAMOYEDS_WGMMA_SP128("bf16");
-  else
-    SAMOYEDS_WGMMA_SP128("f16");
-#undef SAMOYEDS_WGMMA_SP128
-}
-
-template <typename T, int kSel>
-__device__ __forceinline__ void WgmmaSp192(float (&d)[24][4], uint64_t desc_a, uint64_t desc_b,
-                                           uint32_t meta) {
-#define SAMOYEDS_WGMMA_SP192(TYPE)                                                       \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                               \
-               "wgmma.mma_async.sp.sync.aligned.m64n192k32.f32." TYPE "." TYPE " "      \
-               SAMOYEDS_REGS96 ", %96, %97, %98, %99, p, 1, 1, 0, 0;\n}\n"            \
-               : SAMOYEDS_ACC96(d)                                                      \
-               : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    SAMOYEDS_WGMMA_SP192("bf16");
-  else
-    SAMOYEDS_WGMMA_SP192("f16");
-#undef SAMOYEDS_WGMMA_SP192
-}
+// NAME(d, desc_a, desc_b, meta): SHAPE the PTX shape, REGS / ACC its accumulator list and
+// operands, OPS the operand numbers of desc_a, desc_b, meta and the selector.
+#define SAMOYEDS_DEFINE_WGMMA_SP(NAME, FRAGS, SHAPE, REGS, ACC, OPS)                     \
+  template <typename T, int kSel>                                                          \
+  __device__ __forceinline__ void NAME(float (&d)[FRAGS][4], uint64_t desc_a,              \
+                                       uint64_t desc_b, uint32_t meta) {                   \
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)                                        \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                              \
+                   "wgmma.mma_async.sp.sync.aligned." SHAPE ".f32.bf16.bf16 " REGS        \
+                   ", " OPS ", p, 1, 1, 0, 0;\n}\n"                                       \
+                   : ACC(d)                                                                \
+                   : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));                      \
+    else                                                                                   \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                              \
+                   "wgmma.mma_async.sp.sync.aligned." SHAPE ".f32.f16.f16 " REGS          \
+                   ", " OPS ", p, 1, 1, 0, 0;\n}\n"                                       \
+                   : ACC(d)                                                                \
+                   : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));                      \
+  }
+SAMOYEDS_DEFINE_WGMMA_SP(WgmmaSp64, 8, "m64n64k32", SAMOYEDS_REGS32, SAMOYEDS_ACC32,
+                         "%32, %33, %34, %35")
+SAMOYEDS_DEFINE_WGMMA_SP(WgmmaSp128, 16, "m64n128k32", SAMOYEDS_REGS64, SAMOYEDS_ACC64,
+                         "%64, %65, %66, %67")
+SAMOYEDS_DEFINE_WGMMA_SP(WgmmaSp192, 24, "m64n192k32", SAMOYEDS_REGS96, SAMOYEDS_ACC96,
+                         "%96, %97, %98, %99")
+#undef SAMOYEDS_DEFINE_WGMMA_SP
 
 template <typename T, int kSel, int kFrags>
 __device__ __forceinline__ void WgmmaSp(float (&d)[kFrags][4], uint64_t desc_a, uint64_t desc_b,
