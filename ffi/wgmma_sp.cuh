@@ -631,13 +631,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t b_desc0 = static_cast<uint32_t>(Desc128(smem_base + Cfg::kABytes));
   // Half h's routed rows start kHalfN rows (kHalfN * 128 bytes, whole swizzle atoms)
   // into each B slab.
+  auto b_desc = [&](int buf, int s, int h) {
+    const uint32_t b_lo = b_desc0 + buf * (Cfg::kStageBytes >> 4) +
+                          (((s >> 1) * Cfg::kBHalf + h * kHalfN * 128 + (s & 1) * 64) >> 4);
+    return (static_cast<uint64_t>(kDesc128Hi) << 32) | b_lo;
+  };
   auto issue = [&](int buf, int s, uint32_t mw, int h) {
-    const uint32_t stage_off = buf * (Cfg::kStageBytes >> 4);
-    const uint32_t a_lo = a_desc0 + stage_off + ((s * 32) >> 4);
-    const uint32_t b_lo =
-        b_desc0 + stage_off + (((s >> 1) * Cfg::kBHalf + h * kHalfN * 128 + (s & 1) * 64) >> 4);
+    const uint32_t a_lo = a_desc0 + buf * (Cfg::kStageBytes >> 4) + ((s * 32) >> 4);
     const uint64_t da = (static_cast<uint64_t>(kDesc128Hi) << 32) | a_lo;
-    const uint64_t db = (static_cast<uint64_t>(kDesc128Hi) << 32) | b_lo;
+    const uint64_t db = b_desc(buf, s, h);
     if (s % 2 == 0)
       WgmmaSp<T, 0, Cfg::kFrags>(acc[h][0], da, db, mw);
     else
@@ -658,10 +660,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int s = 0; s < Cfg::kSteps; ++s) LdMatrixX4(base ^ (s << 5), af[s]);
   };
   auto issue_rs = [&](int buf, int s, uint32_t mw, int h, const uint32_t (&af)[4]) {
-    const uint32_t stage_off = buf * (Cfg::kStageBytes >> 4);
-    const uint32_t b_lo =
-        b_desc0 + stage_off + (((s >> 1) * Cfg::kBHalf + h * kHalfN * 128 + (s & 1) * 64) >> 4);
-    const uint64_t db = (static_cast<uint64_t>(kDesc128Hi) << 32) | b_lo;
+    const uint64_t db = b_desc(buf, s, h);
     static_assert(!Cfg::kARegs || Cfg::kFrags == 8, "A-register MMAs are N = 64");
     if constexpr (Cfg::kARegs) {
       if (s % 2 == 0)
@@ -693,14 +692,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // set (two, alternating like the metadata, spill 124 bytes): the previous stage's
     // half 1 retires before the stage's A and metadata are loaded, and the other
     // consumer's MMAs cover that gap.
-    constexpr bool kOneSet = Cfg::kARegs;
-    constexpr int kASteps = Cfg::kARegs ? Cfg::kSteps : 1;
-    auto run_stage = [&](int stage, uint32_t (&mw)[Cfg::kSteps], uint32_t (&af)[kASteps][4]) {
+    uint32_t af[Cfg::kARegs ? Cfg::kSteps : 1][4];  // the A register set (kARegs)
+    auto run_stage = [&](int stage, uint32_t (&mw)[Cfg::kSteps]) {
       const int buf = begin_stage(stage);
       bool swap[2][V];
       plan_window(stage, swap);
       steer_half(0, swap);  // half 0's previous group retired at the last wait
-      if constexpr (kOneSet) {
+      if constexpr (Cfg::kARegs) {
         WgmmaWait<0>();  // half 1's previous group
         if (stage > 0) release(stage - 1);
       }
@@ -718,7 +716,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         WgmmaCommit();
       };
       issue_half(0);
-      if constexpr (!kOneSet) {
+      if constexpr (!Cfg::kARegs) {
         WgmmaWait<1>();  // half 1's previous group
         if (stage > 0) release(stage - 1);
       }
@@ -728,21 +726,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     };
     constexpr int kU = Cfg::kHalvesUnroll;
     static_assert(kU % 2 == 0, "stage pairs: the register sets alternate");
-    uint32_t mw_even[Cfg::kSteps], mw_other[kOneSet ? 1 : Cfg::kSteps];
-    uint32_t af_even[kASteps][4];
-    uint32_t(&mw_odd)[Cfg::kSteps] = *[&] {
-      if constexpr (kOneSet)
-        return &mw_even;
-      else
-        return &mw_other;
-    }();
-    auto& af_odd = af_even;  // unused unless kARegs (then one set)
+    uint32_t mw_sets[Cfg::kARegs ? 1 : 2][Cfg::kSteps];
+    auto &mw_even = mw_sets[0], &mw_odd = mw_sets[Cfg::kARegs ? 0 : 1];
     int stage = 0;
     for (; stage + kU <= k_stages; stage += kU) {
 #pragma unroll
       for (int u = 0; u < kU; u += 2) {
-        run_stage(stage + u, mw_even, af_even);
-        run_stage(stage + u + 1, mw_odd, af_odd);
+        run_stage(stage + u, mw_even);
+        run_stage(stage + u + 1, mw_odd);
       }
       // ptxas keeps wgmmas pipelined only if nothing is in flight at a loop's back edge
       // (otherwise it serializes every wgmma of the kernel: C7514/C7515).
@@ -753,7 +744,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // with A in registers an unrolled guarded remainder made ptxas spill and
       // serialize every wgmma (C7512).
       for (; stage < k_stages; ++stage) {
-        run_stage(stage, mw_even, af_even);
+        run_stage(stage, mw_even);
         WgmmaWait<0>();
       }
     } else {
@@ -761,9 +752,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       for (int u = 0; u + 1 < kU; ++u) {
         if (stage + u < k_stages) {
           if (u % 2)
-            run_stage(stage + u, mw_odd, af_odd);
+            run_stage(stage + u, mw_odd);
           else
-            run_stage(stage + u, mw_even, af_even);
+            run_stage(stage + u, mw_even);
         }
       }
     }
