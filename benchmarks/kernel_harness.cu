@@ -1,5 +1,5 @@
 // Standalone driver of the CUDA kernel (no JAX) for ncu and kernel-only timing:
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi -I$(jax ffi include) \
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi \
 //        benchmarks/kernel_harness.cu -o harness
 //   [HARNESS_RASTER=n] ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
 // (GLU 1: SwiGLU fused into the epilogue, out [T, M/2] = silu(gate) * up of M = [gate | up])
@@ -15,30 +15,19 @@
 #include <random>
 #include <vector>
 
-#include "../ffi/cuda_ops.cu"
+#include "cuda/dispatch.cuh"
 #include "launch_timing.cuh"
 
 #ifdef HARNESS_VARIANTS
-// The Hopper loop without its shared-memory writes after the first ring fill (wrong
-// results: MISMATCH expected), to time what the producer's writes cost (NOTES.md, v15c).
-struct NoRefill1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kRefill = false; };
-struct NoRefill1c2 : samoyeds::cuda::HopperCfg<1, 2, 128, 4> { static constexpr bool kRefill = false; };
-struct NoRefill2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kRefill = false; };
-struct NoRefillHalves : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kRefill = false; };
-// 1:1, 1:2 and 1:4 through the shared-memory epilogue, as before v16 (NOTES.md).
-struct SmemEpi1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kDirectStore = false; };
-struct SmemEpi2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kDirectStore = false; };
-struct SmemEpi4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kDirectStore = false; };
-// 1:2 at sub_row 128 before v17: one N = 128 group per consumer, drained every window.
+// Block shapes under evaluation or replaced (docs/kernel_history.md), built from the
+// kernels' own template parameters.
+// 1:2 at sub_row 128 without halves: one N = 128 group per consumer, drained every window.
 using Whole2 = samoyeds::cuda::HopperCfg<2>;
-// The halves loop drained every 4 stages instead of 8 (NOTES.md, v17).
+// The halves loop drained every 4 stages instead of 8.
 struct Halves2U4 : samoyeds::cuda::HopperHalvesCfg { static constexpr int kHalvesUnroll = 4; };
-// The halves loop with A read by descriptor per half, as before v19 (NOTES.md).
+// The halves loop with A read by descriptor per half.
 struct HalvesSS : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kARegs = false; };
-// The sub-row indices staged by the whole block before the producer starts (before v19).
-struct EarlyIdxHalves : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kLateIndices = false; };
-struct EarlyIdx4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kLateIndices = false; };
-// 1:1 with 128 routed rows per block at every shape, as before v19 (NOTES.md).
+// 1:1 with 128 routed rows per block at every shape.
 using H1N128 = samoyeds::cuda::HopperPlainNarrowCfg;
 #endif
 
@@ -110,7 +99,7 @@ int main(int argc, char** argv) {
     r.raster = raster;
     return r;
   };
-  using samoyeds::cuda::Path;
+  using Path = samoyeds::KernelChoice;
   auto launch = [&](int c, Path path) {
     CHECK(samoyeds::cuda::Dispatch<__nv_bfloat16>(0, args(c), n, v, path));
   };
@@ -179,19 +168,10 @@ int main(int argc, char** argv) {
       cudaError_t (*fn)(cudaStream_t, const sc::Args&);
     };
     const Variant variants[] = {
-        {"smemepi1", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, SmemEpi1>},
-        {"smemepi2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, SmemEpi2>},
-        {"smemepi4", 1, 4, sc::LaunchHopperCfg<Bf, 1, 4, SmemEpi4>},
         {"whole2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Whole2>},
         {"halves2u4", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Halves2U4>},
         {"halvesss", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, HalvesSS>},
         {"h1n128", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, H1N128>},
-        {"earlyidx", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, EarlyIdxHalves>},
-        {"earlyidx4", 1, 4, sc::LaunchHopperCfg<Bf, 1, 4, EarlyIdx4>},
-        {"noref1", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1>},
-        {"noref1c2", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1c2>},
-        {"noref2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, NoRefill2>},
-        {"norefh", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, NoRefillHalves>},
         {"h1c4s3", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 4, 128, 3>>},
         {"h1c2s4", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
         {"w64x16b", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 4, 1>>},
