@@ -1,12 +1,12 @@
 // Standalone driver of the CUDA kernel (no JAX) for ncu and kernel-only timing:
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi \
 //        benchmarks/kernel_harness.cu -o harness
-//   [HARNESS_RASTER=n] ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
+//   [HARNESS_RASTER=n] [HARNESS_SPLITS=s] ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
 // (GLU 1: SwiGLU fused into the epilogue, out [T, M/2] = silu(gate) * up of M = [gate | up])
 // Random values, metadata (valid sorted 2:4 pairs) and sub-row indices; one expert stack
 // with TOKENS rows split evenly over EXPERTS; CUDA-event timing, median of 5 batches of REPS back-to-back launches
-// rotating over enough weight copies to defeat the L2, of both kernels (warp-level and,
-// on Hopper, wgmma.sp), and a comparison of their outputs.
+// rotating over enough weight copies to defeat the L2, of every kernel (warp-level and,
+// on Hopper, the prefill and serving wgmma.sp kernels), and a comparison of their outputs.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -92,11 +92,14 @@ int main(int argc, char** argv) {
   // HARNESS_RASTER=n: raster groups of n row tiles instead of TileGrid's choice (a huge n
   // is the order before v18: one group).
   const int raster = std::getenv("HARNESS_RASTER") ? std::atoi(std::getenv("HARNESS_RASTER")) : 0;
+  // HARNESS_SPLITS=s: K splits forced on the warp-level and serving kernels (Args::splits).
+  const int splits = std::getenv("HARNESS_SPLITS") ? std::atoi(std::getenv("HARNESS_SPLITS")) : 0;
   auto args = [&](int c) {
     samoyeds::cuda::Args r{dx, dv[c], static_cast<uint8_t*>(di[c]),
                            static_cast<uint32_t*>(dm[c]), nullptr,
                            static_cast<int32_t*>(dgs), dout, T, K, M, E, Mk, T, L, false, glu, out_cols};
     r.raster = raster;
+    r.splits = splits;
     return r;
   };
   using Path = samoyeds::KernelChoice;
@@ -158,6 +161,8 @@ int main(int argc, char** argv) {
   if (major == 9) {
     report("hopper", time_path(Path::kHopper));
     compare("hopper", output_of(Path::kHopper));
+    report("stream", time_path(Path::kStream));
+    compare("stream", output_of(Path::kStream));
 #ifdef HARNESS_VARIANTS
     // Block shapes under evaluation or replaced (NOTES.md), against the warp kernel's output.
     using Bf = __nv_bfloat16;

@@ -31,9 +31,11 @@ ffi::Error RaggedDotCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer v
       return ffi::Error::Internal("samoyeds_ragged_dot: cudaMemsetAsync failed");
     return ffi::Error::Success();
   }
-  if (p.kernel == KernelChoice::kHopper && !cuda::DeviceIsHopper())
+  if ((p.kernel == KernelChoice::kHopper || p.kernel == KernelChoice::kStream) &&
+      !cuda::DeviceIsHopper())
     return ffi::Error::InvalidArgument(
-        "samoyeds_ragged_dot: kernel='hopper' needs an sm_90 GPU and a build for sm_90a");
+        "samoyeds_ragged_dot: kernel='hopper' and 'stream' need an sm_90 GPU and a build "
+        "for sm_90a");
   cuda::Args a{x.untyped_data(),        values.untyped_data(),
                indices.typed_data(),    metadata.typed_data(),
                sel.typed_data(),        group_sizes.typed_data(),

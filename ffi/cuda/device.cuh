@@ -29,11 +29,11 @@ inline const DeviceFacts& CurrentDevice() {
 
 // Launches `kernel` on `grid` in clusters of `cluster` blocks (a plain launch for 1x1x1;
 // clusters need sm_90).
-template <typename Kernel>
+template <typename Kernel, typename... Params>
 cudaError_t LaunchClusters(cudaStream_t stream, Kernel kernel, dim3 grid, int threads,
-                           int smem, dim3 cluster, const Args& a) {
+                           int smem, dim3 cluster, const Params&... params) {
   if (cluster.x * cluster.y * cluster.z == 1) {
-    kernel<<<grid, threads, smem, stream>>>(a);
+    kernel<<<grid, threads, smem, stream>>>(params...);
     return cudaGetLastError();
   }
   cudaLaunchAttribute attr;
@@ -48,6 +48,6 @@ cudaError_t LaunchClusters(cudaStream_t stream, Kernel kernel, dim3 grid, int th
   cfg.stream = stream;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, a);
+  return cudaLaunchKernelEx(&cfg, kernel, params...);
 }
 }  // namespace samoyeds::cuda

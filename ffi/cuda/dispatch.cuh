@@ -12,6 +12,8 @@
 #include "cuda/device.cuh"
 #include "cuda/hopper/config.cuh"
 #include "cuda/hopper/kernel.cuh"
+#include "cuda/hopper/stream_config.cuh"
+#include "cuda/hopper/stream_kernel.cuh"
 #include "cuda/tile.cuh"
 #include "cuda/warp/kernel.cuh"
 #include "format.h"
@@ -29,9 +31,14 @@ inline bool DeviceIsHopper() {
 template <typename T, int N, int V>
 cudaError_t LaunchBest(cudaStream_t stream, const Args& a, KernelChoice kernel) {
   const bool hopper = DeviceIsHopper();
-  if (kernel == KernelChoice::kHopper && !hopper) return cudaErrorNotSupported;
-  if (kernel == KernelChoice::kAuto)
-    kernel = hopper && UseHopperFor(a) ? KernelChoice::kHopper : KernelChoice::kWarp;
+  if ((kernel == KernelChoice::kHopper || kernel == KernelChoice::kStream) && !hopper)
+    return cudaErrorNotSupported;
+  if (kernel == KernelChoice::kAuto) {
+    kernel = !hopper           ? KernelChoice::kWarp
+             : UseStreamFor(a) ? KernelChoice::kStream
+                               : KernelChoice::kHopper;
+  }
+  if (kernel == KernelChoice::kStream) return LaunchStream<T, N, V>(stream, a);
   if (kernel == KernelChoice::kHopper) return LaunchHopper<T, N, V>(stream, a);
   return LaunchWarpLevel<T, N, V>(stream, a);
 }

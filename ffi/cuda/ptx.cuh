@@ -91,4 +91,26 @@ template <int kCount>
 __device__ __forceinline__ void ConsumerSync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kCount) : "memory");
 }
+// Bulk tensor copies (TMA, sm_90) completing on an mbarrier: the barrier's current phase
+// expects `bytes` more transaction bytes, and this thread's arrival.
+__device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Initialised mbarriers become visible to the async proxy (the bulk copies that signal
+// them) and to the cluster.
+__device__ __forceinline__ void FenceMbarrierInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// The box at (c0, c1) (innermost coordinate first) of the 2-D tensor `map` into shared
+// memory at `dst`, counted as transaction bytes on `bar`. `map` is the generic address of
+// a __grid_constant__ kernel parameter.
+__device__ __forceinline__ void TmaLoad2D(uint32_t dst, const void* map, int c0, int c1,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
 }  // namespace samoyeds::cuda

@@ -56,11 +56,13 @@ constexpr int64_t kRasterBytes = int64_t{8} << 20;
 // from DRAM at every wave: 1:2 at 4096 tokens then reads ~620 MB for ~180 MB of data).
 // Decode shapes have few row tiles per expert and most of the bound's tiles turn out
 // empty; there the M tiles run along x, so the empty blocks come last in the launch
-// instead of holding SM slots between the busy ones.
+// instead of holding SM slots between the busy ones (decode_order = false keeps the
+// raster order: kernels whose row tiles of one expert should share weight tiles in the L2).
 template <int BN, int BM>
-inline dim3 TileGrid(Args& a, unsigned splits = 1) {
+inline dim3 TileGrid(Args& a, unsigned splits = 1, bool decode_order = true) {
   const unsigned rows = RowTiles<BN>(a), ms = static_cast<unsigned>(MTiles<BM>(a));
-  a.m_fast = static_cast<int64_t>(a.rows) <= int64_t{2} * BN * a.experts && rows <= 65535;
+  a.m_fast = decode_order && static_cast<int64_t>(a.rows) <= int64_t{2} * BN * a.experts &&
+             rows <= 65535;
   if (a.raster <= 0) {
     const int64_t tile_bytes = int64_t{BN} * a.k * 2;  // bf16 / fp16 rows
     a.raster = static_cast<int>(std::max<int64_t>(1, kRasterBytes / tile_bytes));

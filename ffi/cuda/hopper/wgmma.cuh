@@ -60,6 +60,8 @@ __device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
 
 // Accumulator operand lists of wgmma asm: 4 registers per n8 column group.
 #define SAMOYEDS_ACC4(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define SAMOYEDS_ACC8(d) SAMOYEDS_ACC4(d, 0), SAMOYEDS_ACC4(d, 1)
+#define SAMOYEDS_ACC16(d) SAMOYEDS_ACC8(d), SAMOYEDS_ACC4(d, 2), SAMOYEDS_ACC4(d, 3)
 #define SAMOYEDS_ACC32(d)                                                                 \
   SAMOYEDS_ACC4(d, 0), SAMOYEDS_ACC4(d, 1), SAMOYEDS_ACC4(d, 2), SAMOYEDS_ACC4(d, 3),     \
       SAMOYEDS_ACC4(d, 4), SAMOYEDS_ACC4(d, 5), SAMOYEDS_ACC4(d, 6), SAMOYEDS_ACC4(d, 7)
@@ -71,6 +73,8 @@ __device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
   SAMOYEDS_ACC64(d), SAMOYEDS_ACC4(d, 16), SAMOYEDS_ACC4(d, 17), SAMOYEDS_ACC4(d, 18),    \
       SAMOYEDS_ACC4(d, 19), SAMOYEDS_ACC4(d, 20), SAMOYEDS_ACC4(d, 21),                     \
       SAMOYEDS_ACC4(d, 22), SAMOYEDS_ACC4(d, 23)
+#define SAMOYEDS_REGS8 "{%0,%1,%2,%3,%4,%5,%6,%7}"
+#define SAMOYEDS_REGS16 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}"
 #define SAMOYEDS_REGS32                                                                   \
   "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
   "%23,%24,%25,%26,%27,%28,%29,%30,%31}"
@@ -106,6 +110,10 @@ __device__ __forceinline__ void FenceAcc(float (&acc)[V][kFrags][4]) {
                    : ACC(d)                                                                \
                    : "l"(desc_a), "l"(desc_b), "r"(meta), "n"(kSel));                      \
   }
+SAMOYEDS_DEFINE_WGMMA_SP(WgmmaSp16, 2, "m64n16k32", SAMOYEDS_REGS8, SAMOYEDS_ACC8,
+                         "%8, %9, %10, %11")
+SAMOYEDS_DEFINE_WGMMA_SP(WgmmaSp32, 4, "m64n32k32", SAMOYEDS_REGS16, SAMOYEDS_ACC16,
+                         "%16, %17, %18, %19")
 SAMOYEDS_DEFINE_WGMMA_SP(WgmmaSp64, 8, "m64n64k32", SAMOYEDS_REGS32, SAMOYEDS_ACC32,
                          "%32, %33, %34, %35")
 SAMOYEDS_DEFINE_WGMMA_SP(WgmmaSp128, 16, "m64n128k32", SAMOYEDS_REGS64, SAMOYEDS_ACC64,
@@ -117,8 +125,13 @@ SAMOYEDS_DEFINE_WGMMA_SP(WgmmaSp192, 24, "m64n192k32", SAMOYEDS_REGS96, SAMOYEDS
 template <typename T, int kSel, int kFrags>
 __device__ __forceinline__ void WgmmaSp(float (&d)[kFrags][4], uint64_t desc_a, uint64_t desc_b,
                                         uint32_t meta) {
-  static_assert(kFrags == 8 || kFrags == 16 || kFrags == 24, "wgmma N = 64, 128 or 192");
-  if constexpr (kFrags == 8)
+  static_assert(kFrags == 2 || kFrags == 4 || kFrags == 8 || kFrags == 16 || kFrags == 24,
+                "wgmma N = 16, 32, 64, 128 or 192");
+  if constexpr (kFrags == 2)
+    WgmmaSp16<T, kSel>(d, desc_a, desc_b, meta);
+  else if constexpr (kFrags == 4)
+    WgmmaSp32<T, kSel>(d, desc_a, desc_b, meta);
+  else if constexpr (kFrags == 8)
     WgmmaSp64<T, kSel>(d, desc_a, desc_b, meta);
   else if constexpr (kFrags == 16)
     WgmmaSp128<T, kSel>(d, desc_a, desc_b, meta);
