@@ -164,7 +164,7 @@ int main(int argc, char** argv) {
     report("stream", time_path(Path::kStream));
     compare("stream", output_of(Path::kStream));
 #ifdef HARNESS_VARIANTS
-    // Block shapes under evaluation or replaced (NOTES.md), against the warp kernel's output.
+    // Block shapes under evaluation or replaced (docs/kernel_history.md), against the warp kernel's output.
     using Bf = __nv_bfloat16;
     namespace sc = samoyeds::cuda;
     struct Variant {
