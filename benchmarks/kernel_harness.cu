@@ -103,23 +103,25 @@ int main(int argc, char** argv) {
     return r;
   };
   using Path = samoyeds::KernelChoice;
-  auto launch = [&](int c, Path path) {
-    CHECK(samoyeds::cuda::Dispatch<__nv_bfloat16>(0, args(c), n, v, path));
+  auto launch = [&](int c, Path path, cudaStream_t s) {
+    CHECK(samoyeds::cuda::Dispatch<__nv_bfloat16>(s, args(c), n, v, path));
   };
   auto time_fn = [&](auto&& launch_copy) { return SecondsPerLaunch(launch_copy, copies, reps); };
   auto time_path = [&](Path path) {
-    return time_fn([&](int c) { launch(c, path); });
+    return time_fn([&](int c, cudaStream_t s) { launch(c, path, s); });
   };
   // The output of one path on weight copy 0, poisoned first so unwritten rows show.
   auto output_fn = [&](auto&& launch_copy) {
     CHECK(cudaMemset(dout, 0xFF, size_t(T) * out_cols * 2));  // bf16 0xFFFF is a NaN
-    launch_copy(0);
+    launch_copy(0, cudaStream_t{0});
     CHECK(cudaDeviceSynchronize());
     std::vector<uint16_t> h(size_t(T) * out_cols);
     CHECK(cudaMemcpy(h.data(), dout, h.size() * 2, cudaMemcpyDeviceToHost));
     return h;
   };
-  auto output_of = [&](Path path) { return output_fn([&](int c) { launch(c, path); }); };
+  auto output_of = [&](Path path) {
+    return output_fn([&](int c, cudaStream_t s) { launch(c, path, s); });
+  };
   auto bf16 = [](uint16_t h) {
     uint32_t u = uint32_t(h) << 16;
     float f;
@@ -181,10 +183,18 @@ int main(int argc, char** argv) {
         {"h1c2s4", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
         {"w64x16b", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 4, 1>>},
         {"w32x16s6", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 6, 2, 2>>},
+        // serving-kernel shapes: consumers, N, blocks per SM
+        {"s16c2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 16, 2>>},
+        {"s16c1b1", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 1>>},
+        {"s64c1", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 64, 2>>},
+        {"s32c2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 32, 1>>},
+        {"s64c2b2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 64, 2>>},
+        {"s16c1x1", 1, 1, sc::LaunchStreamCfg<Bf, 1, 1, sc::StreamCfgOf<1, 1, 16, 2>>},
+        {"s64c1x1", 1, 1, sc::LaunchStreamCfg<Bf, 1, 1, sc::StreamCfgOf<1, 1, 64, 2>>},
     };
     for (const Variant& var : variants) {
       if (var.n != n || var.v != v) continue;
-      auto run = [&](int c) { CHECK(var.fn(0, args(c))); };
+      auto run = [&](int c, cudaStream_t s) { CHECK(var.fn(s, args(c))); };
       report(var.name, time_fn(run));
       compare(var.name, output_fn(run));
     }

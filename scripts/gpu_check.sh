@@ -13,6 +13,8 @@
 #     soak     : the randomized soak (SOAK_SECONDS, default 150)
 #     kernels  : the harness at serving and prefill shapes, every kernel (outputs compared)
 #                and the HBM read floor
+#     profile  : ncu of the serving kernel (narrow and wide blocks): throughput, occupancy,
+#                stall reasons
 #     serving  : benchmarks/bench_serving.py (single, grouped, deepseek; dense baselines)
 #     layer    : benchmarks/bench_layer.py, the Mixtral-8x7B layer at 16 to 4096 tokens
 #     multi    : several GPUs: sharded == single device, bench_multi scaling
@@ -65,7 +67,7 @@ tests() {
   build
   step "gpu tests (pytest -m gpu)"
   (cd /tmp && timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -m gpu "$REPO/tests" --rootdir="$REPO" \
-    -p no:cacheprovider --import-mode=importlib ${PYTEST_ARGS:-} 2>&1) | quiet | tee -a "$OUT/pytest_gpu.log" | tail -15
+    -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1) | quiet | tee -a "$OUT/pytest_gpu.log" | tail -15
   grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -1 | sed 's/^/gpu tests: /' >> "$OUT/summary.txt"
 }
 
@@ -146,6 +148,19 @@ kernels() {
   timeout 120 "$BIN/stream_floor" 4 8 16 33 66 117 235 2>&1 | tee -a "$OUT/kernel.log" | tail -9
 }
 
+profile() {
+  build
+  local M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum'
+  local S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"
+  for shape in ${PROFILE_SHAPES:-"4096 14336 16" "4096 14336 256"}; do
+    step "ncu: serving kernel, K M T = $shape (1:2, L = 128)"
+    local f="$OUT/ncu_${shape// /_}.txt"
+    timeout 180 ncu --clock-control none $S --metrics "$M" -k regex:${PROFILE_KERNEL:-Stream} --launch-skip 3 \
+      --launch-count 1 "$BIN/harness" $shape 1 2 128 1 2 > "$f" 2>&1
+    grep -E "RaggedDot|Duration|DRAM Throughput|Memory Throughput|L2 Hit|Achieved Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Eligible Warps|Issued Warp|stalled_(long|short|barrier|wait|mio|lg|math|no_inst|branch|sleep|membar|drain|imc|dispatch|tex)|inst_executed|Grid Size|Waves" "$f" | head -45
+  done
+}
+
 serving() {
   build
   step "serving benchmark"
@@ -172,7 +187,7 @@ multi() {
 machine
 for mode in "$@"; do
   case $mode in
-    build|tests|sanitize|stress|soak|kernels|serving|layer|multi) $mode ;;
+    build|tests|sanitize|stress|soak|kernels|profile|serving|layer|multi) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done
