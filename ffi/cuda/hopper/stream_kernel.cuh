@@ -53,7 +53,12 @@ class StreamProducer {
 
   __device__ __forceinline__ StreamProducer(const Args& a, const RowTile& tile, int expert,
                                             const int* src_row, int lane)
-      : src_row_(src_row), lane_(lane) {
+      : lane_(lane) {
+    // The token of each of this lane's rows, read from shared memory once: a load per
+    // copy and stage would put a load's latency in front of every copy (the producer's
+    // copies are a dependent chain otherwise).
+#pragma unroll
+    for (int i = 0; i < kBCopies; ++i) tok_[i] = src_row[lane / 16 + 2 * i];
     const int64_t first = static_cast<int64_t>(expert) * a.kept_rows;
     row_lo_ = static_cast<int>(first + KeptRow<Cfg::kBM>(tile, 0));
     row_hi_ = static_cast<int>(first + KeptRow<Cfg::kBM>(tile, kHalf));
@@ -89,7 +94,7 @@ class StreamProducer {
 #pragma unroll
     for (int i = 0; i < kBCopies; ++i) {
       const int r = r0 + 2 * i;
-      const int t = src_row_[r];
+      const int t = tok_[i];
       CpAsync16If(b_dst + r * 128 + (((chunk % 8) ^ (r % 8)) << 4),
                   x + static_cast<int64_t>(max(t, 0)) * a.k, t >= 0 && col_ok);
     }
@@ -108,7 +113,7 @@ class StreamProducer {
   }
 
  private:
-  const int* src_row_;
+  int tok_[kBCopies];  // token row of each B copy, -1: absent (no copy)
   const uint32_t* meta_lo_;
   const uint32_t* meta_hi_;
   int lane_, row_lo_, row_hi_, meta_lo_n_, meta_hi_n_;
