@@ -40,8 +40,28 @@
 
 namespace samoyeds::cuda {
 
-// The producer warp's loads of one K stage. Lane 0 issues the bulk tensor copies of the
-// values (and the barrier's transaction count); every lane issues cp.async copies of the
+// The bulk tensor copies of one K stage's values: one box of kBM / 2 kept rows x kBK / 2
+// values per tile half present, and the barrier's transaction count (one thread).
+template <typename Cfg>
+struct StreamValues {
+  int row_lo, row_hi;  // first rows of the two tile halves in the [E * Mk, K / 2] tensor
+  bool has_hi;
+  __device__ __forceinline__ StreamValues(const Args& a, const RowTile& tile, int expert) {
+    const int64_t first = static_cast<int64_t>(expert) * a.kept_rows;
+    row_lo = static_cast<int>(first + KeptRow<Cfg::kBM>(tile, 0));
+    row_hi = static_cast<int>(first + KeptRow<Cfg::kBM>(tile, Cfg::kBM / 2));
+    has_hi = tile.hi > 0;
+  }
+  __device__ __forceinline__ void Load(uint32_t dst, int stage, uint32_t full,
+                                       const CUtensorMap* map) const {
+    MbarArriveExpectTx(full, (has_hi ? 2 : 1) * Cfg::kAHalfBytes);
+    const int col = stage * (Cfg::kBK / 2);
+    TmaLoad2D(dst, map, col, row_lo, full);
+    if (has_hi) TmaLoad2D(dst + Cfg::kAHalfBytes, map, col, row_hi, full);
+  }
+};
+
+// The producer warp's loads of one K stage besides the values: cp.async copies of the
 // routed rows (lane l: 16-byte chunk l % 16 of rows l / 16 + 2i) and of the metadata
 // (lane l: word l % 4 of rows l / 4 + 8i).
 template <typename Cfg, typename T>
@@ -60,9 +80,6 @@ class StreamProducer {
 #pragma unroll
     for (int i = 0; i < kBCopies; ++i) tok_[i] = src_row[lane / 16 + 2 * i];
     const int64_t first = static_cast<int64_t>(expert) * a.kept_rows;
-    row_lo_ = static_cast<int>(first + KeptRow<Cfg::kBM>(tile, 0));
-    row_hi_ = static_cast<int>(first + KeptRow<Cfg::kBM>(tile, kHalf));
-    has_hi_ = tile.hi > 0;
     // Metadata rows r = lane / 4 + 8i: the lower half's first kHalf / 8 copies, then the
     // upper half's; copies of absent rows read nothing and fill zeros.
     const int words = a.k / kMetaColsPerWord, r0 = lane / 4;
@@ -70,15 +87,6 @@ class StreamProducer {
     meta_hi_ = a.metadata + (first + KeptRow<Cfg::kBM>(tile, kHalf + r0)) * words + lane % 4;
     meta_lo_n_ = max(0, (tile.lo - r0 + 7) / 8);
     meta_hi_n_ = max(0, (tile.hi - r0 + 7) / 8);
-  }
-
-  // Values: one box of kHalf kept rows x kBK / 2 values per tile half present.
-  __device__ __forceinline__ void LoadValues(uint32_t dst, int stage, uint32_t full,
-                                             const CUtensorMap* map) const {
-    MbarArriveExpectTx(full, (has_hi_ ? 2 : 1) * Cfg::kAHalfBytes);
-    const int col = stage * (Cfg::kBK / 2);
-    TmaLoad2D(dst, map, col, row_lo_, full);
-    if (has_hi_) TmaLoad2D(dst + Cfg::kAHalfBytes, map, col, row_hi_, full);
   }
 
   // Routed rows and metadata of stage `stage` into the buffer at `dst`.
@@ -116,8 +124,7 @@ class StreamProducer {
   int tok_[kBCopies];  // token row of each B copy, -1: absent (no copy)
   const uint32_t* meta_lo_;
   const uint32_t* meta_hi_;
-  int lane_, row_lo_, row_hi_, meta_lo_n_, meta_hi_n_;
-  bool has_hi_;
+  int lane_, meta_lo_n_, meta_hi_n_;
 };
 
 template <typename T, int N, typename Cfg>
@@ -155,15 +162,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   const int w_begin = min(windows, s_begin * stage_windows);
   const int w_end = min(windows, (s_begin + n_stages) * stage_windows);
 
-  LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
+  const StreamValues<Cfg> values(a, tile, e);
   if (threadIdx.x == 0) {
     for (int b = 0; b < Cfg::kStages; ++b) {
-      // Full: the producer lanes' cp.async arrivals and lane 0's transaction count.
+      // Full: the producer lanes' cp.async arrivals and one transaction-count arrival.
       MbarInit(full_bar + 8 * b, Cfg::kProducerThreads + 1);
       MbarInit(empty_bar + 8 * b, Cfg::kConsumerThreads);
     }
     FenceMbarrierInit();
+    // The first ring fill's values depend on the expert alone: they fly while the block
+    // reads its SEL rows (the producer adds the rows and metadata after the barrier).
+    for (int i = 0; i < min(n_stages, Cfg::kStages); ++i)
+      values.Load(smem_base + i * Cfg::kStageBytes, s_begin + i, full_bar + 8 * i, &values_map);
   }
+  LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
   __syncthreads();  // token rows and initialised barriers are visible
 
   constexpr int kOutRows = Cfg::kBM / N * V;
@@ -181,7 +193,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
       const int buf = i % Cfg::kStages;
       if (i >= Cfg::kStages) MbarWait(empty_bar + 8 * buf, (i / Cfg::kStages - 1) & 1);
       const uint32_t dst = smem_base + buf * Cfg::kStageBytes;
-      if (lane == 0) producer.LoadValues(dst, s_begin + i, full_bar + 8 * buf, &values_map);
+      if (lane == 0 && i >= Cfg::kStages)
+        values.Load(dst, s_begin + i, full_bar + 8 * buf, &values_map);
       producer.LoadRest(a, dst, s_begin + i);
       CpAsyncMbarArrive(full_bar + 8 * buf);
     }
