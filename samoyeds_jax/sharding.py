@@ -104,6 +104,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from samoyeds_jax import layout
+from samoyeds_jax._util import inverse_permutation
 from samoyeds_jax.format import SparseWeight
 from samoyeds_jax.moe import (
     MoEConfig, combine, dispatch, expert_ffn, expert_ffn_dense, route, shared_experts)
@@ -112,7 +114,7 @@ from samoyeds_jax.ops import ragged_dot
 __all__ = ["moe_sharded", "param_specs", "ragged_dot_sharded", "shard_params"]
 
 # Parameter entries with a leading expert axis E (sparse: gate_up/down; dense: gate/up/down).
-EXPERT_PARAM_KEYS = ("gate_up", "gate", "up", "down")
+EXPERT_PARAM_KEYS = layout.EXPERT_SHARDED_KEYS
 
 AxisSpec = Any  # str | tuple[str, ...] | None
 
@@ -210,40 +212,16 @@ def shard_params(params: dict, mesh: Mesh, *, expert_axis: AxisSpec = "expert") 
 # --- the expert-parallel MoE layer -------------------------------------------------------
 
 def _expert_kind(params: dict, cfg: MoEConfig) -> str:
-    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+    """"sparse" or "dense" (which layout params holds), after checking it against cfg."""
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict, got {type(params).__name__}")
-    if "router" not in params or tuple(params["router"].shape) != (d, e):
-        got = tuple(params["router"].shape) if "router" in params else "missing"
-        raise ValueError(f"params['router'] must be [d_model, num_experts] = {[d, e]}, "
-                         f"got {got}")
-    if isinstance(params.get("gate_up"), SparseWeight):
-        want = {"gate_up": (e, d, 2 * f), "down": (e, f, d)}
-        kind = "sparse"
-        for key in want:
-            sw = params.get(key)
-            if not isinstance(sw, SparseWeight):
-                raise TypeError(f"params[{key!r}] must be a SparseWeight, got "
-                                f"{type(sw).__name__}")
-            if sw.config != cfg.sparsity:
-                raise ValueError(f"params[{key!r}] is encoded with {sw.config}, but "
-                                 f"cfg.sparsity is {cfg.sparsity}")
-    elif all(k in params for k in ("gate", "up", "down")):
-        want = {"gate": (e, d, f), "up": (e, d, f), "down": (e, f, d)}
-        kind = "dense"
-    else:
+    sparse = isinstance(params.get("gate_up"), SparseWeight)
+    if not sparse and not all(k in params for k in layout.EXPERT_KEYS):
         raise ValueError(f"params must hold sparse experts (gate_up, down SparseWeights, from "
                          f"sj.sparsify_moe) or dense ones (gate, up, down); it has "
                          f"{sorted(params)}")
-    for key, shape in want.items():
-        if tuple(params[key].shape) != shape:
-            raise ValueError(f"params[{key!r}] must be {list(shape)}, got "
-                             f"{list(params[key].shape)}")
-    if cfg.has_shared:
-        for key in ("shared_gate", "shared_up", "shared_down"):
-            if key not in params:
-                raise ValueError(f"cfg has shared experts but params lacks {key!r}")
-    return kind
+    layout.check(params, cfg, sparse)
+    return "sparse" if sparse else "dense"
 
 
 def _local_ffn(params: dict, kind: str, activation: str):
@@ -296,8 +274,7 @@ def _moe_body(params, x, valid, *, cfg: MoEConfig, kind: str, n_ep: int, capacit
         perm = jnp.argsort(recv_e, stable=True).astype(jnp.int32)   # empty rows last
         group_sizes = jnp.zeros((el + 1,), jnp.int32).at[recv_e].add(1)[:el]
         y = ffn(recv_x, group_sizes, perm)                           # sorted rows
-        inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
-        back = jax.lax.all_to_all(y[inv], expert_axis, 0, 0, tiled=True)
+        back = jax.lax.all_to_all(y[inverse_permutation(perm)], expert_axis, 0, 0, tiled=True)
         y_pair = back.at[slot].get(mode="fill", fill_value=0)        # dropped: zero
         out = (weights.reshape(pairs, 1) * y_pair.astype(jnp.float32)).reshape(tl, k, d)
         out = out.sum(axis=1)
