@@ -1,6 +1,8 @@
 """The sparse MoE layer: router, dispatch (SEL), expert FFN, combine, and its dense twin.
 
-Data flow (``T`` tokens after flattening leading axes, ``k = top_k``, ``E`` experts)::
+Data flow (``T`` tokens after flattening leading axes, ``k = top_k``, ``E`` experts), each
+stage under a ``jax.named_scope`` of its name (route, dispatch, gate_up, down, combine,
+shared_experts), so that profiles and HLO op names read like this::
 
     x [T, d] --route--> weights [T, k] f32, experts [T, k] int32
              --dispatch--> sel [T*k], group_sizes [E], order [T*k]   (rows sorted by expert)
@@ -222,6 +224,7 @@ def moe_param_bytes(params: Any) -> int:
 
 # --- the layer's pieces ----------------------------------------------------------------
 
+@jax.named_scope("route")
 def route(router_w: jax.Array, x: jax.Array, cfg: MoEConfig) -> tuple[jax.Array, jax.Array]:
     """Top-k routing, in float32.
 
@@ -246,6 +249,7 @@ def route(router_w: jax.Array, x: jax.Array, cfg: MoEConfig) -> tuple[jax.Array,
     return weights.astype(jnp.float32), experts.astype(jnp.int32)
 
 
+@jax.named_scope("dispatch")
 def dispatch(experts: jax.Array, num_experts: int
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sort the routed (token, choice) pairs by expert.
@@ -267,6 +271,7 @@ def dispatch(experts: jax.Array, num_experts: int
     return sel, group_sizes, order
 
 
+@jax.named_scope("combine")
 def combine(y: jax.Array, weights: jax.Array, order: jax.Array) -> jax.Array:
     """``out[t] = sum_j weights[t, j] * y[row(t, j)]`` with ``row`` the inverse of ``order``.
 
@@ -299,8 +304,10 @@ def expert_ffn(x: jax.Array, gate_up: SparseWeight, down: SparseWeight,
     Returns:
       ``[R, d]`` in x's dtype, rows in SEL order.
     """
-    h = ragged_dot(x, gate_up, group_sizes, sel, glu=activation)     # [R, f]
-    return ragged_dot(h, down, group_sizes)                           # [R, d]
+    with jax.named_scope("gate_up"):
+        h = ragged_dot(x, gate_up, group_sizes, sel, glu=activation)     # [R, f]
+    with jax.named_scope("down"):
+        return ragged_dot(h, down, group_sizes)                           # [R, d]
 
 
 def expert_ffn_dense(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
@@ -310,16 +317,19 @@ def expert_ffn_dense(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Arr
     the same rounding points (each projection accumulates in float32 and rounds to the
     compute dtype)."""
     dt = gate.dtype
-    xs = x[sel]
 
     def rdot(a, w):
         return jax.lax.ragged_dot(a, w, group_sizes,
                                   preferred_element_type=jnp.float32).astype(dt)
 
-    h = _glu(rdot(xs, gate), rdot(xs, up), activation, dt)
-    return rdot(h, down)
+    with jax.named_scope("gate_up"):
+        xs = x[sel]
+        h = _glu(rdot(xs, gate), rdot(xs, up), activation, dt)
+    with jax.named_scope("down"):
+        return rdot(h, down)
 
 
+@jax.named_scope("shared_experts")
 def shared_experts(params: dict, x: jax.Array, cfg: MoEConfig) -> jax.Array:
     """The dense shared experts (fused into one GLU MLP of width ``d_ff_shared``), with the
     optional sigmoid gate. ``x [T, d]`` -> ``[T, d]`` float32."""

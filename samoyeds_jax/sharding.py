@@ -42,6 +42,9 @@ choices, ``El = E/X`` local experts, ``C`` rows per (source, destination) pair):
     un-permute, all_to_all back                         -> each row at its sender's slot
     combine: out[t] = sum_j weights[t, j] * back[slot(t, j)]   (float32) + shared experts
 
+The stages run under the named scopes of the single-device layer (route, dispatch with
+the exchange, gate_up, down, combine with the way back), so profiles read the same.
+
 *Drop-free* is the default: ``C = Tl*k`` (the worst case, every choice of every local token
 going to one device), so nothing is ever dropped, at the price of send/receive buffers
 ``X`` times larger than balanced routing needs (the all-to-all moves whole buffers; the
@@ -256,32 +259,34 @@ def _moe_body(params, x, valid, *, cfg: MoEConfig, kind: str, n_ep: int, capacit
         out = combine(ffn(xc, group_sizes, sel), weights, order)
         dropped = jnp.zeros((), jnp.int32)
     else:
-        pairs = tl * k
-        dest = flat_e // el
-        local = (flat_e % el).astype(jnp.int32)
-        onehot = (dest[:, None] == jnp.arange(n_ep, dtype=dest.dtype)[None, :])
-        if ok is not None:
-            onehot = onehot & ok[:, None]
-        running = jnp.cumsum(onehot.astype(jnp.int32), axis=0) - 1    # [P, X]
-        pos = jnp.take_along_axis(running, dest[:, None], axis=1)[:, 0]
-        keep = pos < capacity if ok is None else ok & (pos < capacity)
-        slot = jnp.where(keep, dest * capacity + pos, n_ep * capacity)  # past the end: drop
-        tok = jnp.arange(pairs, dtype=jnp.int32) // k
-        send_x = jnp.zeros((n_ep * capacity, d), dt).at[slot].set(xc[tok], mode="drop")
-        send_e = jnp.full((n_ep * capacity,), el, jnp.int32).at[slot].set(local, mode="drop")
-        recv_x = jax.lax.all_to_all(send_x, expert_axis, 0, 0, tiled=True)
-        recv_e = jax.lax.all_to_all(send_e, expert_axis, 0, 0, tiled=True)
-        perm = jnp.argsort(recv_e, stable=True).astype(jnp.int32)   # empty rows last
-        group_sizes = jnp.zeros((el + 1,), jnp.int32).at[recv_e].add(1)[:el]
+        with jax.named_scope("dispatch"):  # to the experts' devices
+            pairs = tl * k
+            dest = flat_e // el
+            local = (flat_e % el).astype(jnp.int32)
+            onehot = (dest[:, None] == jnp.arange(n_ep, dtype=dest.dtype)[None, :])
+            if ok is not None:
+                onehot = onehot & ok[:, None]
+            running = jnp.cumsum(onehot.astype(jnp.int32), axis=0) - 1    # [P, X]
+            pos = jnp.take_along_axis(running, dest[:, None], axis=1)[:, 0]
+            keep = pos < capacity if ok is None else ok & (pos < capacity)
+            slot = jnp.where(keep, dest * capacity + pos, n_ep * capacity)  # past the end: drop
+            tok = jnp.arange(pairs, dtype=jnp.int32) // k
+            send_x = jnp.zeros((n_ep * capacity, d), dt).at[slot].set(xc[tok], mode="drop")
+            send_e = jnp.full((n_ep * capacity,), el, jnp.int32).at[slot].set(local, mode="drop")
+            recv_x = jax.lax.all_to_all(send_x, expert_axis, 0, 0, tiled=True)
+            recv_e = jax.lax.all_to_all(send_e, expert_axis, 0, 0, tiled=True)
+            perm = jnp.argsort(recv_e, stable=True).astype(jnp.int32)   # empty rows last
+            group_sizes = jnp.zeros((el + 1,), jnp.int32).at[recv_e].add(1)[:el]
         y = ffn(recv_x, group_sizes, perm)                           # sorted rows
-        back = jax.lax.all_to_all(y[inverse_permutation(perm)], expert_axis, 0, 0, tiled=True)
-        y_pair = back.at[slot].get(mode="fill", fill_value=0)        # dropped: zero
-        out = (weights.reshape(pairs, 1) * y_pair.astype(jnp.float32)).reshape(tl, k, d)
-        out = out.sum(axis=1)
-        n_drop = jnp.logical_not(keep)
-        if ok is not None:
-            n_drop = n_drop & ok
-        dropped = n_drop.sum(dtype=jnp.int32)
+        with jax.named_scope("combine"):  # back to the tokens' devices
+            back = jax.lax.all_to_all(y[inverse_permutation(perm)], expert_axis, 0, 0, tiled=True)
+            y_pair = back.at[slot].get(mode="fill", fill_value=0)        # dropped: zero
+            out = (weights.reshape(pairs, 1) * y_pair.astype(jnp.float32)).reshape(tl, k, d)
+            out = out.sum(axis=1)
+            n_drop = jnp.logical_not(keep)
+            if ok is not None:
+                n_drop = n_drop & ok
+            dropped = n_drop.sum(dtype=jnp.int32)
     if cfg.has_shared:
         out = out + shared_experts(params, x, cfg)
     out = out.astype(x.dtype)
