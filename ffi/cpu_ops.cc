@@ -57,11 +57,12 @@ uint16_t FloatToF16(float f) {
 ffi::Error RaggedDotCpu(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::Buffer<ffi::U8> indices,
                         ffi::Buffer<ffi::U32> metadata, ffi::Buffer<ffi::S32> sel,
                         ffi::Buffer<ffi::S32> group_sizes, int64_t n, int64_t v,
-                        int64_t sub_row, int64_t has_sel, int64_t glu,
+                        int64_t sub_row, int64_t has_sel, int64_t glu, int64_t kernel,
+                        int64_t splits,
                         ffi::Result<ffi::AnyBuffer> out) {
   Problem p;
   if (ffi::Error err = CheckProblem(x, values, indices, metadata, sel, group_sizes, n, v,
-                                    sub_row, has_sel, glu, *out, &p);
+                                    sub_row, has_sel, glu, kernel, splits, *out, &p);
       err.failure())
     return err;
   const bool bf16 = p.dtype == ffi::DataType::BF16;

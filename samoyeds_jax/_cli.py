@@ -24,10 +24,15 @@ def define_sparsity_flags(flag_values: flags.FlagValues = FLAGS, nv: str | None 
     choices = ", ".join(f"{n}:{v}" for n, v in SUPPORTED_NV)
     flags.DEFINE_string("nv", nv, f"N:V pattern of the expert weights ({choices})",
                         flag_values=flag_values, required=required)
+    flags.DEFINE_alias("pattern", "nv", flag_values=flag_values)
+    define_sub_row_flag(flag_values)
+
+
+def define_sub_row_flag(flag_values: flags.FlagValues = FLAGS) -> None:
+    """``--sub_row`` (alias ``--sub-row``), default 128."""
     flags.DEFINE_integer("sub_row", 128, f"sub-row length L "
                          f"({', '.join(map(str, SUPPORTED_SUB_ROWS))})",
                          flag_values=flag_values)
-    flags.DEFINE_alias("pattern", "nv", flag_values=flag_values)
     flags.DEFINE_alias("sub-row", "sub_row", flag_values=flag_values)
 
 

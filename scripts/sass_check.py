@@ -3,7 +3,7 @@
 For every kernel: its sparse MMA count (HMMA.SP / HGMMA.SP), local-memory accesses
 (LDL/STL: spills) and, for the Hopper kernel, how many consecutive wgmma pairs ptxas
 separated with a full wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): such waits serialize the
-wgmmas, and ptxas reports them only as C7519 info lines (NOTES.md, v16).
+wgmmas, and ptxas reports them only as C7519 info lines (docs/kernel_history.md).
 
   python3 scripts/sass_check.py SASS_FILE
 """

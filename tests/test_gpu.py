@@ -205,44 +205,25 @@ def test_plain_wide_blocks(rng, glu):
     assert err < tol("product", dtype), f"relative error {err:.3g}"
 
 
-_FORCED_SPLIT = textwrap.dedent("""
-    import sys
-    import jax, jax.numpy as jnp, numpy as np
-    import samoyeds_jax as sj
-    rng = np.random.default_rng(int(sys.argv[1]))
-    worst = 0.0
-    for nv, sub_row, k in [((1, 2), 128, 1152), ((2, 4), 32, 1120)]:
-        cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
-        w = jnp.asarray(rng.standard_normal((2, k, 256)) / np.sqrt(k / 4), jnp.bfloat16)
-        sw = sj.encode(sj.prune(w, cfg), cfg)
-        wd = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
-        x = jnp.asarray(rng.standard_normal((40, k)), jnp.bfloat16)
-        gs = jnp.asarray([3, 30], jnp.int32)  # 7 rows past the groups stay zero
-        y = np.asarray(jax.jit(sj.ragged_dot)(x, sw, gs).astype(jnp.float32), np.float64)
-        xs = np.asarray(x.astype(jnp.float32), np.float64)
-        ref = np.concatenate([xs[:3] @ wd[0], xs[3:33] @ wd[1], np.zeros((7, 256))])
-        assert np.isfinite(y).all() and (y[33:] == 0).all()
-        worst = max(worst, np.linalg.norm(y - ref) / np.linalg.norm(ref))
-        # A fused GLU over the same splits: act(gate) * up of the summed partials.
-        y = np.asarray(jax.jit(lambda *a: sj.ragged_dot(*a, glu="silu"))(x, sw, gs)
-                       .astype(jnp.float32), np.float64)
-        g, u = ref[:, :128], ref[:, 128:]
-        ref = g / (1 + np.exp(-g)) * u
-        assert np.isfinite(y).all() and (y[33:] == 0).all()
-        worst = max(worst, np.linalg.norm(y - ref) / np.linalg.norm(ref))
-    print("SPLIT_MAX_ERR", worst)
-""")
-
-
-def test_forced_split_k(rng):
-    """SAMOYEDS_SPLIT_K=8 on 9 K stages: splits 5-7 get no stage and add zeros; with and
-    without a fused GLU."""
-    env = dict(os.environ, SAMOYEDS_KERNEL="warp", SAMOYEDS_SPLIT_K="8")
-    out = subprocess.run([sys.executable, "-c", _FORCED_SPLIT, str(int(rng.integers(2**31)))],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    err = float(out.stdout.split("SPLIT_MAX_ERR")[1])
-    assert err < tol("product", jnp.bfloat16), out.stdout
+@pytest.mark.parametrize("nv,sub_row,k", [((1, 2), 128, 1152), ((2, 4), 32, 1120)])
+@pytest.mark.parametrize("glu", [None, "silu"])
+def test_forced_split_k(rng, nv, sub_row, k, glu):
+    """8 forced K splits of the warp-level kernel on 9 K stages: splits 5-7 get no stage
+    and add zeros; with and without a fused GLU (act(gate) * up of the summed partials)."""
+    cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
+    sw = _weight(rng, 2, k, 256, cfg, jnp.bfloat16)
+    x = rand(rng, (40, k), jnp.bfloat16)
+    gs = jnp.asarray([3, 30], jnp.int32)  # 7 rows past the groups stay zero
+    ref = ref_ragged_dot(x, f64(sj.decode(sw)), gs)[:33]
+    if glu:
+        ref = ref_glu(ref, glu)
+    _poison_device_memory()
+    with sj.ops.force_kernel("warp", splits=8):
+        y = jax.jit(lambda *a: sj.ragged_dot(*a, glu=glu))(x, sw, gs)
+    y = f64(y)
+    assert np.isfinite(y).all() and (y[33:] == 0).all()
+    err = np.linalg.norm(y[:33] - ref) / np.linalg.norm(ref)
+    assert err < tol("product", jnp.bfloat16), f"relative error {err:.3g}"
 
 
 def test_vmap_and_grad(rng):
