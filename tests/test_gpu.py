@@ -165,18 +165,35 @@ def test_fused_glu(rng, glu, nv, sub_row, tokens):
     with K splits (clusters); 100: the warp-level prefill tile; 700: the Hopper kernel.
     F leaves a partial last tile in some kernel for every config (1:2: 608 kept rows per
     half = 9 x 64 + 32 on the Hopper kernel; 1:1: 1232 = 38 x 32 + 16 on the warp tile)."""
+    x, sw, gs, sel = _glu_inputs(rng, nv, sub_row, tokens)
+    _poison_device_memory()
+    y = jax.jit(lambda *a: sj.ragged_dot(*a, glu=glu))(x, sw, gs, sel)
+    _glu_check(y, x, sw, gs, sel, glu, jnp.bfloat16)
+
+
+def _glu_inputs(rng, nv, sub_row, tokens):
+    """bf16 (x, gate_up [2, 1152, 2F], group_sizes, sel) with 3 zero rows after the
+    groups; F = 1232 for 1:1, else 1216."""
     dtype = jnp.bfloat16
     cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
     k, f, e = 1152, 1232 if nv == (1, 1) else 1216, 2
     sw = _weight(rng, e, k, 2 * f, cfg, dtype)
     x = rand(rng, (tokens, k), dtype)
     sel = jnp.asarray(rng.integers(0, tokens, tokens + 3), jnp.int32)
-    gs = jnp.asarray([tokens // 2, tokens - tokens // 2], jnp.int32)  # 3 zero rows after
-    _poison_device_memory()
-    y = f64(jax.jit(lambda *a: sj.ragged_dot(*a, glu=glu))(x, sw, gs, sel))
-    assert y.shape == (tokens + 3, f) and np.isfinite(y).all() and (y[tokens:] == 0).all()
-    ref = ref_glu(ref_ragged_dot(x, f64(sj.decode(sw)), gs, sel)[:tokens], glu)
-    err = np.linalg.norm(y[:tokens] - ref) / np.linalg.norm(ref)
+    gs = jnp.asarray([tokens // 2, tokens - tokens // 2], jnp.int32)
+    return x, sw, gs, sel
+
+
+def _glu_check(y, x, sw, gs, sel, glu, dtype):
+    """A fused-GLU output [R, F]: shape, every row written, zero past the groups, and the
+    error against the float64 reference."""
+    y = f64(y)
+    total = int(np.asarray(gs).sum())
+    assert y.shape == (len(sel), sw.shape[-1] // 2), y.shape
+    assert np.isfinite(y).all(), "unwritten or non-finite output rows"
+    assert (y[total:] == 0).all(), "rows past sum(group_sizes) must be zero"
+    ref = ref_glu(ref_ragged_dot(x, f64(sj.decode(sw)), gs, sel)[:total], glu)
+    err = np.linalg.norm(y[:total] - ref) / np.linalg.norm(ref)
     assert err < tol("product", dtype), f"relative error {err:.3g}"
 
 

@@ -17,7 +17,7 @@ import pytest
 import samoyeds_jax as sj
 from helpers import DTYPES, f64, has_gpu, rand, ref_glu, ref_ragged_dot, seed_for, tol
 from samoyeds_jax.format import SUPPORTED_NV, SUPPORTED_SUB_ROWS
-from test_gpu import _check, _poison_device_memory, _weight
+from test_gpu import _check, _glu_check, _glu_inputs, _poison_device_memory, _weight
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,16 +36,6 @@ def _stream(f, splits=0):
         with sj.ops.force_kernel("stream", splits=splits):
             return f(*a)
     return jax.jit(g)
-
-
-def _glu_check(y, x, sw, gs, sel, glu, dtype):
-    y = f64(y)
-    total = int(np.asarray(gs).sum())
-    assert np.isfinite(y).all(), "unwritten or non-finite output rows"
-    assert (y[total:] == 0).all(), "rows past sum(group_sizes) must be zero"
-    ref = ref_glu(ref_ragged_dot(x, f64(sj.decode(sw)), gs, sel)[:total], glu)
-    err = np.linalg.norm(y[:total] - ref) / np.linalg.norm(ref)
-    assert err < tol("product", dtype), f"relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -96,17 +86,10 @@ def test_fused_glu(rng, glu, nv, sub_row, tokens, splits):
     """glu= with the gate and up halves of a tile in one block; with and without K splits
     (the fused GLU is applied after the cluster's sum); F leaves a partial last tile."""
     _hopper_or_skip()
-    dtype = jnp.bfloat16
-    cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
-    k, f, e = 1152, 1232 if nv == (1, 1) else 1216, 2
-    sw = _weight(rng, e, k, 2 * f, cfg, dtype)
-    x = rand(rng, (tokens, k), dtype)
-    sel = jnp.asarray(rng.integers(0, tokens, tokens + 3), jnp.int32)
-    gs = jnp.asarray([tokens // 2, tokens - tokens // 2], jnp.int32)
+    x, sw, gs, sel = _glu_inputs(rng, nv, sub_row, tokens)
     _poison_device_memory()
     y = _stream(lambda *a: sj.ragged_dot(*a, glu=glu), splits)(x, sw, gs, sel)
-    assert y.shape == (tokens + 3, f)
-    _glu_check(y, x, sw, gs, sel, glu, dtype)
+    _glu_check(y, x, sw, gs, sel, glu, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("layout", ["one_expert_all", "zeros", "many_small", "tail"])
