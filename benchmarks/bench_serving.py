@@ -35,6 +35,8 @@ import numpy as np
 from absl import app, flags
 
 import samoyeds_jax as sj
+from samoyeds_jax import _cli
+from samoyeds_jax._util import parse_nv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _report  # noqa: E402
@@ -48,7 +50,7 @@ flags.DEFINE_list("single_tokens", ["16", "64", "256"], "tokens of the single ca
 flags.DEFINE_list("grouped_tokens", ["16", "128", "512"], "tokens of the grouped case")
 flags.DEFINE_list("deepseek_tokens", ["16", "512"], "tokens of the deepseek case")
 flags.DEFINE_list("kernels", [], "sparse kernels also timed forced (warp, hopper, stream)")
-flags.DEFINE_integer("sub_row", 128, "sub-row length L")
+_cli.define_sub_row_flag()
 flags.DEFINE_integer("rotate", 4, "distinct inputs (and weights) per timed program")
 flags.DEFINE_integer("reps", 10, "timed programs (median wall clock)")
 flags.DEFINE_integer("copy_mb", 2048, "size of the copy that measures the bandwidth")
@@ -133,7 +135,7 @@ def run_single(table: Table, rng):
     for proj in FLAGS.projs:
         k, m = (d, f) if proj == "up" else (f, d)
         for nv in FLAGS.configs:
-            cfg = sj.SparsityConfig(*map(int, nv.split(":")), FLAGS.sub_row)
+            cfg = sj.SparsityConfig(*parse_nv(nv, "--configs"), FLAGS.sub_row)
             w = jnp.asarray(rng.standard_normal((FLAGS.rotate, k, m), np.float32) / np.sqrt(k), DT)
             sw = sj.encode(sj.prune(w, cfg), cfg)
             wd = sj.decode(sw)

@@ -20,8 +20,9 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from samoyeds_jax import _samoyeds
+from samoyeds_jax._util import inverse_permutation
 from samoyeds_jax.format import (
-    KEPT_PER_GROUP, META_COLS_PER_WORD, SUPPORTED_DTYPES, SparseWeight,
+    INDICES_DTYPE, KEPT_PER_GROUP, METADATA_DTYPE, SUPPORTED_DTYPES, SparseWeight,
     SparsityConfig, decode)
 
 TARGET = "samoyeds_ragged_dot"
@@ -114,13 +115,12 @@ def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: Sp
     if half_k * KEPT_PER_GROUP != k:
         raise ValueError(f"x has K={k} in_features but the weight has "
                          f"K={half_k * KEPT_PER_GROUP}")
-    want_idx = (e, mk, k // config.sub_row)
-    if indices.shape != want_idx or indices.dtype != jnp.uint8:
-        raise ValueError(f"sw.indices must be uint8{list(want_idx)}, got {_shape_str(indices)}")
-    want_meta = (e, mk, k // META_COLS_PER_WORD)
-    if metadata.shape != want_meta or metadata.dtype != jnp.uint32:
-        raise ValueError(f"sw.metadata must be uint32{list(want_meta)}, got "
-                         f"{_shape_str(metadata)}")
+    want = config.encoded_shapes(k, mk // config.n * config.v, (e,))
+    for part, arr, dt in (("indices", indices, INDICES_DTYPE),
+                          ("metadata", metadata, METADATA_DTYPE)):
+        if arr.shape != want[part] or arr.dtype != dt:
+            raise ValueError(f"sw.{part} must be {dt.name}{list(want[part])}, got "
+                             f"{_shape_str(arr)}")
     if group_sizes.shape != (e,) or group_sizes.dtype != jnp.int32:
         raise ValueError(f"group_sizes must be int32[{e}] (one size per expert), got "
                          f"{_shape_str(group_sizes)}")
@@ -226,8 +226,7 @@ def _batch(args, dims, *, config: SparsityConfig, has_sel: bool, glu: str = "",
     gs_all = jnp.zeros((e + 1,), jnp.int32).at[expert.reshape(-1)].add(1)[:e]
     y = ragged_dot_p.bind(x_flat, values, indices, metadata, src.reshape(-1)[perm], gs_all,
                           config=config, has_sel=True, glu=glu, kernel=kernel)
-    inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
-    return y[inv].reshape(size, r, y.shape[-1]), 0
+    return y[inverse_permutation(perm)].reshape(size, r, y.shape[-1]), 0
 
 
 batching.primitive_batchers[ragged_dot_p] = _batch

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import samoyeds_jax as sj
+from helpers import rand, sparse_weight
 from samoyeds_jax import ops  # noqa: F401  (registers the FFI target)
 
 TARGET = "samoyeds_ragged_dot"
@@ -25,9 +26,8 @@ DT = jnp.bfloat16
 
 
 def _buffers(rng, has_sel: bool):
-    w = rng.standard_normal((E, K, M)).astype(np.float32)
-    sw = sj.encode(sj.prune(jnp.asarray(w, DT), CFG), CFG)
-    x = jnp.asarray(rng.standard_normal((T, K)), DT)
+    sw = sparse_weight(rng, CFG, DT, (E, K, M))
+    x = rand(rng, (T, K), DT)
     rows = R if has_sel else T
     gs = jnp.asarray([rows // 3, rows // 2], jnp.int32)
     sel = (jnp.asarray(rng.integers(0, T, R), jnp.int32) if has_sel
