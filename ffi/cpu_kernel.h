@@ -44,6 +44,8 @@ static_assert(kRowBlock % kRowTile == 0 && kRowTile % (kAccumulators * kLanes / 
 static_assert(MaxSubRow() * kMaxTileWidth <= 65535);
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t U32Vec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef uint16_t U16Vec __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 
 // --- 16-bit floats <-> float32, bit-exact, branch-free (vectorisable) ------------------
 
@@ -192,6 +194,24 @@ SAMOYEDS_CPU_INLINE void BuildPanelImpl(const uint16_t* x, const int32_t* sel, i
 
 // --- decode -----------------------------------------------------------------------------
 
+// A metadata word read one kept value at a time (a form that vectorises): kept value
+// `slot` of the word (group slot / 2, its first or second value) has its position at bit
+// slot * kBitsPerKept. Checked here against MetaNibble, whose low half is the first
+// value's position and high half the second's.
+inline constexpr int kKeptPerWord = kGroupsPerWord * kKeptPerGroup;
+inline constexpr int kBitsPerKept = kMetaBitsPerGroup / kKeptPerGroup;
+inline constexpr uint32_t kPositionMask = (1u << kBitsPerKept) - 1;
+constexpr bool KeptBitsMatchMetaNibble(uint32_t word) {
+  for (int slot = 0; slot < kKeptPerWord; ++slot) {
+    const uint32_t nib = MetaNibble(word, slot / kKeptPerGroup);
+    const uint32_t pos = slot % kKeptPerGroup ? nib >> kBitsPerKept : nib & kPositionMask;
+    if (((word >> (slot * kBitsPerKept)) & kPositionMask) != pos) return false;
+  }
+  return true;
+}
+static_assert(KeptBitsMatchMetaNibble(0xE4B1D872u) && KeptBitsMatchMetaNibble(0x1F2E3D4Cu));
+static_assert(kKeptPerWord % kLanes == 0);
+
 // The kept values of kept rows [kept0, kept0 + kept) in window w: vals and offs get, per
 // kept row, its float32 values and their columns' panel offsets ([kept][per_window]);
 // orow gets each row's accumulator row, obase (the accumulator row of its block's first
@@ -208,23 +228,26 @@ SAMOYEDS_CPU_INLINE void DecodeWindow(const Weights& wt, const Shape& s, int kep
     orow[i] = obase[i] + wt.indices[kr * windows + w];
     const uint16_t* v = wt.values + kr * half_k + w * per_window;
     // The rows of a block are far apart in memory and each gives only a window's bytes
-    // at a time: fetch the row's next window now (the prefetchers do not follow this).
-    if (w + 1 < windows) {
-      for (int b = 0; b < per_window * 2; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(v + per_window) + b);
-      __builtin_prefetch(wt.metadata + kr * words + (w + 1) * words_per_window);
+    // at a time, which the hardware prefetchers do not follow: fetch the row's window
+    // after next into L2 now.
+    if (w + 2 < windows) {
+      const char* ahead = reinterpret_cast<const char*>(v + 2 * per_window);
+      for (int b = 0; b < per_window * 2; b += 64) __builtin_prefetch(ahead + b, 0, 2);
+      __builtin_prefetch(wt.metadata + kr * words + (w + 2) * words_per_window, 0, 2);
     }
     float* val = vals + i * per_window;
     for (int slot = 0; slot < per_window; ++slot) val[slot] = ToFloat<kBf16>(v[slot]);
     for (int wc = 0; wc < words_per_window; ++wc) {
       const uint32_t word = SwappedMetaWord(wt.metadata, words, kr, w * words_per_window + wc);
-      uint16_t* off = offs + i * per_window + wc * kGroupsPerWord * kKeptPerGroup;
-      // One lane per kept value (vectorisable): its group's nibble holds the first kept
-      // position in the low 2 bits, the second in the high 2 bits.
-      for (int slot = 0; slot < kGroupsPerWord * kKeptPerGroup; ++slot) {
-        const int g = slot / kKeptPerGroup, second = slot % kKeptPerGroup;
-        const uint32_t pos = (MetaNibble(word, g) >> (2 * second)) & 3u;
-        off[slot] = static_cast<uint16_t>(
-            (wc * kMetaColsPerWord + g * kGroupWidth + static_cast<int>(pos)) * kWidth);
+      // One lane per kept value: column = its group's first column + its position.
+      for (int part = 0; part < kKeptPerWord / kLanes; ++part) {
+        U32Vec slot;
+        for (int l = 0; l < kLanes; ++l) slot[l] = static_cast<uint32_t>(part * kLanes + l);
+        const U32Vec pos = ((U32Vec{} + word) >> (slot * kBitsPerKept)) & kPositionMask;
+        const U32Vec col = wc * kMetaColsPerWord + slot / kKeptPerGroup * kGroupWidth + pos;
+        const U16Vec off = __builtin_convertvector(col * kWidth, U16Vec);
+        std::memcpy(offs + i * per_window + wc * kKeptPerWord + part * kLanes, &off,
+                    sizeof(off));
       }
     }
   }
