@@ -39,9 +39,11 @@ inline constexpr int kItemRows = 128;    // routed rows per item, at most
 inline constexpr int kRowBlock = 64;     // kept rows per item (per segment), at most
 inline constexpr int kMaxSegments = 2;   // gate and up with a GLU
 inline constexpr int kMaxPerWindow = MaxSubRow() / kKeptPerGroup;
-static_assert(kRowBlock % kRowTile == 0 && kRowTile % (kAccumulators * kLanes / 8) == 0);
-// Panel offsets of a window's columns are stored as uint16.
-static_assert(MaxSubRow() * kMaxTileWidth <= 65535);
+// Blocks hold whole row tiles, and a row tile splits into whole steps at every width.
+static_assert(kRowBlock % kRowTile == 0 &&
+              kRowTile % (kAccumulators * kLanes / kTileWidths[0]) == 0);
+// A kept value's column is stored as its byte offset in the window's panel rows, uint16.
+static_assert(MaxSubRow() * kMaxTileWidth * sizeof(float) <= 65535);
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint32_t U32Vec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
@@ -160,7 +162,7 @@ struct Item {
 // Per-thread scratch of one item (64-byte aligned by the caller).
 struct Scratch {
   float* vals;      // [kMaxSegments * kRowBlock][kMaxPerWindow] decoded kept values
-  uint16_t* offs;   // same layout: panel offset of each value's column in its window
+  uint16_t* offs;   // same layout: byte offset of each value's column in its window's panel
   int32_t* obase;   // [kMaxSegments * kRowBlock]: accumulator row of each kept row's
                     //   block (its sub-row 0)
   int32_t* orow;    // same layout: accumulator row of each kept row in the window
@@ -213,7 +215,8 @@ static_assert(KeptBitsMatchMetaNibble(0xE4B1D872u) && KeptBitsMatchMetaNibble(0x
 static_assert(kKeptPerWord % kLanes == 0);
 
 // The kept values of kept rows [kept0, kept0 + kept) in window w: vals and offs get, per
-// kept row, its float32 values and their columns' panel offsets ([kept][per_window]);
+// kept row, its float32 values and their columns' byte offsets in the window's panel
+// ([kept][per_window]);
 // orow gets each row's accumulator row, obase (the accumulator row of its block's first
 // output row) plus its sub-row index.
 template <bool kBf16, int kWidth>
@@ -223,6 +226,7 @@ SAMOYEDS_CPU_INLINE void DecodeWindow(const Weights& wt, const Shape& s, int kep
   const int64_t half_k = s.k / 2, windows = s.k / s.sub_row, words = s.k / kMetaColsPerWord;
   const int per_window = s.sub_row / kKeptPerGroup;
   const int words_per_window = s.sub_row / kMetaColsPerWord;
+  constexpr uint32_t kPanelRowBytes = kWidth * sizeof(float);
   for (int i = 0; i < kept; ++i) {
     const int64_t kr = kept0 + i;
     orow[i] = obase[i] + wt.indices[kr * windows + w];
@@ -245,7 +249,7 @@ SAMOYEDS_CPU_INLINE void DecodeWindow(const Weights& wt, const Shape& s, int kep
         for (int l = 0; l < kLanes; ++l) slot[l] = static_cast<uint32_t>(part * kLanes + l);
         const U32Vec pos = ((U32Vec{} + word) >> (slot * kBitsPerKept)) & kPositionMask;
         const U32Vec col = wc * kMetaColsPerWord + slot / kKeptPerGroup * kGroupWidth + pos;
-        const U16Vec off = __builtin_convertvector(col * kWidth, U16Vec);
+        const U16Vec off = __builtin_convertvector(col * kPanelRowBytes, U16Vec);
         std::memcpy(offs + i * per_window + wc * kKeptPerWord + part * kLanes, &off,
                     sizeof(off));
       }
@@ -271,12 +275,13 @@ template <int kWidth>
 SAMOYEDS_CPU_INLINE void Step(const float* vals, const uint16_t* offs, int per_window,
                               const float* panel, const int32_t* orow, float* acc) {
   constexpr int kVecs = kWidth / kLanes, kRows = kAccumulators / kVecs;
+  const char* panel_bytes = reinterpret_cast<const char*>(panel);
   Vec s[kRows][kVecs] = {};
   for (int i = 0; i < per_window; ++i) {
 #pragma GCC unroll 8
     for (int j = 0; j < kRows; ++j) {
       const float w = vals[j * per_window + i];
-      const float* p = panel + offs[j * per_window + i];
+      const float* p = reinterpret_cast<const float*>(panel_bytes + offs[j * per_window + i]);
 #pragma GCC unroll 8
       for (int u = 0; u < kVecs; ++u) {
         Vec x;
@@ -288,7 +293,8 @@ SAMOYEDS_CPU_INLINE void Step(const float* vals, const uint16_t* offs, int per_w
 #pragma GCC unroll 8
   for (int j = 0; j < kRows; ++j)
 #pragma GCC unroll 8
-    for (int u = 0; u < kVecs; ++u) AddVec(acc + int64_t{orow[j]} * kWidth + u * kLanes, &s[j][u]);
+    for (int u = 0; u < kVecs; ++u)
+      AddVec(acc + int64_t{orow[j]} * kWidth + u * kLanes, &s[j][u]);
 }
 
 // --- one item ------------------------------------------------------------------------------
