@@ -122,7 +122,8 @@ def _best_speedups(samples: list[dict], case: str, tokens: int) -> list[float]:
     """Per repeat: the best baseline's ms over samoyeds' ms, for one case and T."""
     out = []
     for rep in sorted({r["repeat"] for r in samples}):
-        mine = [r for r in samples if (r["case"], r["tokens"], r["repeat"]) == (case, tokens, rep)]
+        mine = [r for r in samples
+                if (r["case"], r["tokens"], r["repeat"]) == (case, tokens, rep)]
         ours = [r["ms"] for r in mine if r["path"] == "samoyeds"]
         base = [r["ms"] for r in mine if r["path"] != "samoyeds"]
         if ours and base:
