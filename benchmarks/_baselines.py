@@ -17,14 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import samoyeds_jax as sj
-from samoyeds_jax.moe import MoEConfig, shared_experts
-
-
-def _glu(g: jax.Array, u: jax.Array, activation: str, dtype) -> jax.Array:
-    """Same rounding points as sj.moe: g, u rounded to the dtype, GLU in float32."""
-    g, u = g.astype(jnp.float32), u.astype(jnp.float32)
-    a = jax.nn.silu(g) if activation == "silu" else jax.nn.gelu(g, approximate=False)
-    return (a * u).astype(dtype)
+from samoyeds_jax.moe import MoEConfig, _glu, shared_experts
 
 
 def _ein(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:

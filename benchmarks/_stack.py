@@ -26,18 +26,18 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import samoyeds_jax as sj
-from samoyeds_jax.moe import PRESETS, MoEConfig, preset_config
+from samoyeds_jax import _cli
+from samoyeds_jax.config import MoEConfig
+from samoyeds_jax.presets import preset_config
 
 from _baselines import moe_capacity
 from _weights import pruned_sparse_layer, random_sparse_layer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "mixtral-8x7b", list(PRESETS), "model shapes "
-                  "(samoyeds_jax.moe.PRESETS)")
+_cli.define_preset_flag("mixtral-8x7b")
 flags.DEFINE_integer("layers", 4, "MoE layers in the stack, each with its own weights")
-flags.DEFINE_string("nv", "1:2", "N:V pattern")
-flags.DEFINE_integer("sub_row", 128, "sub-row length L")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16"], "dtype")
+_cli.define_sparsity_flags()
+_cli.define_dtype_flag()
 flags.DEFINE_list("paths", ["samoyeds", "xla_ragged_dot", "xla_capacity_einsum"],
                   "which paths (samoyeds, xla_ragged_dot, xla_capacity_einsum)")
 flags.DEFINE_float("capacity_factor", 1.25, "capacity factor of xla_capacity_einsum")
@@ -58,9 +58,7 @@ def check_paths() -> None:
 
 
 def config_from_flags() -> tuple[MoEConfig, jnp.dtype]:
-    n, v = map(int, FLAGS.nv.split(":"))
-    return preset_config(FLAGS.preset, sj.SparsityConfig(n, v, FLAGS.sub_row)), \
-        jnp.dtype(FLAGS.dtype)
+    return preset_config(FLAGS.preset, _cli.sparsity_from_flags()), jnp.dtype(FLAGS.dtype)
 
 
 def describe(cfg: MoEConfig, dtype: jnp.dtype) -> str:

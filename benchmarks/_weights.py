@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 
 import samoyeds_jax as sj
+from samoyeds_jax import layout
+from samoyeds_jax.config import MoEConfig
 from samoyeds_jax.format import (
     GROUP_WIDTH, KEPT_PER_GROUP, META_BITS_PER_GROUP, META_COLS_PER_WORD, SparseWeight,
     swap_metadata)
-from samoyeds_jax.moe import MoEConfig
 
 
 def _normal(key: jax.Array, shape: tuple[int, ...], dtype, std: float) -> jax.Array:
@@ -71,17 +72,15 @@ def random_sparse_layer(key: jax.Array, cfg: MoEConfig, dtype) -> dict:
     """Sparse layer parameters with the tree structure, shapes and dtypes of
     ``sj.sparsify_moe(sj.init_dense_moe(...))``, drawn directly in the encoded format
     (jit-able, so ``jax.eval_shape`` of it is the abstract sparse layer)."""
-    e, d, f, fs = cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.d_ff_shared
     keys = iter(jax.random.split(key, 8))
-    p = {"router": _normal(next(keys), (d, e), dtype, d ** -0.5),
-         "gate_up": random_sparse_weight(next(keys), (e,), d, 2 * f, dtype, cfg.sparsity),
-         "down": random_sparse_weight(next(keys), (e,), f, d, dtype, cfg.sparsity)}
-    if cfg.has_shared:
-        p["shared_gate"] = _normal(next(keys), (d, fs), dtype, d ** -0.5)
-        p["shared_up"] = _normal(next(keys), (d, fs), dtype, d ** -0.5)
-        p["shared_down"] = _normal(next(keys), (fs, d), dtype, fs ** -0.5)
-        if cfg.shared_expert_gate:
-            p["shared_expert_gate"] = _normal(next(keys), (d, 1), dtype, d ** -0.5)
+    p = {}
+    for param in layout.params(cfg, sparse=True):
+        shape = param.shape(cfg)
+        if param.sparse:
+            e, k, m = shape
+            p[param.key] = random_sparse_weight(next(keys), (e,), k, m, dtype, cfg.sparsity)
+        else:
+            p[param.key] = _normal(next(keys), shape, dtype, shape[-2] ** -0.5)  # 1/sqrt(fan_in)
     return p
 
 

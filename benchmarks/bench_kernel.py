@@ -34,7 +34,8 @@ import numpy as np
 from absl import app, flags
 
 import samoyeds_jax as sj
-from samoyeds_jax.moe import PRESETS
+from samoyeds_jax import _cli
+from samoyeds_jax.presets import PRESETS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _report  # noqa: E402
@@ -42,12 +43,11 @@ from _trace import time_per_call  # noqa: E402
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "mixtral-8x7b", list(PRESETS), "model shapes")
+_cli.define_preset_flag("mixtral-8x7b")
 flags.DEFINE_list("tokens", ["16", "4096"], "token counts T")
 flags.DEFINE_enum("proj", "up", ["up", "down"], "up: K=d_model, M=d_ff; down: K=d_ff, M=d_model")
-flags.DEFINE_string("nv", "1:2", "N:V pattern")
-flags.DEFINE_integer("sub_row", 128, "sub-row length L")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16"], "dtype")
+_cli.define_sparsity_flags()
+_cli.define_dtype_flag()
 flags.DEFINE_list("cases", ["single", "grouped"], "which cases")
 flags.DEFINE_integer("rotate", 4, "distinct input sets per timed program")
 flags.DEFINE_integer("reps", 20, "timed programs (median)")
@@ -137,8 +137,7 @@ def main(argv):
     p = PRESETS[FLAGS.preset]
     d, f, experts, top_k = p["d_model"], p["d_ff"], p["num_experts"], p["top_k"]
     k, m = (d, f) if FLAGS.proj == "up" else (f, d)
-    n, v = map(int, FLAGS.nv.split(":"))
-    cfg = sj.SparsityConfig(n, v, FLAGS.sub_row)
+    cfg = _cli.sparsity_from_flags()
     dtype = jnp.dtype(FLAGS.dtype)
     rng = np.random.default_rng(0)
     if FLAGS.shape:

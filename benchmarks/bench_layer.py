@@ -40,8 +40,9 @@ import numpy as np
 from absl import app, flags
 
 import samoyeds_jax as sj
-from samoyeds_jax.moe import PRESETS, preset_config
+from samoyeds_jax import _cli
 from samoyeds_jax.ops import _glu_act
+from samoyeds_jax.presets import preset_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _report  # noqa: E402
@@ -49,11 +50,10 @@ from _baselines import moe_all_experts, moe_capacity  # noqa: E402
 from _trace import time_per_call  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "mixtral-8x7b", list(PRESETS), "model shapes")
+_cli.define_preset_flag("mixtral-8x7b")
 flags.DEFINE_list("tokens", ["16", "512", "4096"], "token counts T")
-flags.DEFINE_string("nv", "1:2", "N:V pattern")
-flags.DEFINE_integer("sub_row", 128, "sub-row length L")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16"], "dtype")
+_cli.define_sparsity_flags()
+_cli.define_dtype_flag()
 flags.DEFINE_float("capacity_factor", 1.25, "capacity factor of the einsum path")
 flags.DEFINE_float("all_experts_max_gib", 8.0,
                    "skip the all-experts path when its intermediates exceed this")
@@ -100,8 +100,8 @@ def _time(fn, args) -> float:
 def main(argv):
     del argv
     _report.check_plot_flag(FLAGS.plot)
-    n, v = map(int, FLAGS.nv.split(":"))
-    cfg = preset_config(FLAGS.preset, sj.SparsityConfig(n, v, FLAGS.sub_row))
+    cfg = preset_config(FLAGS.preset, _cli.sparsity_from_flags())
+    n, v = cfg.sparsity.n, cfg.sparsity.v
     dtype = jnp.dtype(FLAGS.dtype)
     dev = jax.devices()[0]
     e, k, d, f = cfg.num_experts, cfg.top_k, cfg.d_model, cfg.d_ff

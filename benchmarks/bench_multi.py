@@ -44,7 +44,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import samoyeds_jax as sj
-from samoyeds_jax.moe import PRESETS, preset_config
+from samoyeds_jax import _cli
+from samoyeds_jax.presets import preset_config
 from samoyeds_jax.sharding import moe_sharded, shard_params
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,15 +53,14 @@ from _trace import device_ops, time_by_category, trace_events  # noqa: E402
 from _weights import pruned_sparse_layer, random_sparse_layer  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "tiny", list(PRESETS), "model shapes (samoyeds_jax.moe.PRESETS)")
+_cli.define_preset_flag("tiny")
 flags.DEFINE_list("tokens", ["4096"], "token counts: global (strong) or per device (weak)")
 flags.DEFINE_enum("scaling", "strong", ["strong", "weak"], "what --tokens means")
 flags.DEFINE_string("mesh", "auto", "auto | dp | comma list of DxE mesh shapes")
 flags.DEFINE_float("capacity_factor", 0.0, "0: drop-free; else rows per device pair "
                    "capped at ceil(c * T_local * k / X)")
-flags.DEFINE_string("nv", "1:2", "N:V pattern")
-flags.DEFINE_integer("sub_row", 128, "sub-row length L")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16"], "dtype")
+_cli.define_sparsity_flags()
+_cli.define_dtype_flag()
 flags.DEFINE_integer("reps", 10, "timed calls (median)")
 flags.DEFINE_integer("seed", 0, "PRNG seed")
 flags.DEFINE_string("profile_dir", "", "trace one call per mesh here and print the time "
@@ -113,8 +113,8 @@ def main(argv):
     del argv
     if FLAGS.distributed:
         jax.distributed.initialize()
-    n, v = map(int, FLAGS.nv.split(":"))
-    cfg = preset_config(FLAGS.preset, sj.SparsityConfig(n, v, FLAGS.sub_row))
+    cfg = preset_config(FLAGS.preset, _cli.sparsity_from_flags())
+    n, v = cfg.sparsity.n, cfg.sparsity.v
     dtype = jnp.dtype(FLAGS.dtype)
     devices = jax.devices()
     dev = devices[0]

@@ -1,12 +1,12 @@
 // Standalone driver of the CUDA kernel (no JAX) for ncu and kernel-only timing:
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi -I$(jax ffi include) \
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi \
 //        benchmarks/kernel_harness.cu -o harness
-//   [HARNESS_RASTER=n] ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
+//   [HARNESS_RASTER=n] [HARNESS_SPLITS=s] ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
 // (GLU 1: SwiGLU fused into the epilogue, out [T, M/2] = silu(gate) * up of M = [gate | up])
 // Random values, metadata (valid sorted 2:4 pairs) and sub-row indices; one expert stack
 // with TOKENS rows split evenly over EXPERTS; CUDA-event timing, median of 5 batches of REPS back-to-back launches
-// rotating over enough weight copies to defeat the L2, of both kernels (warp-level and,
-// on Hopper, wgmma.sp), and a comparison of their outputs.
+// rotating over enough weight copies to defeat the L2, of every kernel (warp-level and,
+// on Hopper, the prefill and serving wgmma.sp kernels), and a comparison of their outputs.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -15,32 +15,9 @@
 #include <random>
 #include <vector>
 
-#include "../ffi/cuda_ops.cu"
+#include "cuda/dispatch.cuh"
 #include "launch_timing.cuh"
 
-#ifdef HARNESS_VARIANTS
-// The Hopper loop without its shared-memory writes after the first ring fill (wrong
-// results: MISMATCH expected), to time what the producer's writes cost (NOTES.md, v15c).
-struct NoRefill1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kRefill = false; };
-struct NoRefill1c2 : samoyeds::cuda::HopperCfg<1, 2, 128, 4> { static constexpr bool kRefill = false; };
-struct NoRefill2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kRefill = false; };
-struct NoRefillHalves : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kRefill = false; };
-// 1:1, 1:2 and 1:4 through the shared-memory epilogue, as before v16 (NOTES.md).
-struct SmemEpi1 : samoyeds::cuda::HopperCfg<1, 3, 128, 3> { static constexpr bool kDirectStore = false; };
-struct SmemEpi2 : samoyeds::cuda::HopperCfg<2> { static constexpr bool kDirectStore = false; };
-struct SmemEpi4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kDirectStore = false; };
-// 1:2 at sub_row 128 before v17: one N = 128 group per consumer, drained every window.
-using Whole2 = samoyeds::cuda::HopperCfg<2>;
-// The halves loop drained every 4 stages instead of 8 (NOTES.md, v17).
-struct Halves2U4 : samoyeds::cuda::HopperHalvesCfg { static constexpr int kHalvesUnroll = 4; };
-// The halves loop with A read by descriptor per half, as before v19 (NOTES.md).
-struct HalvesSS : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kARegs = false; };
-// The sub-row indices staged by the whole block before the producer starts (before v19).
-struct EarlyIdxHalves : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kLateIndices = false; };
-struct EarlyIdx4 : samoyeds::cuda::HopperCfg<4> { static constexpr bool kLateIndices = false; };
-// 1:1 with 128 routed rows per block at every shape, as before v19 (NOTES.md).
-using H1N128 = samoyeds::cuda::HopperPlainNarrowCfg;
-#endif
 
 int main(int argc, char** argv) {
   if (argc < 7) {
@@ -103,31 +80,36 @@ int main(int argc, char** argv) {
   // HARNESS_RASTER=n: raster groups of n row tiles instead of TileGrid's choice (a huge n
   // is the order before v18: one group).
   const int raster = std::getenv("HARNESS_RASTER") ? std::atoi(std::getenv("HARNESS_RASTER")) : 0;
+  // HARNESS_SPLITS=s: K splits forced on the warp-level and serving kernels (Args::splits).
+  const int splits = std::getenv("HARNESS_SPLITS") ? std::atoi(std::getenv("HARNESS_SPLITS")) : 0;
   auto args = [&](int c) {
     samoyeds::cuda::Args r{dx, dv[c], static_cast<uint8_t*>(di[c]),
                            static_cast<uint32_t*>(dm[c]), nullptr,
                            static_cast<int32_t*>(dgs), dout, T, K, M, E, Mk, T, L, false, glu, out_cols};
     r.raster = raster;
+    r.splits = splits;
     return r;
   };
-  using samoyeds::cuda::Path;
-  auto launch = [&](int c, Path path) {
-    CHECK(samoyeds::cuda::Dispatch<__nv_bfloat16>(0, args(c), n, v, path));
+  using Path = samoyeds::KernelChoice;
+  auto launch = [&](int c, Path path, cudaStream_t s) {
+    CHECK(samoyeds::cuda::Dispatch<__nv_bfloat16>(s, args(c), n, v, path));
   };
   auto time_fn = [&](auto&& launch_copy) { return SecondsPerLaunch(launch_copy, copies, reps); };
   auto time_path = [&](Path path) {
-    return time_fn([&](int c) { launch(c, path); });
+    return time_fn([&](int c, cudaStream_t s) { launch(c, path, s); });
   };
   // The output of one path on weight copy 0, poisoned first so unwritten rows show.
   auto output_fn = [&](auto&& launch_copy) {
     CHECK(cudaMemset(dout, 0xFF, size_t(T) * out_cols * 2));  // bf16 0xFFFF is a NaN
-    launch_copy(0);
+    launch_copy(0, cudaStream_t{0});
     CHECK(cudaDeviceSynchronize());
     std::vector<uint16_t> h(size_t(T) * out_cols);
     CHECK(cudaMemcpy(h.data(), dout, h.size() * 2, cudaMemcpyDeviceToHost));
     return h;
   };
-  auto output_of = [&](Path path) { return output_fn([&](int c) { launch(c, path); }); };
+  auto output_of = [&](Path path) {
+    return output_fn([&](int c, cudaStream_t s) { launch(c, path, s); });
+  };
   auto bf16 = [](uint16_t h) {
     uint32_t u = uint32_t(h) << 16;
     float f;
@@ -169,8 +151,10 @@ int main(int argc, char** argv) {
   if (major == 9) {
     report("hopper", time_path(Path::kHopper));
     compare("hopper", output_of(Path::kHopper));
+    report("stream", time_path(Path::kStream));
+    compare("stream", output_of(Path::kStream));
 #ifdef HARNESS_VARIANTS
-    // Block shapes under evaluation or replaced (NOTES.md), against the warp kernel's output.
+    // Block shapes under evaluation (docs/kernel_history.md), against the warp kernel's output.
     using Bf = __nv_bfloat16;
     namespace sc = samoyeds::cuda;
     struct Variant {
@@ -179,27 +163,18 @@ int main(int argc, char** argv) {
       cudaError_t (*fn)(cudaStream_t, const sc::Args&);
     };
     const Variant variants[] = {
-        {"smemepi1", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, SmemEpi1>},
-        {"smemepi2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, SmemEpi2>},
-        {"smemepi4", 1, 4, sc::LaunchHopperCfg<Bf, 1, 4, SmemEpi4>},
-        {"whole2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Whole2>},
-        {"halves2u4", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Halves2U4>},
-        {"halvesss", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, HalvesSS>},
-        {"h1n128", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, H1N128>},
-        {"earlyidx", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, EarlyIdxHalves>},
-        {"earlyidx4", 1, 4, sc::LaunchHopperCfg<Bf, 1, 4, EarlyIdx4>},
-        {"noref1", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1>},
-        {"noref1c2", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, NoRefill1c2>},
-        {"noref2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, NoRefill2>},
-        {"norefh", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, NoRefillHalves>},
-        {"h1c4s3", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 4, 128, 3>>},
-        {"h1c2s4", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
-        {"w64x16b", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 4, 1>>},
-        {"w32x16s6", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 6, 2, 2>>},
+        // serving-kernel shapes: consumers, N, blocks per SM
+        {"s16c2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 16, 2>>},
+        {"s16c1b1", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 1>>},
+        {"s64c1", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 64, 2>>},
+        {"s32c2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 32, 1>>},
+        {"s64c2b2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 64, 2>>},
+        {"s16c1x1", 1, 1, sc::LaunchStreamCfg<Bf, 1, 1, sc::StreamCfgOf<1, 1, 16, 2>>},
+        {"s64c1x1", 1, 1, sc::LaunchStreamCfg<Bf, 1, 1, sc::StreamCfgOf<1, 1, 64, 2>>},
     };
     for (const Variant& var : variants) {
       if (var.n != n || var.v != v) continue;
-      auto run = [&](int c) { CHECK(var.fn(0, args(c))); };
+      auto run = [&](int c, cudaStream_t s) { CHECK(var.fn(s, args(c))); };
       report(var.name, time_fn(run));
       compare(var.name, output_fn(run));
     }

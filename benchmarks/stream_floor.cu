@@ -60,11 +60,11 @@ int main(int argc, char** argv) {
     }
     CHECK(cudaMalloc(&dst, bytes));
     auto time = [&](auto&& launch) { return SecondsPerLaunch(launch, copies, 40) * 1e6; };  // us
-    const double read_us = time([&](int c) {
-      ReadAll<<<sms * 8, 256>>>(static_cast<const uint4*>(buf[c]), bytes / 16, sink);
+    const double read_us = time([&](int c, cudaStream_t s) {
+      ReadAll<<<sms * 8, 256, 0, s>>>(static_cast<const uint4*>(buf[c]), bytes / 16, sink);
     });
-    const double copy_us = time([&](int c) {
-      CHECK(cudaMemcpyAsync(dst, buf[c], bytes, cudaMemcpyDeviceToDevice, 0));
+    const double copy_us = time([&](int c, cudaStream_t s) {
+      CHECK(cudaMemcpyAsync(dst, buf[c], bytes, cudaMemcpyDeviceToDevice, s));
     });
     std::printf("%7.1f MB  read kernel %8.2f us %6.2f TB/s   "
                 "memcpy d2d %8.2f us %6.2f TB/s (read+write)\n",

@@ -12,18 +12,19 @@ weights rotated past the L2.
 
 from __future__ import annotations
 
-import argparse
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("reps", 30, "timed products (median)")
+flags.DEFINE_integer("k", 4096, "K (shared axis)")
+flags.DEFINE_integer("n", 4096, "N (columns of B)")
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    del argv
     import torch
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--k", type=int, default=4096)
-    p.add_argument("--n", type=int, default=4096)
-    args = p.parse_args()
     dev = torch.device("cuda")
     print("device", torch.cuda.get_device_name(), "torch", torch.__version__)
 
@@ -32,7 +33,7 @@ def main() -> None:
             fn(c)
         torch.cuda.synchronize()
         times = []
-        for i in range(args.reps):
+        for i in range(FLAGS.reps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn(copies[i % len(copies)])
@@ -42,7 +43,7 @@ def main() -> None:
         times.sort()
         return times[len(times) // 2]
 
-    k, n = args.k, args.n
+    k, n = FLAGS.k, FLAGS.n
     b = torch.randn(k, n, device=dev, dtype=torch.bfloat16)
     for m in (14336, 7168):
         mask = torch.tensor([1, 1, 0, 0], device=dev, dtype=torch.bool).repeat(m, k // 4)
@@ -64,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -149,10 +149,10 @@ ffi::Error RaggedDotCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer v
                         ffi::Buffer<ffi::U8> indices, ffi::Buffer<ffi::U32> metadata,
                         ffi::Buffer<ffi::S32> sel, ffi::Buffer<ffi::S32> group_sizes,
                         int64_t n, int64_t v, int64_t sub_row, int64_t has_sel, int64_t glu,
-                        ffi::Result<ffi::AnyBuffer> out) {
+                        int64_t kernel, int64_t splits, ffi::Result<ffi::AnyBuffer> out) {
   Problem p;
   if (ffi::Error err = CheckProblem(x, values, indices, metadata, sel, group_sizes, n, v,
-                                    sub_row, has_sel, glu, *out, &p);
+                                    sub_row, has_sel, glu, kernel, splits, *out, &p);
       err.failure())
     return err;
   // A thread_local is not captured by the lambdas below: they run on other threads, so

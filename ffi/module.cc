@@ -6,6 +6,7 @@
 
 #include "format.h"
 #include "glu.h"
+#include "kernel_choice.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace nb = nanobind;
@@ -76,5 +77,10 @@ NB_MODULE(_samoyeds, m) {
   glu["silu"] = samoyeds::kGluSilu;
   glu["gelu"] = samoyeds::kGluGelu;
   m.attr("GLU_CODES") = glu;
+  nb::dict kernels;
+  for (int i = 0; i < samoyeds::kKernelChoiceCount; ++i)
+    kernels[samoyeds::kKernelChoiceNames[i]] = i;
+  m.attr("KERNEL_CODES") = kernels;
+  m.attr("MAX_FORCED_SPLITS") = samoyeds::kMaxForcedSplits;
   m.def("swap_metadata", &SwapMetadata, nb::arg("src"), nb::arg("dst"));
 }

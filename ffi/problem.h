@@ -7,6 +7,7 @@
 
 #include "format.h"
 #include "glu.h"
+#include "kernel_choice.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace samoyeds {
@@ -34,6 +35,8 @@ namespace ffi = xla::ffi;
       .Attr<int64_t>("sub_row")                                             \
       .Attr<int64_t>("has_sel")                                             \
       .Attr<int64_t>("glu")                                                 \
+      .Attr<int64_t>("kernel")                                              \
+      .Attr<int64_t>("splits")                                              \
       .Ret<::xla::ffi::AnyBuffer>() /* out */
 
 struct Problem {
@@ -45,6 +48,8 @@ struct Problem {
   int64_t rows;       // R, rows of out
   int64_t out_cols;   // M, or M/2 with a fused GLU
   int glu;            // kGluNone, kGluSilu or kGluGelu
+  KernelChoice kernel;  // CUDA only: the kernel a call forces (kAuto: chosen by shape)
+  int splits;           // CUDA only: forced K splits (0: chosen by the launcher)
   int64_t n, v, sub_row;
   bool has_sel;
   ffi::DataType dtype;
@@ -66,7 +71,8 @@ inline ffi::Error CheckProblem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& va
                                const ffi::Buffer<ffi::S32>& sel,
                                const ffi::Buffer<ffi::S32>& group_sizes, int64_t n,
                                int64_t v, int64_t sub_row, int64_t has_sel, int64_t glu,
-                               const ffi::AnyBuffer& out, Problem* p) {
+                               int64_t kernel, int64_t splits, const ffi::AnyBuffer& out,
+                               Problem* p) {
   if (!IsSupported(n, v, sub_row))
     return Bad("unsupported config n=" + std::to_string(n) + " v=" + std::to_string(v) +
                " sub_row=" + std::to_string(sub_row));
@@ -117,6 +123,13 @@ inline ffi::Error CheckProblem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& va
   }
   if (glu < 0 || glu >= kGluCount) return Bad("unknown glu=" + std::to_string(glu));
   p->glu = static_cast<int>(glu);
+  if (kernel < 0 || kernel >= kKernelChoiceCount)
+    return Bad("unknown kernel=" + std::to_string(kernel));
+  if (!ValidSplits(splits))
+    return Bad("splits=" + std::to_string(splits) + " must be 0 or a power of 2 up to " +
+               std::to_string(kMaxForcedSplits));
+  p->kernel = static_cast<KernelChoice>(kernel);
+  p->splits = static_cast<int>(splits);
   p->out_cols = p->m;
   if (p->glu != kGluNone) {
     // Each half (gate, up) must be whole kept-row tiles, like a weight of its own.

@@ -1,6 +1,7 @@
 """samoyeds_jax: dual-side sparse (2:4 + N:V weights x routed activations) MoE for JAX."""
 
 from samoyeds_jax.calibrate import calibrate_moe, prune_calibrated, reconstruction_error
+from samoyeds_jax.checkpoint import load_checkpoint
 from samoyeds_jax.format import (
     SparseWeight, SparsityConfig, decode, encode, prune, validate)
 from samoyeds_jax.moe import (
@@ -17,10 +18,3 @@ __all__ = ["MoEConfig", "SparseWeight", "SparsityConfig", "combine", "decode", "
            "moe_sharded", "ragged_dot_sharded", "shard_params", "validate"]
 __version__ = "0.1.0"
 
-
-def __getattr__(name):
-    # Lazy, so that `python -m samoyeds_jax.checkpoint` does not import itself twice.
-    if name == "load_checkpoint":
-        from samoyeds_jax.checkpoint import load_checkpoint
-        return load_checkpoint
-    raise AttributeError(f"module 'samoyeds_jax' has no attribute {name!r}")

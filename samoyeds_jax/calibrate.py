@@ -40,7 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from samoyeds_jax._util import progress as _progress
+from samoyeds_jax._util import rank
+from samoyeds_jax.config import MoEConfig
 from samoyeds_jax.format import GROUP_WIDTH, KEPT_PER_GROUP, SparsityConfig, prune
+from samoyeds_jax.layout import EXPERT_KEYS
+from samoyeds_jax.moe import _check_dense, moe_dense, prune_moe, route
+from samoyeds_jax.ops import _glu_act
 
 __all__ = ["calibrate_moe", "hessian", "prune_calibrated", "prune_hessian",
            "reconstruction_error"]
@@ -92,15 +98,6 @@ def _resolve_block(block: Any, k: int, cfg: SparsityConfig) -> int:
 
 # --- the core (one matrix; vmapped over stacks) -----------------------------------------
 
-def _rank(score: jax.Array) -> jax.Array:
-    """Rank along the last axis by decreasing score; ties go to the lower index."""
-    n = score.shape[-1]
-    a = score[..., :, None]
-    b = score[..., None, :]
-    i = jnp.arange(n)
-    earlier = i[None, :] < i[:, None]
-    return ((b > a) | ((b == a) & earlier)).sum(-1)
-
 
 def _hinv_chol(h: jax.Array, damp: float) -> jax.Array:
     """Upper Cholesky factor U of (H + damping)^-1 (H^-1 = U^T U).
@@ -138,14 +135,14 @@ def _prune_block(w1: jax.Array, u1: jax.Array, cfg: SparsityConfig
         ww = jax.lax.dynamic_slice(w1, (0, j), (m, L))
         dw = jax.lax.dynamic_slice(d2, (j,), (L,))
         score = (ww * ww / dw).reshape(m, L // GROUP_WIDTH, GROUP_WIDTH)
-        keep24 = _rank(score) < KEPT_PER_GROUP
+        keep24 = rank(score) < KEPT_PER_GROUP
         sal = jnp.where(keep24, score, 0.0).sum((-1, -2)).reshape(m // v, v)
-        return (_rank(sal) < n).reshape(m)
+        return (rank(sal) < n).reshape(m)
 
     def choose_24(w1, j, keep_nv):
         wg = jax.lax.dynamic_slice(w1, (0, j), (m, GROUP_WIDTH))
         dg = jax.lax.dynamic_slice(d2, (j,), (GROUP_WIDTH,))
-        return (_rank(wg * wg / dg) < KEPT_PER_GROUP) & keep_nv[:, None]
+        return (rank(wg * wg / dg) < KEPT_PER_GROUP) & keep_nv[:, None]
 
     def column(j, carry):
         w1, err1, mask, keep_nv, keep = carry
@@ -356,11 +353,10 @@ def _expert_inputs(x: np.ndarray, experts: np.ndarray, num_experts: int
 
 @functools.partial(jax.jit, static_argnames=("activation",))
 def _glu_hidden(x, gate, up, activation):
-    from samoyeds_jax.ops import _glu_act as _act
     x = x.astype(jnp.float32)
     g = jnp.matmul(x, gate.astype(jnp.float32), precision=_HIGHEST)
     u = jnp.matmul(x, up.astype(jnp.float32), precision=_HIGHEST)
-    return _act(g, activation) * u
+    return _glu_act(g, activation) * u
 
 
 def calibrate_moe(dense: dict, cfg: Any, x_calib: Any, damp: float = 0.01,
@@ -393,9 +389,6 @@ def calibrate_moe(dense: dict, cfg: Any, x_calib: Any, damp: float = 0.01,
       their ``*_magnitude`` twins) the mean over calibrated experts of
       :func:`reconstruction_error` on the inputs the weight was calibrated with.
     """
-    from samoyeds_jax.moe import (EXPERT_KEYS, MoEConfig, _check_dense, _progress,
-                                  moe_dense, route)
-
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
     _check_dense(dense, cfg)
@@ -425,7 +418,7 @@ def calibrate_moe(dense: dict, cfg: Any, x_calib: Any, damp: float = 0.01,
     xnp = np.asarray(x)
     live = [e for e in range(cfg.num_experts) if counts[e] > 0]
     dead = [e for e in range(cfg.num_experts) if counts[e] == 0]
-    bar = _progress(progress, cfg.num_experts, "calibrate experts")
+    bar = _progress(progress, cfg.num_experts, "calibrate experts", "expert")
     for e in dead:
         for key in EXPERT_KEYS:
             new[key][e] = prune(dense[key][e], sp)
@@ -466,7 +459,6 @@ def calibrate_moe(dense: dict, cfg: Any, x_calib: Any, damp: float = 0.01,
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
     ref = moe_dense(dense, x, cfg)
-    from samoyeds_jax.moe import prune_moe
     report = {
         "tokens": int(x.shape[0]),
         "tokens_per_expert": counts,

@@ -1,7 +1,7 @@
 """Demo: one (or a few) MoE layers with a real model's shapes, sparse vs dense.
 
   python -m samoyeds_jax.demo                       # tiny on CPU, mixtral-8x7b on a GPU
-  python -m samoyeds_jax.demo --preset=qwen2-moe --tokens=4096 --nv=1:2 --dtype=bf16
+  python -m samoyeds_jax.demo --preset=qwen2-moe --tokens=4096 --nv=1:2 --dtype=bfloat16
 
 Random weights with the preset's shapes are pruned to N:V + 2:4 and encoded (progress
 bar), then three jitted stacks ``x <- x + moe_l(x)`` run on the same tokens:
@@ -28,34 +28,22 @@ import numpy as np
 from absl import app, flags
 
 import samoyeds_jax as sj
-from samoyeds_jax.moe import PRESETS, preset_config
-
-DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp16": jnp.float16,
-          "float16": jnp.float16}
+from samoyeds_jax import _cli
+from samoyeds_jax.presets import preset_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "auto", ["auto", *PRESETS],
-                  "model shapes; auto: tiny on CPU, mixtral-8x7b on a GPU")
+_cli.define_preset_flag("auto", extra=("auto",),
+                        help="model shapes; auto: tiny on CPU, mixtral-8x7b on a GPU")
 flags.DEFINE_integer("tokens", 0, "tokens per call; 0: 64 for tiny, 2048 otherwise")
-flags.DEFINE_string("nv", "1:2", "N:V pattern of the expert weights (1:1, 1:2, 1:4, 2:4)")
-flags.DEFINE_integer("sub_row", 128, "sub-row length L (32, 64, 128)")
-flags.DEFINE_enum("dtype", "bf16", list(DTYPES), "parameter and activation dtype")
+_cli.define_sparsity_flags()
+_cli.define_dtype_flag(help="parameter and activation dtype")
 flags.DEFINE_integer("layers", 1, "MoE layers stacked (x <- x + moe_l(x))")
 flags.DEFINE_integer("reps", 5, "timed calls (median) after warmup")
 flags.DEFINE_integer("seed", 0, "PRNG seed of the random weights and tokens")
 flags.DEFINE_string("checkpoint", None,
                     "a samoyeds-convert output (.safetensors): run its first --layers MoE "
                     "layers instead of random ones (loader: samoyeds_jax.checkpoint)")
-flags.DEFINE_integer("top_k", None, "with --checkpoint: override the stored top_k")
-
-
-def parse_nv(nv: str, sub_row: int) -> sj.SparsityConfig:
-    """``"1:2"`` and a sub-row length -> SparsityConfig."""
-    try:
-        n, v = (int(s) for s in nv.split(":"))
-    except ValueError:
-        raise app.UsageError(f"--nv must look like N:V (e.g. 1:2), got {nv!r}") from None
-    return sj.SparsityConfig(n, v, sub_row)
+_cli.define_top_k_flag("with --checkpoint: override the stored top_k")
 
 
 def _stack(layer_fn, cfg):
@@ -97,18 +85,12 @@ def _errors(y, ref) -> tuple[float, float]:
 def _load_converted(path: str, num_layers: int):
     """(cfg, sparse layers, label) from a ``samoyeds-convert`` output file."""
     try:
-        from samoyeds_jax.checkpoint import load_checkpoint
-    except ImportError as err:
-        raise SystemExit(
-            f"samoyeds_jax.demo: --checkpoint needs the checkpoint loader "
-            f"samoyeds_jax.checkpoint, which could not be imported ({err})") from None
-    try:
-        layers, info, _ = load_checkpoint(path, top_k=FLAGS.top_k, load_other=False)
+        layers, info, _ = sj.load_checkpoint(path, top_k=FLAGS.top_k, load_other=False)
     except Exception as err:  # the loader's own errors say what is wrong with the file
         raise SystemExit(
             f"samoyeds_jax.demo: --checkpoint={path}: {err}. The demo reads files written by "
             f"samoyeds-convert (python -m samoyeds_jax.checkpoint --input HF_DIR --output "
-            f"OUT.safetensors --pattern 1:2); loading and converting Hugging Face "
+            f"OUT.safetensors --nv 1:2); loading and converting Hugging Face "
             f"checkpoints is samoyeds_jax.checkpoint's job") from None
     cfg = info.get("moe_config")
     if cfg is None:
@@ -136,8 +118,8 @@ def main(argv):
         if preset == "auto":
             preset = "mixtral-8x7b" if backend == "gpu" else "tiny"
         tokens = FLAGS.tokens or (64 if preset == "tiny" else 2048)
-        cfg = preset_config(preset, parse_nv(FLAGS.nv, FLAGS.sub_row))
-        dtype = jnp.dtype(DTYPES[FLAGS.dtype])
+        cfg = preset_config(preset, _cli.sparsity_from_flags())
+        dtype = jnp.dtype(FLAGS.dtype)
         label = f"preset {preset}"
         if backend == "cpu" and preset != "tiny":
             print("note: large presets take minutes on CPU (pruning and encoding on the host, "

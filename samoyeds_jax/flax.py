@@ -35,15 +35,15 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from samoyeds_jax import layout
+from samoyeds_jax.format import SPARSE_PARTS as _PARTS
 from samoyeds_jax.format import SparseWeight, encode
 from samoyeds_jax.moe import (
-    EXPERT_KEYS, SHARED_GATE_KEY, SHARED_KEYS, MoEConfig, _check_dense, _check_sparse,
-    init_dense_moe, moe, moe_dense, sparsify_moe)
+    MoEConfig, _check_dense, _check_sparse, init_dense_moe, moe, moe_dense, sparsify_moe)
 
 __all__ = ["DenseMoE", "SparseMoE", "SparseMoELinen", "SparseParam"]
 
-_PARTS = ("values", "indices", "metadata")
-_SPARSE_KEYS = ("gate_up", "down")
+_SPARSE_KEYS = layout.SPARSE_EXPERT_KEYS
 
 
 class SparseParam(nnx.Variable):
@@ -51,12 +51,8 @@ class SparseParam(nnx.Variable):
 
 
 def _dense_names(cfg: MoEConfig) -> list[str]:
-    names = ["router"]
-    if cfg.has_shared:
-        names += list(SHARED_KEYS)
-        if cfg.shared_expert_gate:
-            names.append(SHARED_GATE_KEY)
-    return names
+    """The dense (trainable) parameters: router and shared experts."""
+    return [p.key for p in layout.replicated(cfg)]
 
 
 def _sparse_names() -> list[str]:
@@ -91,19 +87,14 @@ def _placeholder_params(cfg: MoEConfig, dtype: Any) -> dict:
     """Zero weights with the exact shapes/dtypes of sparsify_moe's output (one expert's
     all-zero weight encoded on the host and broadcast over the expert axis)."""
     dtype = jnp.dtype(dtype)
-    e, d, f, fs = cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.d_ff_shared
 
-    def zero_sw(k, m):
+    def zero_sw(e, k, m):
         sw = encode(np.zeros((k, m), dtype), cfg.sparsity)
         return SparseWeight(*(jnp.broadcast_to(getattr(sw, p), (e, *getattr(sw, p).shape))
                               for p in _PARTS), cfg.sparsity)
 
-    shapes = {"router": (d, e), "shared_gate": (d, fs), "shared_up": (d, fs),
-              "shared_down": (fs, d), SHARED_GATE_KEY: (d, 1)}
-    out = {name: jnp.zeros(shapes[name], dtype) for name in _dense_names(cfg)}
-    out["gate_up"] = zero_sw(d, 2 * f)
-    out["down"] = zero_sw(f, d)
-    return out
+    return {p.key: zero_sw(*p.shape(cfg)) if p.sparse else jnp.zeros(p.shape(cfg), dtype)
+            for p in layout.params(cfg, sparse=True)}
 
 
 class SparseMoE(nnx.Module):
@@ -190,7 +181,7 @@ class DenseMoE(nnx.Module):
             setattr(self, name, nnx.Param(params[name]))
 
     def _names(self) -> list[str]:
-        return _dense_names(self.cfg) + list(EXPERT_KEYS)
+        return _dense_names(self.cfg) + list(layout.EXPERT_KEYS)
 
     def params(self) -> dict:
         return {name: getattr(self, name)[...] for name in self._names()}

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from samoyeds_jax import _samoyeds
+from samoyeds_jax._util import rank
 
 SUPPORTED_NV: tuple[tuple[int, int], ...] = tuple(tuple(p) for p in _samoyeds.SUPPORTED_NV)
 SUPPORTED_SUB_ROWS: tuple[int, ...] = tuple(_samoyeds.SUPPORTED_SUB_ROWS)
@@ -42,6 +43,10 @@ META_COLS_PER_WORD: int = _samoyeds.META_COLS_PER_WORD
 META_BITS_PER_GROUP: int = _samoyeds.META_BITS_PER_GROUP
 ROW_TILE: int = _samoyeds.ROW_TILE
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The stored arrays of a SparseWeight, in pytree order, and the dtypes of the last two.
+SPARSE_PARTS: tuple[str, ...] = ("values", "indices", "metadata")
+INDICES_DTYPE = np.dtype(np.uint8)
+METADATA_DTYPE = np.dtype(np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +92,16 @@ class SparsityConfig:
     def kept_rows(self, m: int) -> int:
         return m // self.v * self.n
 
+    def encoded_shapes(self, k: int, m: int, lead: tuple[int, ...] = ()
+                       ) -> dict[str, tuple[int, ...]]:
+        """The stored arrays' shapes of a ``[*lead, K, M]`` weight (``Mk = M * N / V``):
+        values ``[*lead, Mk, K/2]``, indices ``[*lead, Mk, K/L]``, metadata
+        ``[*lead, Mk, K/32]``."""
+        mk = self.kept_rows(m)
+        return {"values": (*lead, mk, k // GROUP_WIDTH * KEPT_PER_GROUP),
+                "indices": (*lead, mk, k // self.sub_row),
+                "metadata": (*lead, mk, k // META_COLS_PER_WORD)}
+
     def check_shape(self, k: int, m: int, name: str = "w") -> None:
         """Raise ValueError unless a [K, M] weight meets this config's multiples."""
         if k % self.k_multiple:
@@ -113,24 +128,15 @@ def _prune(w: jax.Array, cfg: SparsityConfig) -> jax.Array:
     lead = w.shape[:-2]
     a = jnp.swapaxes(w, -1, -2)  # [..., M, K]
     mag = jnp.abs(a.astype(jnp.float32)).reshape(*lead, m, k // GROUP_WIDTH, GROUP_WIDTH)
-    keep24 = _rank(mag) < KEPT_PER_GROUP
+    keep24 = rank(mag) < KEPT_PER_GROUP
     # A sub-row's score is the energy it keeps after 2:4.
     energy = jnp.where(keep24, mag * mag, 0.0)
     seg = energy.reshape(*lead, m // cfg.v, cfg.v, k // cfg.sub_row, -1).sum(-1)
-    keep_nv = _rank(jnp.moveaxis(seg, -2, -1)) < cfg.n          # [..., M/V, K/L, V]
+    keep_nv = rank(jnp.moveaxis(seg, -2, -1)) < cfg.n          # [..., M/V, K/L, V]
     keep_nv = jnp.moveaxis(keep_nv, -1, -2)                       # [..., M/V, V, K/L]
     mask = keep24.reshape(*lead, m // cfg.v, cfg.v, k // cfg.sub_row, -1) & keep_nv[..., None]
     return jnp.swapaxes(jnp.where(mask.reshape(a.shape), a, jnp.zeros((), a.dtype)), -1, -2)
 
-
-def _rank(score: jax.Array) -> jax.Array:
-    """Rank along the last axis by decreasing score; ties go to the lower index."""
-    n = score.shape[-1]
-    a = score[..., :, None]
-    b = score[..., None, :]
-    i = jnp.arange(n)
-    earlier = i[None, :] < i[:, None]  # [me, other]: other comes first
-    return ((b > a) | ((b == a) & earlier)).sum(-1)
 
 
 def prune(w: jax.Array, cfg: SparsityConfig) -> jax.Array:
@@ -284,13 +290,11 @@ def encode(wp: Any, cfg: SparsityConfig) -> SparseWeight:
     shifts = (np.arange(groups, dtype=np.uint32) * META_BITS_PER_GROUP)
     words = (nib.reshape(-1, mk, k // META_COLS_PER_WORD, groups) << shifts).sum(
         -1, dtype=np.uint32)
-    indices = kept.reshape(-1, mk, nw).astype(np.uint8)  # kept row r = b*N + j
-    meta = swap_metadata(words)
-    return SparseWeight(
-        jnp.asarray(values.reshape(*lead, mk, k // 2)),
-        jnp.asarray(indices.reshape(*lead, mk, nw)),
-        jnp.asarray(meta.reshape(*lead, mk, k // META_COLS_PER_WORD)),
-        cfg)
+    indices = kept.reshape(-1, mk, nw).astype(INDICES_DTYPE)  # kept row r = b*N + j
+    shapes = cfg.encoded_shapes(k, m, lead)
+    arrays = {"values": values, "indices": indices, "metadata": swap_metadata(words)}
+    return SparseWeight(*(jnp.asarray(arrays[p].reshape(shapes[p])) for p in SPARSE_PARTS),
+                        cfg)
 
 
 def decode(sw: SparseWeight) -> jax.Array:
@@ -351,13 +355,11 @@ def validate(sw: SparseWeight, name: str = "sw") -> SparseWeight:
         raise ValueError(f"{name}.values {list(vals.shape)}: Mk must be a multiple of "
                          f"{ROW_TILE} and of N={cfg.n}, K=2*{half_k} a multiple of "
                          f"sub_row={cfg.sub_row}")
-    want_idx, want_meta = (*lead, mk, k // cfg.sub_row), (*lead, mk, k // META_COLS_PER_WORD)
-    if idx.dtype != np.uint8 or idx.shape != want_idx:
-        raise ValueError(f"{name}.indices must be uint8{list(want_idx)}, got "
-                         f"{idx.dtype}{list(idx.shape)}")
-    if meta.dtype != np.uint32 or meta.shape != want_meta:
-        raise ValueError(f"{name}.metadata must be uint32{list(want_meta)}, got "
-                         f"{meta.dtype}{list(meta.shape)}")
+    want = cfg.encoded_shapes(k, mk // cfg.n * cfg.v, tuple(lead))
+    for part, arr, dt in (("indices", idx, INDICES_DTYPE), ("metadata", meta, METADATA_DTYPE)):
+        if arr.dtype != dt or arr.shape != want[part]:
+            raise ValueError(f"{name}.{part} must be {dt.name}{list(want[part])}, got "
+                             f"{arr.dtype}{list(arr.shape)}")
     if (idx >= cfg.v).any():
         at = tuple(int(i) for i in np.argwhere(idx >= cfg.v)[0])
         raise ValueError(f"{name}.indices{list(at)} = {idx[at]} is not below V={cfg.v}")

@@ -1,26 +1,24 @@
 """The sparse MoE layer: router, dispatch (SEL), expert FFN, combine, and its dense twin.
 
-Data flow (``T`` tokens after flattening leading axes, ``k = top_k``, ``E`` experts)::
+Data flow (``T`` tokens after flattening leading axes, ``k = top_k``, ``E`` experts), each
+stage under a ``jax.named_scope`` of its name (route, dispatch, gate_up, down, combine,
+shared_experts), so that profiles and HLO op names read like this::
 
     x [T, d] --route--> weights [T, k] f32, experts [T, k] int32
              --dispatch--> sel [T*k], group_sizes [E], order [T*k]   (rows sorted by expert)
-    h = act(x[sel] @ W_gate) * (x[sel] @ W_up)   one sj.ragged_dot on the fused gate_up [E, d, 2f],
-                                                 the GLU in its epilogue
-    y = h @ W_down                               sj.ragged_dot on the compact rows (no SEL)
-    out[t] = sum_j weights[t, j] * y[row(t, j)]  (inverse permutation of ``order``, float32)
+    h = act(x[sel] @ W_gate) * (x[sel] @ W_up)   gate_up: one sj.ragged_dot on the fused
+                                                 gate_up [E, d, 2f], the GLU in its epilogue
+    y = h @ W_down                               down: sj.ragged_dot on the compact rows
+    out[t] = sum_j weights[t, j] * y[row(t, j)]  combine: inverse permutation of ``order``,
+                                                 float32
            + shared experts (dense, always on, optionally sigmoid-gated)
 
-Parameter dicts (``d = d_model``, ``f = d_ff``, ``fs = d_ff_shared``), weights stored
-``[in, out]`` like flax:
-
-* dense (``init_dense_moe``, ``prune_moe``, ``decode_moe``; input of ``moe_dense``):
-  ``router [d, E]``, ``gate [E, d, f]``, ``up [E, d, f]``, ``down [E, f, d]``;
-* sparse (``sparsify_moe``; input of ``moe``): ``router [d, E]``,
-  ``gate_up`` SparseWeight ``[E, d, 2f]`` (encoded from ``concat([gate, up], -1)``),
-  ``down`` SparseWeight ``[E, f, d]``;
-* both, when ``num_shared_experts > 0``: ``shared_gate [d, fs]``, ``shared_up [d, fs]``,
-  ``shared_down [fs, d]`` and, with ``shared_expert_gate``, ``shared_expert_gate [d, 1]``.
-  These stay dense.
+Parameter dicts: :mod:`samoyeds_jax.layout` lists every key with its shape. The dense
+layout (``init_dense_moe``, ``prune_moe``, ``decode_moe``; input of ``moe_dense``) holds
+``router [d, E]``, ``gate``/``up [E, d, f]``, ``down [E, f, d]``; the sparse layout
+(``sparsify_moe``; input of ``moe``) holds ``router``, the SparseWeights
+``gate_up [E, d, 2f]`` (encoded from ``concat([gate, up], -1)``) and ``down [E, f, d]``;
+both hold the dense shared experts when ``num_shared_experts > 0``.
 
 Every function here is pure and jit-able with static shapes; nothing reads a device array
 on the host (``sparsify_moe``/``prune_moe`` are the one-time host-side conversions).
@@ -28,7 +26,6 @@ on the host (``sparsify_moe``/``prune_moe`` are the one-time host-side conversio
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -37,138 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from samoyeds_jax import layout
+from samoyeds_jax._util import inverse_permutation, progress as _progress
+from samoyeds_jax.config import ACTIVATIONS, ROUTERS, MoEConfig  # noqa: F401 (old home)
 from samoyeds_jax.format import (
-    SUPPORTED_DTYPES, SparseWeight, SparsityConfig, decode, encode, prune)
-from samoyeds_jax.ops import GLU_CODES, _glu_act, ragged_dot
-
-ROUTERS = ("mixtral", "softmax_topk")
-ACTIVATIONS = tuple(GLU_CODES)  # the GLU activations the kernels fuse (ffi/glu.h)
-EXPERT_KEYS = ("gate", "up", "down")
-SHARED_KEYS = ("shared_gate", "shared_up", "shared_down")
-SHARED_GATE_KEY = "shared_expert_gate"
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    """Static description of one MoE layer (hashable: pass it as a static argument).
-
-    Attributes:
-      num_experts: routed experts E.
-      top_k: experts per token k, ``1 <= top_k <= num_experts``.
-      d_model: model width d.
-      d_ff: hidden width f of one routed expert.
-      router: ``"mixtral"``: top-k of the logits, then softmax over those k (weights sum to
-        1); ``"softmax_topk"``: softmax over all E, then the top-k probabilities as they
-        are (no renormalisation; Qwen2-MoE / DeepSeek-MoE with ``norm_topk_prob=False``).
-      activation: ``"silu"`` (SwiGLU) or ``"gelu"`` (exact erf GELU, GeGLU).
-      num_shared_experts: dense experts every token goes through (DeepSeek-MoE: 2,
-        Qwen2-MoE: 1). They are stored fused as one MLP of hidden width ``d_ff_shared``.
-      d_ff_shared: total hidden width of the fused shared experts. ``None`` means
-        ``d_ff * num_shared_experts`` (DeepSeek-MoE's convention: shared experts as wide as
-        routed ones); Qwen1.5-MoE-A2.7B sets 5632 for its single shared expert. Normalised
-        in ``__post_init__`` (0 without shared experts).
-      shared_expert_gate: multiply the shared output by ``sigmoid(x @ w [d, 1])``
-        (Qwen2-MoE).
-      sparsity: the N:V + 2:4 pattern of the routed expert weights.
-
-    Shape rules (raising ValueError): gate/up ``[d_model, d_ff]`` and down
-    ``[d_ff, d_model]`` must both meet ``sparsity.check_shape``, i.e. d_model and d_ff are
-    multiples of ``sub_row`` and of ``16 * V / N``.
-    """
-
-    num_experts: int
-    top_k: int
-    d_model: int
-    d_ff: int
-    router: str = "mixtral"
-    activation: str = "silu"
-    num_shared_experts: int = 0
-    d_ff_shared: int | None = None
-    shared_expert_gate: bool = False
-    sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
-
-    def __post_init__(self):
-        def need_int(name, lo):
-            val = getattr(self, name)
-            if not isinstance(val, (int, np.integer)) or isinstance(val, bool):
-                raise TypeError(f"MoEConfig.{name} must be an int, got {val!r}")
-            if val < lo:
-                raise ValueError(f"MoEConfig.{name} must be >= {lo}, got {val}")
-
-        for name in ("num_experts", "top_k", "d_model", "d_ff"):
-            need_int(name, 1)
-        need_int("num_shared_experts", 0)
-        if self.top_k > self.num_experts:
-            raise ValueError(f"MoEConfig.top_k={self.top_k} must be <= "
-                             f"num_experts={self.num_experts}")
-        if self.router not in ROUTERS:
-            raise ValueError(f"MoEConfig.router={self.router!r} must be one of {ROUTERS}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"MoEConfig.activation={self.activation!r} must be one of "
-                             f"{ACTIVATIONS}")
-        if not isinstance(self.sparsity, SparsityConfig):
-            raise TypeError(f"MoEConfig.sparsity must be a SparsityConfig, got "
-                            f"{type(self.sparsity).__name__}")
-        if not isinstance(self.shared_expert_gate, (bool, np.bool_)):
-            raise TypeError(f"MoEConfig.shared_expert_gate must be a bool, got "
-                            f"{self.shared_expert_gate!r}")
-        if self.num_shared_experts == 0:
-            if self.d_ff_shared not in (None, 0):
-                raise ValueError(f"MoEConfig.d_ff_shared={self.d_ff_shared} needs "
-                                 f"num_shared_experts > 0")
-            if self.shared_expert_gate:
-                raise ValueError("MoEConfig.shared_expert_gate=True needs "
-                                 "num_shared_experts > 0")
-            object.__setattr__(self, "d_ff_shared", 0)
-        else:
-            if self.d_ff_shared is None:
-                object.__setattr__(self, "d_ff_shared", self.d_ff * self.num_shared_experts)
-            need_int("d_ff_shared", 1)
-        sp = self.sparsity
-        try:
-            sp.check_shape(self.d_model, self.d_ff, "gate/up weight [d_model, d_ff]")
-            sp.check_shape(self.d_ff, self.d_model, "down weight [d_ff, d_model]")
-        except ValueError as err:
-            raise ValueError(
-                f"MoEConfig.d_model={self.d_model} / d_ff={self.d_ff} do not fit "
-                f"sparsity {sp.n}:{sp.v} sub_row={sp.sub_row}: {err}") from None
-
-    @property
-    def has_shared(self) -> bool:
-        return self.num_shared_experts > 0
-
-
-# Real models' MoE layer shapes (benchmarks and the demo build random layers from these).
-# Every real preset meets the format's multiples for all supported N:V with sub_row=128
-# (d_model and d_ff multiples of 128, hence of 16 * V / N <= 64), so none is padded.
-PRESETS: dict[str, dict[str, Any]] = {
-    "mixtral-8x7b": dict(num_experts=8, top_k=2, d_model=4096, d_ff=14336),
-    "mixtral-8x22b": dict(num_experts=8, top_k=2, d_model=6144, d_ff=16384),
-    # Qwen1.5-MoE-A2.7B (Qwen2MoeForCausalLM): top-4 of 60, one sigmoid-gated shared expert.
-    "qwen2-moe": dict(num_experts=60, top_k=4, d_model=2048, d_ff=1408,
-                      router="softmax_topk", num_shared_experts=1, d_ff_shared=5632,
-                      shared_expert_gate=True),
-    # DeepSeek-MoE 16B: top-6 of 64, two shared experts as wide as the routed ones.
-    "deepseek-moe": dict(num_experts=64, top_k=6, d_model=2048, d_ff=1408,
-                         router="softmax_topk", num_shared_experts=2),
-    # OpenMoE-8B (OrionZheng/openmoe-8b): top-2 of 32, SwiGLU. Its router (ColossalAI's
-    # Top2Router) keeps the top-2 softmax probabilities unrenormalised; the capacity
-    # factor it trains with is not modelled (drop-free). 2048 = 16*128, 8192 = 64*128.
-    "openmoe-8b": dict(num_experts=32, top_k=2, d_model=2048, d_ff=8192,
-                       router="softmax_topk"),
-    # MiniCPM-MoE-8x2B (openbmb/MiniCPM-MoE-8x2B): top-2 of 8, SwiGLU, Mixtral-style router.
-    # 2304 = 18*128 and 5760 = 45*128: no padding needed for any N:V at sub_row=128.
-    "minicpm-moe-8x2b": dict(num_experts=8, top_k=2, d_model=2304, d_ff=5760),
-    "tiny": dict(num_experts=8, top_k=2, d_model=256, d_ff=512),
-}
-
-
-def preset_config(name: str, sparsity: SparsityConfig | None = None) -> MoEConfig:
-    """The MoEConfig of a :data:`PRESETS` entry, with ``sparsity`` (default 1:2, L=128)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    return MoEConfig(**PRESETS[name], sparsity=sparsity or SparsityConfig())
-
+    SPARSE_PARTS, SUPPORTED_DTYPES, SparseWeight, SparsityConfig, decode, encode, prune)
+from samoyeds_jax.layout import EXPERT_KEYS, SHARED_GATE_KEY, SHARED_KEYS  # noqa: F401
+from samoyeds_jax.ops import _glu_act, ragged_dot
+from samoyeds_jax.presets import PRESETS, preset_config  # noqa: F401 (old home)
 
 # --- parameters ------------------------------------------------------------------------
 
@@ -194,19 +67,12 @@ def init_dense_moe(key: jax.Array, cfg: MoEConfig, dtype: Any = jnp.bfloat16
     """
     _check_cfg(cfg)
     dtype = jnp.dtype(dtype)
-    e, d, f, fs = cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.d_ff_shared
     keys = iter(jax.random.split(key, 8))
-    p = {"router": _normal_jit(next(keys), (d, e), dtype, d),
-         "gate": _normal_jit(next(keys), (e, d, f), dtype, d),
-         "up": _normal_jit(next(keys), (e, d, f), dtype, d),
-         "down": _normal_jit(next(keys), (e, f, d), dtype, f)}
-    if cfg.has_shared:
-        p["shared_gate"] = _normal_jit(next(keys), (d, fs), dtype, d)
-        p["shared_up"] = _normal_jit(next(keys), (d, fs), dtype, d)
-        p["shared_down"] = _normal_jit(next(keys), (fs, d), dtype, fs)
-        if cfg.shared_expert_gate:
-            p[SHARED_GATE_KEY] = _normal_jit(next(keys), (d, 1), dtype, d)
-    return p
+    out = {}
+    for p in layout.params(cfg, sparse=False):
+        shape = p.shape(cfg)
+        out[p.key] = _normal_jit(next(keys), shape, dtype, shape[-2])  # fan_in: axis -2
+    return out
 
 
 def _check_cfg(cfg: Any) -> None:
@@ -214,51 +80,14 @@ def _check_cfg(cfg: Any) -> None:
         raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
 
 
-def _expect(params: dict, key: str, shape: tuple[int, ...], what: str) -> None:
-    if key not in params:
-        raise ValueError(f"params is missing {key!r} ({what} {list(shape)}); "
-                         f"it has {sorted(params)}")
-    got = tuple(params[key].shape)
-    if got != tuple(shape):
-        raise ValueError(f"params[{key!r}] must be {what} {list(shape)}, got {list(got)}")
-
-
-def _check_common(params: Any, cfg: MoEConfig) -> None:
-    if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict, got {type(params).__name__}")
-    d, e, fs = cfg.d_model, cfg.num_experts, cfg.d_ff_shared
-    _expect(params, "router", (d, e), "[d_model, num_experts]")
-    if cfg.has_shared:
-        _expect(params, "shared_gate", (d, fs), "[d_model, d_ff_shared]")
-        _expect(params, "shared_up", (d, fs), "[d_model, d_ff_shared]")
-        _expect(params, "shared_down", (fs, d), "[d_ff_shared, d_model]")
-        if cfg.shared_expert_gate:
-            _expect(params, SHARED_GATE_KEY, (d, 1), "[d_model, 1]")
-
-
 def _check_dense(params: Any, cfg: MoEConfig) -> None:
     _check_cfg(cfg)
-    _check_common(params, cfg)
-    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
-    _expect(params, "gate", (e, d, f), "[num_experts, d_model, d_ff]")
-    _expect(params, "up", (e, d, f), "[num_experts, d_model, d_ff]")
-    _expect(params, "down", (e, f, d), "[num_experts, d_ff, d_model]")
+    layout.check(params, cfg, sparse=False)
 
 
 def _check_sparse(params: Any, cfg: MoEConfig) -> None:
     _check_cfg(cfg)
-    _check_common(params, cfg)
-    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
-    for key, shape, what in (("gate_up", (e, d, 2 * f), "SparseWeight [E, d_model, 2*d_ff]"),
-                             ("down", (e, f, d), "SparseWeight [E, d_ff, d_model]")):
-        sw = params.get(key)
-        if not isinstance(sw, SparseWeight):
-            raise TypeError(f"params[{key!r}] must be a {what} (from sj.sparsify_moe), got "
-                            f"{type(sw).__name__}; for dense parameters use sj.moe_dense")
-        _expect(params, key, shape, what)
-        if sw.config != cfg.sparsity:
-            raise ValueError(f"params[{key!r}] is encoded with {sw.config}, but "
-                             f"cfg.sparsity is {cfg.sparsity}")
+    layout.check(params, cfg, sparse=True)
 
 
 # Largest number of weight elements pruned/encoded in one host call (experts are chunked).
@@ -270,30 +99,11 @@ def _expert_chunks(num_experts: int, per_expert: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, num_experts)) for s in range(0, num_experts, step)]
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(enabled: bool, total: int, desc: str):
-    """A tqdm bar over `total` experts, or a no-op when disabled or tqdm is missing."""
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="expert")
-
-
 def _concat_sw(parts: list[SparseWeight]) -> SparseWeight:
     if len(parts) == 1:
         return parts[0]
     return SparseWeight(*(jnp.concatenate([getattr(p, a) for p in parts], axis=0)
-                          for a in ("values", "indices", "metadata")), parts[0].config)
+                          for a in SPARSE_PARTS), parts[0].config)
 
 
 def _check_encodable(params: dict, cfg: MoEConfig) -> None:
@@ -324,6 +134,37 @@ def prune_moe(dense: dict, cfg: MoEConfig) -> dict:
     return out
 
 
+def encode_experts(gate: Any, up: Any, down: Any, sparsity: SparsityConfig, *,
+                   pruned: bool = False, bar: Any = None
+                   ) -> tuple[SparseWeight, SparseWeight]:
+    """Prune and encode one layer's routed experts, a few experts at a time.
+
+    Runs on the host (``sj.encode``), so that large layers never hold more than ~64M weight
+    elements of temporaries.
+
+    Args:
+      gate, up: ``[E, d, f]``; down: ``[E, f, d]``; bfloat16 or float16 (numpy or jax).
+      sparsity: the pattern.
+      pruned: the weights already follow the pattern (e.g. from
+        :func:`~samoyeds_jax.calibrate_moe`): encode them as they are.
+      bar: a progress bar to advance by the experts done (``update(n)``).
+    Returns:
+      ``(gate_up, down)``: SparseWeights ``[E, d, 2f]`` (``prune(gate) || prune(up)``) and
+      ``[E, f, d]``.
+    """
+    e, d, f = gate.shape
+    keep = (lambda w: w) if pruned else (lambda w: prune(w, sparsity))
+    gate_up, down_parts = [], []
+    for a, b in _expert_chunks(e, 3 * d * f):
+        gu = jnp.concatenate([keep(gate[a:b]), keep(up[a:b])], axis=-1)
+        gate_up.append(encode(gu, sparsity))
+        del gu
+        down_parts.append(encode(keep(down[a:b]), sparsity))
+        if bar is not None:
+            bar.update(b - a)
+    return _concat_sw(gate_up), _concat_sw(down_parts)
+
+
 def sparsify_moe(dense: dict, cfg: MoEConfig, progress: bool = False,
                  verbose: bool = False) -> dict:
     """Prune and encode every routed expert weight; router and shared experts stay dense.
@@ -344,21 +185,11 @@ def sparsify_moe(dense: dict, cfg: MoEConfig, progress: bool = False,
     _check_dense(dense, cfg)
     _check_encodable(dense, cfg)
     sp = cfg.sparsity
-    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
-    chunks = _expert_chunks(e, 3 * d * f)
-    gate_up, down = [], []
-    bar = _progress(progress, e, "sparsify experts")
-    for a, b in chunks:
-        gu = jnp.concatenate([prune(dense["gate"][a:b], sp), prune(dense["up"][a:b], sp)],
-                             axis=-1)
-        gate_up.append(encode(gu, sp))
-        del gu
-        down.append(encode(prune(dense["down"][a:b], sp), sp))
-        bar.update(b - a)
+    bar = _progress(progress, cfg.num_experts, "sparsify experts", "expert")
+    gate_up, down = encode_experts(dense["gate"], dense["up"], dense["down"], sp, bar=bar)
     bar.close()
     out = {k: v for k, v in dense.items() if k not in EXPERT_KEYS}
-    out["gate_up"] = _concat_sw(gate_up)
-    out["down"] = _concat_sw(down)
+    out["gate_up"], out["down"] = gate_up, down
     if verbose:
         before = moe_param_bytes({k: dense[k] for k in EXPERT_KEYS})
         after = moe_param_bytes({"gate_up": out["gate_up"], "down": out["down"]})
@@ -375,7 +206,7 @@ def decode_moe(sparse: dict, cfg: MoEConfig) -> dict:
     ``decode_moe(sparsify_moe(dense)) == prune_moe(dense)`` exactly.
     """
     _check_sparse(sparse, cfg)
-    out = {k: v for k, v in sparse.items() if k not in ("gate_up", "down")}
+    out = {k: v for k, v in sparse.items() if k not in layout.SPARSE_EXPERT_KEYS}
     gu = _decode_jit(sparse["gate_up"])
     out["gate"], out["up"] = gu[..., :cfg.d_ff], gu[..., cfg.d_ff:]
     out["down"] = _decode_jit(sparse["down"])
@@ -393,6 +224,7 @@ def moe_param_bytes(params: Any) -> int:
 
 # --- the layer's pieces ----------------------------------------------------------------
 
+@jax.named_scope("route")
 def route(router_w: jax.Array, x: jax.Array, cfg: MoEConfig) -> tuple[jax.Array, jax.Array]:
     """Top-k routing, in float32.
 
@@ -417,6 +249,7 @@ def route(router_w: jax.Array, x: jax.Array, cfg: MoEConfig) -> tuple[jax.Array,
     return weights.astype(jnp.float32), experts.astype(jnp.int32)
 
 
+@jax.named_scope("dispatch")
 def dispatch(experts: jax.Array, num_experts: int
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sort the routed (token, choice) pairs by expert.
@@ -438,6 +271,7 @@ def dispatch(experts: jax.Array, num_experts: int
     return sel, group_sizes, order
 
 
+@jax.named_scope("combine")
 def combine(y: jax.Array, weights: jax.Array, order: jax.Array) -> jax.Array:
     """``out[t] = sum_j weights[t, j] * y[row(t, j)]`` with ``row`` the inverse of ``order``.
 
@@ -449,8 +283,7 @@ def combine(y: jax.Array, weights: jax.Array, order: jax.Array) -> jax.Array:
       ``[T, d]`` float32.
     """
     t, k = weights.shape
-    inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    yt = y[inv].reshape(t, k, y.shape[-1]).astype(jnp.float32)
+    yt = y[inverse_permutation(order)].reshape(t, k, y.shape[-1]).astype(jnp.float32)
     return (weights.astype(jnp.float32)[..., None] * yt).sum(axis=1)
 
 
@@ -471,8 +304,10 @@ def expert_ffn(x: jax.Array, gate_up: SparseWeight, down: SparseWeight,
     Returns:
       ``[R, d]`` in x's dtype, rows in SEL order.
     """
-    h = ragged_dot(x, gate_up, group_sizes, sel, glu=activation)     # [R, f]
-    return ragged_dot(h, down, group_sizes)                           # [R, d]
+    with jax.named_scope("gate_up"):
+        h = ragged_dot(x, gate_up, group_sizes, sel, glu=activation)     # [R, f]
+    with jax.named_scope("down"):
+        return ragged_dot(h, down, group_sizes)                           # [R, d]
 
 
 def expert_ffn_dense(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
@@ -482,16 +317,19 @@ def expert_ffn_dense(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Arr
     the same rounding points (each projection accumulates in float32 and rounds to the
     compute dtype)."""
     dt = gate.dtype
-    xs = x[sel]
 
     def rdot(a, w):
         return jax.lax.ragged_dot(a, w, group_sizes,
                                   preferred_element_type=jnp.float32).astype(dt)
 
-    h = _glu(rdot(xs, gate), rdot(xs, up), activation, dt)
-    return rdot(h, down)
+    with jax.named_scope("gate_up"):
+        xs = x[sel]
+        h = _glu(rdot(xs, gate), rdot(xs, up), activation, dt)
+    with jax.named_scope("down"):
+        return rdot(h, down)
 
 
+@jax.named_scope("shared_experts")
 def shared_experts(params: dict, x: jax.Array, cfg: MoEConfig) -> jax.Array:
     """The dense shared experts (fused into one GLU MLP of width ``d_ff_shared``), with the
     optional sigmoid gate. ``x [T, d]`` -> ``[T, d]`` float32."""

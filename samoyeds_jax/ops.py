@@ -7,8 +7,11 @@ to the CUDA handler (both XLA FFI custom calls from the ``_samoyeds`` module).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +20,9 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from samoyeds_jax import _samoyeds
+from samoyeds_jax._util import inverse_permutation
 from samoyeds_jax.format import (
-    KEPT_PER_GROUP, META_COLS_PER_WORD, SUPPORTED_DTYPES, SparseWeight,
+    INDICES_DTYPE, KEPT_PER_GROUP, METADATA_DTYPE, SUPPORTED_DTYPES, SparseWeight,
     SparsityConfig, decode)
 
 TARGET = "samoyeds_ragged_dot"
@@ -39,6 +43,53 @@ def _shape_str(aval) -> str:
 GLU_CODES: dict[str, int] = dict(_samoyeds.GLU_CODES)
 
 
+# The CUDA kernels a call may force (ffi/kernel_choice.h): name -> the handler's code.
+KERNEL_CODES: dict[str, int] = dict(_samoyeds.KERNEL_CODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """Which CUDA kernel a call runs ("auto": chosen from shapes) and how many K splits
+    it forces (0: chosen by the launcher). A static parameter of the primitive; the CPU
+    handler ignores it. Set it with :func:`force_kernel` (tests and benchmarks)."""
+    kernel: str = "auto"
+    splits: int = 0
+
+    def __post_init__(self):
+        if self.kernel not in KERNEL_CODES:
+            raise ValueError(f"kernel={self.kernel!r} must be one of {sorted(KERNEL_CODES)}")
+        s = self.splits
+        if not (s == 0 or (1 <= s <= _samoyeds.MAX_FORCED_SPLITS and s & (s - 1) == 0)):
+            raise ValueError(f"splits={s} must be 0 (automatic) or a power of 2 up to "
+                             f"{_samoyeds.MAX_FORCED_SPLITS}")
+
+
+_AUTO = KernelChoice()
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def force_kernel(kernel: str = "auto", splits: int = 0) -> Iterator[KernelChoice]:
+    """Calls traced inside run this CUDA kernel with this many K splits.
+
+    For tests and benchmarks that compare the kernels on the same inputs; per call (it
+    becomes a static parameter of the traced primitive), unlike a process-wide switch.
+    ``kernel`` is ``"auto"``, ``"warp"``, ``"hopper"`` (sm_90a) or ``"stream"`` (sm_90a
+    serving kernel); ``splits`` is 0 (automatic) or a power of 2 up to 8.
+    """
+    choice = KernelChoice(kernel, splits)
+    previous = getattr(_forced, "choice", _AUTO)
+    _forced.choice = choice
+    try:
+        yield choice
+    finally:
+        _forced.choice = previous
+
+
+def _kernel_choice() -> KernelChoice:
+    return getattr(_forced, "choice", _AUTO)
+
+
 def _glu_act(g: jax.Array, glu: str) -> jax.Array:
     """The GLU activations of ffi/glu.h, in jnp (float32 in, float32 out)."""
     if glu == "silu":
@@ -47,7 +98,7 @@ def _glu_act(g: jax.Array, glu: str) -> jax.Array:
 
 
 def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: SparsityConfig,
-                   has_sel: bool, glu: str = ""):
+                   has_sel: bool, glu: str = "", kernel: KernelChoice = _AUTO):
     """Shape/dtype rules; every message names the argument and what was expected."""
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D [T, K] (rows by in_features), got {_shape_str(x)}")
@@ -64,13 +115,12 @@ def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: Sp
     if half_k * KEPT_PER_GROUP != k:
         raise ValueError(f"x has K={k} in_features but the weight has "
                          f"K={half_k * KEPT_PER_GROUP}")
-    want_idx = (e, mk, k // config.sub_row)
-    if indices.shape != want_idx or indices.dtype != jnp.uint8:
-        raise ValueError(f"sw.indices must be uint8{list(want_idx)}, got {_shape_str(indices)}")
-    want_meta = (e, mk, k // META_COLS_PER_WORD)
-    if metadata.shape != want_meta or metadata.dtype != jnp.uint32:
-        raise ValueError(f"sw.metadata must be uint32{list(want_meta)}, got "
-                         f"{_shape_str(metadata)}")
+    want = config.encoded_shapes(k, mk // config.n * config.v, (e,))
+    for part, arr, dt in (("indices", indices, INDICES_DTYPE),
+                          ("metadata", metadata, METADATA_DTYPE)):
+        if arr.shape != want[part] or arr.dtype != dt:
+            raise ValueError(f"sw.{part} must be {dt.name}{list(want[part])}, got "
+                             f"{_shape_str(arr)}")
     if group_sizes.shape != (e,) or group_sizes.dtype != jnp.int32:
         raise ValueError(f"group_sizes must be int32[{e}] (one size per expert), got "
                          f"{_shape_str(group_sizes)}")
@@ -98,20 +148,24 @@ ragged_dot_p.def_abstract_eval(_abstract_eval)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(config: SparsityConfig, has_sel: bool, glu: str):
-    return jax.jit(lambda *a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel, glu=glu))
+def _jitted(config: SparsityConfig, has_sel: bool, glu: str, kernel: KernelChoice):
+    return jax.jit(lambda *a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel, glu=glu,
+                                                kernel=kernel))
 
 
 # Eager calls compile the one-primitive computation once per (config, has_sel, glu).
 ragged_dot_p.def_impl(
-    lambda *args, config, has_sel, glu="": _jitted(config, has_sel, glu)(*args))
+    lambda *args, config, has_sel, glu="", kernel=_AUTO: _jitted(config, has_sel, glu,
+                                                                 kernel)(*args))
 
 
-def _lowering(ctx, *args, config: SparsityConfig, has_sel: bool, glu: str = ""):
+def _lowering(ctx, *args, config: SparsityConfig, has_sel: bool, glu: str = "",
+              kernel: KernelChoice = _AUTO):
     return jax.ffi.ffi_lowering(TARGET)(
         ctx, *args, n=np.int64(config.n), v=np.int64(config.v),
         sub_row=np.int64(config.sub_row), has_sel=np.int64(has_sel),
-        glu=np.int64(GLU_CODES.get(glu, 0)))
+        glu=np.int64(GLU_CODES.get(glu, 0)), kernel=np.int64(KERNEL_CODES[kernel.kernel]),
+        splits=np.int64(kernel.splits))
 
 
 def _no_cuda_lowering(ctx, *args, **params):
@@ -134,7 +188,8 @@ def _at_front(a, d, size):
     return jnp.moveaxis(a, d, 0)
 
 
-def _batch(args, dims, *, config: SparsityConfig, has_sel: bool, glu: str = ""):
+def _batch(args, dims, *, config: SparsityConfig, has_sel: bool, glu: str = "",
+           kernel: KernelChoice = _AUTO):
     x, values, indices, metadata, sel, gs = args
     xd, vd, idd, md, sd, gd = dims
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
@@ -142,7 +197,8 @@ def _batch(args, dims, *, config: SparsityConfig, has_sel: bool, glu: str = ""):
         # A batched weight: one call per weight (rare: scan slices stacked layers instead).
         moved = [_at_front(a, d, size) for a, d in zip(args, dims)]
         out = jax.lax.map(
-            lambda a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel, glu=glu),
+            lambda a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel, glu=glu,
+                                        kernel=kernel),
             tuple(moved))
         return out, 0
     # Fold the batch into rows: one call over B*R rows whose order is sorted by
@@ -169,9 +225,8 @@ def _batch(args, dims, *, config: SparsityConfig, has_sel: bool, glu: str = ""):
     # Group sizes counted from the rows that exist (sizes past R are clipped to R).
     gs_all = jnp.zeros((e + 1,), jnp.int32).at[expert.reshape(-1)].add(1)[:e]
     y = ragged_dot_p.bind(x_flat, values, indices, metadata, src.reshape(-1)[perm], gs_all,
-                          config=config, has_sel=True, glu=glu)
-    inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
-    return y[inv].reshape(size, r, y.shape[-1]), 0
+                          config=config, has_sel=True, glu=glu, kernel=kernel)
+    return y[inverse_permutation(perm)].reshape(size, r, y.shape[-1]), 0
 
 
 batching.primitive_batchers[ragged_dot_p] = _batch
@@ -185,7 +240,8 @@ _NO_WEIGHT_GRAD = (
     "stop_gradient the weight")
 
 
-def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool, glu: str = ""):
+def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool, glu: str = "",
+         kernel: KernelChoice = _AUTO):
     x, values, indices, metadata, sel, gs = primals
     tx, tv = tangents[0], tangents[1]
     if type(tv) is not ad.Zero:
@@ -193,7 +249,7 @@ def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool, glu: str =
     if glu:
         # Differentiated through the unfused product: y = act(g) * u of gu = x @ W, whose
         # tangent is linear in x (the GLU's derivative is elementwise on gu).
-        gu = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel, glu="")
+        gu = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel, glu="", kernel=kernel)
         f = gu.shape[-1] // 2
         g, u = gu[:, :f].astype(jnp.float32), gu[:, f:].astype(jnp.float32)
         act, dact = jax.jvp(lambda z: _glu_act(z, glu), (g,), (jnp.ones_like(g),))
@@ -201,18 +257,18 @@ def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool, glu: str =
         if type(tx) is ad.Zero:
             return y, ad.Zero.from_primal_value(y)
         dgu = ragged_dot_p.bind(tx, values, indices, metadata, sel, gs, config=config,
-                                has_sel=has_sel, glu="").astype(jnp.float32)
+                                has_sel=has_sel, glu="", kernel=kernel).astype(jnp.float32)
         dy = dact * u * dgu[:, :f] + act * dgu[:, f:]
         return y, dy.astype(gu.dtype)
-    y = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel, glu="")
+    y = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel, glu="", kernel=kernel)
     if type(tx) is ad.Zero:
         return y, ad.Zero.from_primal_value(y)
     return y, ragged_dot_p.bind(tx, values, indices, metadata, sel, gs, config=config,
-                                has_sel=has_sel, glu="")
+                                has_sel=has_sel, glu="", kernel=kernel)
 
 
 def _transpose(ct, x, values, indices, metadata, sel, gs, *, config: SparsityConfig,
-               has_sel: bool, glu: str = ""):
+               has_sel: bool, glu: str = "", kernel: KernelChoice = _AUTO):
     assert not glu, "a fused GLU is not linear; its JVP uses the unfused product"
     # dx[src(r)] += ct[r] @ W_e(r)^T, through the decoded weight (a correct, not fast, path).
     if type(ct) is ad.Zero:
@@ -334,7 +390,8 @@ def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
     if glu is not None and glu not in GLU_CODES:
         raise ValueError(f"glu={glu!r} must be one of {sorted(GLU_CODES)} or None")
     return ragged_dot_p.bind(x, sw.values, sw.indices, sw.metadata, sel_arr, group_sizes,
-                             config=sw.config, has_sel=has_sel, glu=glu or "")
+                             config=sw.config, has_sel=has_sel, glu=glu or "",
+                             kernel=_kernel_choice())
 
 
 def dot(x: jax.Array, sw: SparseWeight, *, glu: str | None = None) -> jax.Array:

@@ -42,6 +42,9 @@ choices, ``El = E/X`` local experts, ``C`` rows per (source, destination) pair):
     un-permute, all_to_all back                         -> each row at its sender's slot
     combine: out[t] = sum_j weights[t, j] * back[slot(t, j)]   (float32) + shared experts
 
+The stages run under the named scopes of the single-device layer (route, dispatch with
+the exchange, gate_up, down, combine with the way back), so profiles read the same.
+
 *Drop-free* is the default: ``C = Tl*k`` (the worst case, every choice of every local token
 going to one device), so nothing is ever dropped, at the price of send/receive buffers
 ``X`` times larger than balanced routing needs (the all-to-all moves whole buffers; the
@@ -104,6 +107,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from samoyeds_jax import layout
+from samoyeds_jax._util import inverse_permutation
 from samoyeds_jax.format import SparseWeight
 from samoyeds_jax.moe import (
     MoEConfig, combine, dispatch, expert_ffn, expert_ffn_dense, route, shared_experts)
@@ -112,7 +117,7 @@ from samoyeds_jax.ops import ragged_dot
 __all__ = ["moe_sharded", "param_specs", "ragged_dot_sharded", "shard_params"]
 
 # Parameter entries with a leading expert axis E (sparse: gate_up/down; dense: gate/up/down).
-EXPERT_PARAM_KEYS = ("gate_up", "gate", "up", "down")
+EXPERT_PARAM_KEYS = layout.EXPERT_SHARDED_KEYS
 
 AxisSpec = Any  # str | tuple[str, ...] | None
 
@@ -210,40 +215,16 @@ def shard_params(params: dict, mesh: Mesh, *, expert_axis: AxisSpec = "expert") 
 # --- the expert-parallel MoE layer -------------------------------------------------------
 
 def _expert_kind(params: dict, cfg: MoEConfig) -> str:
-    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+    """"sparse" or "dense" (which layout params holds), after checking it against cfg."""
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict, got {type(params).__name__}")
-    if "router" not in params or tuple(params["router"].shape) != (d, e):
-        got = tuple(params["router"].shape) if "router" in params else "missing"
-        raise ValueError(f"params['router'] must be [d_model, num_experts] = {[d, e]}, "
-                         f"got {got}")
-    if isinstance(params.get("gate_up"), SparseWeight):
-        want = {"gate_up": (e, d, 2 * f), "down": (e, f, d)}
-        kind = "sparse"
-        for key in want:
-            sw = params.get(key)
-            if not isinstance(sw, SparseWeight):
-                raise TypeError(f"params[{key!r}] must be a SparseWeight, got "
-                                f"{type(sw).__name__}")
-            if sw.config != cfg.sparsity:
-                raise ValueError(f"params[{key!r}] is encoded with {sw.config}, but "
-                                 f"cfg.sparsity is {cfg.sparsity}")
-    elif all(k in params for k in ("gate", "up", "down")):
-        want = {"gate": (e, d, f), "up": (e, d, f), "down": (e, f, d)}
-        kind = "dense"
-    else:
+    sparse = isinstance(params.get("gate_up"), SparseWeight)
+    if not sparse and not all(k in params for k in layout.EXPERT_KEYS):
         raise ValueError(f"params must hold sparse experts (gate_up, down SparseWeights, from "
                          f"sj.sparsify_moe) or dense ones (gate, up, down); it has "
                          f"{sorted(params)}")
-    for key, shape in want.items():
-        if tuple(params[key].shape) != shape:
-            raise ValueError(f"params[{key!r}] must be {list(shape)}, got "
-                             f"{list(params[key].shape)}")
-    if cfg.has_shared:
-        for key in ("shared_gate", "shared_up", "shared_down"):
-            if key not in params:
-                raise ValueError(f"cfg has shared experts but params lacks {key!r}")
-    return kind
+    layout.check(params, cfg, sparse)
+    return "sparse" if sparse else "dense"
 
 
 def _local_ffn(params: dict, kind: str, activation: str):
@@ -278,33 +259,34 @@ def _moe_body(params, x, valid, *, cfg: MoEConfig, kind: str, n_ep: int, capacit
         out = combine(ffn(xc, group_sizes, sel), weights, order)
         dropped = jnp.zeros((), jnp.int32)
     else:
-        pairs = tl * k
-        dest = flat_e // el
-        local = (flat_e % el).astype(jnp.int32)
-        onehot = (dest[:, None] == jnp.arange(n_ep, dtype=dest.dtype)[None, :])
-        if ok is not None:
-            onehot = onehot & ok[:, None]
-        running = jnp.cumsum(onehot.astype(jnp.int32), axis=0) - 1    # [P, X]
-        pos = jnp.take_along_axis(running, dest[:, None], axis=1)[:, 0]
-        keep = pos < capacity if ok is None else ok & (pos < capacity)
-        slot = jnp.where(keep, dest * capacity + pos, n_ep * capacity)  # past the end: drop
-        tok = jnp.arange(pairs, dtype=jnp.int32) // k
-        send_x = jnp.zeros((n_ep * capacity, d), dt).at[slot].set(xc[tok], mode="drop")
-        send_e = jnp.full((n_ep * capacity,), el, jnp.int32).at[slot].set(local, mode="drop")
-        recv_x = jax.lax.all_to_all(send_x, expert_axis, 0, 0, tiled=True)
-        recv_e = jax.lax.all_to_all(send_e, expert_axis, 0, 0, tiled=True)
-        perm = jnp.argsort(recv_e, stable=True).astype(jnp.int32)   # empty rows last
-        group_sizes = jnp.zeros((el + 1,), jnp.int32).at[recv_e].add(1)[:el]
+        with jax.named_scope("dispatch"):  # to the experts' devices
+            pairs = tl * k
+            dest = flat_e // el
+            local = (flat_e % el).astype(jnp.int32)
+            onehot = (dest[:, None] == jnp.arange(n_ep, dtype=dest.dtype)[None, :])
+            if ok is not None:
+                onehot = onehot & ok[:, None]
+            running = jnp.cumsum(onehot.astype(jnp.int32), axis=0) - 1    # [P, X]
+            pos = jnp.take_along_axis(running, dest[:, None], axis=1)[:, 0]
+            keep = pos < capacity if ok is None else ok & (pos < capacity)
+            slot = jnp.where(keep, dest * capacity + pos, n_ep * capacity)  # past the end: drop
+            tok = jnp.arange(pairs, dtype=jnp.int32) // k
+            send_x = jnp.zeros((n_ep * capacity, d), dt).at[slot].set(xc[tok], mode="drop")
+            send_e = jnp.full((n_ep * capacity,), el, jnp.int32).at[slot].set(local, mode="drop")
+            recv_x = jax.lax.all_to_all(send_x, expert_axis, 0, 0, tiled=True)
+            recv_e = jax.lax.all_to_all(send_e, expert_axis, 0, 0, tiled=True)
+            perm = jnp.argsort(recv_e, stable=True).astype(jnp.int32)   # empty rows last
+            group_sizes = jnp.zeros((el + 1,), jnp.int32).at[recv_e].add(1)[:el]
         y = ffn(recv_x, group_sizes, perm)                           # sorted rows
-        inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
-        back = jax.lax.all_to_all(y[inv], expert_axis, 0, 0, tiled=True)
-        y_pair = back.at[slot].get(mode="fill", fill_value=0)        # dropped: zero
-        out = (weights.reshape(pairs, 1) * y_pair.astype(jnp.float32)).reshape(tl, k, d)
-        out = out.sum(axis=1)
-        n_drop = jnp.logical_not(keep)
-        if ok is not None:
-            n_drop = n_drop & ok
-        dropped = n_drop.sum(dtype=jnp.int32)
+        with jax.named_scope("combine"):  # back to the tokens' devices
+            back = jax.lax.all_to_all(y[inverse_permutation(perm)], expert_axis, 0, 0, tiled=True)
+            y_pair = back.at[slot].get(mode="fill", fill_value=0)        # dropped: zero
+            out = (weights.reshape(pairs, 1) * y_pair.astype(jnp.float32)).reshape(tl, k, d)
+            out = out.sum(axis=1)
+            n_drop = jnp.logical_not(keep)
+            if ok is not None:
+                n_drop = n_drop & ok
+            dropped = n_drop.sum(dtype=jnp.int32)
     if cfg.has_shared:
         out = out + shared_experts(params, x, cfg)
     out = out.astype(x.dtype)

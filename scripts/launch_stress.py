@@ -1,6 +1,6 @@
 """Launches small cases many times to look for rare hangs (run with a timeout).
 
-    SAMOYEDS_KERNEL=hopper timeout 120 python scripts/launch_stress.py [launches per case]
+    timeout 120 python scripts/launch_stress.py [launches per case] [--kernel=hopper|stream|...]
 """
 import sys
 import time
@@ -11,7 +11,11 @@ import numpy as np
 
 import samoyeds_jax as sj
 
-launches = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+launches = int(args[0]) if args else 5000
+# Every launch of the run uses the forced kernel (the context is left at exit).
+sj.ops.force_kernel(opts.get("kernel", "auto")).__enter__()
 rng = np.random.default_rng(0)
 cpu = jax.devices("cpu")[0]
 # (N, V, K, M, dtype, tokens, group sizes, sub_row): the cases racecheck stopped in, one per

@@ -2,8 +2,10 @@
 
 Run under the sanitizer with XLA_PYTHON_CLIENT_ALLOCATOR=platform so that every buffer is
 its own allocation (out-of-bounds accesses are then caught at the buffer's edge).
-    python scripts/sanitize_case.py [N:V ...]   # only these configs (default: all); each
-                                               # case is printed as it starts with -v
+    python scripts/sanitize_case.py [-v] [--kernel=auto|warp|hopper|stream] [--splits=S]
+                                    [N:V ...]
+N:V: only these configs (default: all); -v prints each case as it starts; --kernel and
+--splits force a kernel and a K split count on every call (sj.ops.force_kernel).
 """
 import sys
 
@@ -12,11 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import samoyeds_jax as sj
+from samoyeds_jax._util import parse_nv
 from samoyeds_jax.format import SUPPORTED_NV
 
-args = [a for a in sys.argv[1:] if a != "-v"]
+opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+args = [a for a in sys.argv[1:] if a != "-v" and not a.startswith("--")]
 VERBOSE = "-v" in sys.argv[1:]
-CONFIGS = [tuple(map(int, a.split(":"))) for a in args] or list(SUPPORTED_NV)
+# Every call of the run uses the forced kernel (the context is left at exit).
+sj.ops.force_kernel(opts.get("kernel", "auto"), int(opts.get("splits", 0))).__enter__()
+CONFIGS = [parse_nv(a) for a in args] or list(SUPPORTED_NV)
 unknown = [nv for nv in CONFIGS if nv not in SUPPORTED_NV]
 if unknown:
     sys.exit(f"unsupported N:V {unknown}; expected some of {list(SUPPORTED_NV)}")
@@ -52,8 +58,8 @@ for dtype in (jnp.bfloat16, jnp.float16):
                     jax.block_until_ready((y, y2))
                     assert np.isfinite(np.asarray(y, np.float32)).all()
                     cases += 2
-# Long K, few tokens: the warp-level kernel's K split (auto on sm_90, or every count
-# through SAMOYEDS_SPLIT_K), 9 K stages with a partial last one; and a fused GLU.
+# Long K, few tokens: K splits (automatic on sm_90, or every count through --splits), 9 K
+# stages with a partial last one; and a fused GLU.
 for nv in CONFIGS:
     cfg = sj.SparsityConfig(*nv, sub_row=32)
     k, m = 1120, 2 * cfg.m_multiple

@@ -3,12 +3,13 @@
 For every kernel: its sparse MMA count (HMMA.SP / HGMMA.SP), local-memory accesses
 (LDL/STL: spills) and, for the Hopper kernel, how many consecutive wgmma pairs ptxas
 separated with a full wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): such waits serialize the
-wgmmas, and ptxas reports them only as C7519 info lines (NOTES.md, v16).
+wgmmas, and ptxas reports them only as C7519 info lines (docs/kernel_history.md).
 
   python3 scripts/sass_check.py SASS_FILE
 """
 import re
-import sys
+
+from absl import app
 
 INSTR = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 NEAR = 60  # instructions: wgmmas of one k-stage lie closer than this
@@ -32,6 +33,12 @@ def summarize(text: str) -> list[str]:
     return rows
 
 
-if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise app.UsageError("usage: sass_check.py SASS_FILE")
+    with open(argv[1]) as f:
         print("\n".join(summarize(f.read())))
+
+
+if __name__ == "__main__":
+    app.run(main)

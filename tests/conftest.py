@@ -1,4 +1,5 @@
-"""Shared test setup: per-test random seeds, CPU pinning, and the GPU skip helpers.
+"""Shared test setup: per-test random seeds, CPU pinning, and the GPU skip helpers
+(tests/helpers.py holds the shared inputs, references and tolerances).
 
 Seeds: every run draws a fresh base seed (or takes ``SAMOYEDS_TEST_SEED``) and each test
 derives its own seed from it and its node id; hypothesis tests are seeded with the base
@@ -14,7 +15,6 @@ cleanly when ``jax.devices()`` has no GPU.
 from __future__ import annotations
 
 import os
-import zlib
 
 # 8 virtual CPU devices for tests/test_sharding.py (meshes 8x1, 2x4, 1x8); must be set
 # before jax initialises its backends. Other tests use CPU device 0 and are unaffected.
@@ -26,23 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-
-def _base_seed() -> int:
-    env = os.environ.get("SAMOYEDS_TEST_SEED")
-    if env:
-        return int(env) % 2**32
-    return int(np.random.SeedSequence().entropy % 2**32)
-
-
-BASE_SEED = _base_seed()
-
-
-def has_gpu() -> bool:
-    """True when JAX sees a GPU (platform 'gpu')."""
-    try:
-        return any(d.platform == "gpu" for d in jax.devices("gpu"))
-    except RuntimeError:
-        return False
+from helpers import BASE_SEED, has_gpu, seed_for  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -87,12 +71,6 @@ def _cpu_by_default(request):
         return
     with jax.default_device(jax.devices("cpu")[0]):
         yield
-
-
-def seed_for(nodeid: str) -> int:
-    """The seed of one test: the run's base seed mixed with the test's node id."""
-    ss = np.random.SeedSequence([BASE_SEED, zlib.crc32(nodeid.encode())])
-    return int(ss.generate_state(1)[0])
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import samoyeds_jax as sj
+from helpers import rand
 from samoyeds_jax.calibrate import (
     calibrate_moe, hessian, prune_calibrated, prune_hessian, reconstruction_error)
 from samoyeds_jax.format import SUPPORTED_NV
@@ -42,7 +43,7 @@ def calib_inputs(rng, n, k, rank=8, outliers=4):
 
 
 def weight(rng, shape, dtype=jnp.bfloat16):
-    return jnp.asarray((rng.standard_normal(shape) / math.sqrt(shape[-2])).astype(dtype))
+    return rand(rng, shape, dtype, 1 / math.sqrt(shape[-2]))
 
 
 def check_pattern(wc, w, cfg):

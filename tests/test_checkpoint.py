@@ -4,14 +4,15 @@ Tiny checkpoints (d_model 64, d_ff 96, 4 experts, sub_row 32, pattern 1:2) in th
 Qwen2-MoE and DeepSeek-MoE namings are written with ``safetensors.numpy.save_file``
 (bfloat16 through ml_dtypes, float16, and float32 that the converter casts to bfloat16).
 Checked: the loaded SparseWeights decode exactly to the pruned dense weights, ``sj.moe``
-on the loaded layer matches ``sj.moe_dense`` on the pruned dense layer (only the float32
-accumulation order differs: tolerances as in test_moe.py), every tensor that is not a
+on the loaded layer matches ``sj.moe_dense`` on the pruned dense layer (``twin`` of
+tests/helpers.py), every tensor that is not a
 routed expert weight is byte-identical in the output, and every bad input fails with a
 clear message and leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -24,58 +25,59 @@ import pytest
 from safetensors.numpy import save_file
 
 import samoyeds_jax as sj
+from helpers import rand, tol
 from samoyeds_jax import checkpoint as ck
+from samoyeds_jax.checkpoint import converter
+from samoyeds_jax.checkpoint.safetensors_io import Reader
 
 D, F, E, FS = 64, 96, 4, 64
 SP = sj.SparsityConfig(1, 2, 32)
-ARGS = ["--pattern", "1:2", "--sub-row", "32", "--quiet"]
-# The converted layer vs the dense twin: the twin rounds gate and up before the GLU, the
-# fused epilogue does not (test_moe.TWIN_TOL).
-TWIN_TOL = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 1.5e-3}
+ARGS = ["--nv", "1:2", "--sub_row", "32", "--quiet"]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def rand(rng, shape, dtype, scale=0.1):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
+def tensor(rng, shape, dtype):
+    """A checkpoint tensor: numpy (safetensors.numpy writes numpy), values ~0.1."""
+    return np.asarray(rand(rng, shape, dtype, 0.1))
 
 
 def hf_checkpoint(naming, rng, dtype, layers=2, d=D, f=F, e=E):
     """HF-named tensors of a tiny model. naming: mixtral | qwen2 | deepseek (layer 0 of
     deepseek is a dense MLP, as with first_k_dense_replace=1)."""
-    t = {"model.embed_tokens.weight": rand(rng, (32, d), dtype),
-         "model.norm.weight": rand(rng, (d,), dtype),
-         "lm_head.weight": rand(rng, (32, d), dtype),
+    t = {"model.embed_tokens.weight": tensor(rng, (32, d), dtype),
+         "model.norm.weight": tensor(rng, (d,), dtype),
+         "lm_head.weight": tensor(rng, (32, d), dtype),
          "model.extra_int_buffer": np.arange(10, dtype=np.int32)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = rand(rng, (d,), dtype)
-        t[p + "post_attention_layernorm.weight"] = rand(rng, (d,), dtype)
-        t[p + "self_attn.q_proj.weight"] = rand(rng, (d, d), dtype)
+        t[p + "input_layernorm.weight"] = tensor(rng, (d,), dtype)
+        t[p + "post_attention_layernorm.weight"] = tensor(rng, (d,), dtype)
+        t[p + "self_attn.q_proj.weight"] = tensor(rng, (d, d), dtype)
         if naming == "mixtral":
             m = p + "block_sparse_moe."
-            t[m + "gate.weight"] = rand(rng, (e, d), dtype)
+            t[m + "gate.weight"] = tensor(rng, (e, d), dtype)
             for j in range(e):
-                t[m + f"experts.{j}.w1.weight"] = rand(rng, (f, d), dtype)
-                t[m + f"experts.{j}.w3.weight"] = rand(rng, (f, d), dtype)
-                t[m + f"experts.{j}.w2.weight"] = rand(rng, (d, f), dtype)
+                t[m + f"experts.{j}.w1.weight"] = tensor(rng, (f, d), dtype)
+                t[m + f"experts.{j}.w3.weight"] = tensor(rng, (f, d), dtype)
+                t[m + f"experts.{j}.w2.weight"] = tensor(rng, (d, f), dtype)
             continue
         m = p + "mlp."
         if naming == "deepseek" and i == 0:
-            t[m + "gate_proj.weight"] = rand(rng, (2 * f, d), dtype)
-            t[m + "up_proj.weight"] = rand(rng, (2 * f, d), dtype)
-            t[m + "down_proj.weight"] = rand(rng, (d, 2 * f), dtype)
+            t[m + "gate_proj.weight"] = tensor(rng, (2 * f, d), dtype)
+            t[m + "up_proj.weight"] = tensor(rng, (2 * f, d), dtype)
+            t[m + "down_proj.weight"] = tensor(rng, (d, 2 * f), dtype)
             continue
-        t[m + "gate.weight"] = rand(rng, (e, d), dtype)
+        t[m + "gate.weight"] = tensor(rng, (e, d), dtype)
         for j in range(e):
-            t[m + f"experts.{j}.gate_proj.weight"] = rand(rng, (f, d), dtype)
-            t[m + f"experts.{j}.up_proj.weight"] = rand(rng, (f, d), dtype)
-            t[m + f"experts.{j}.down_proj.weight"] = rand(rng, (d, f), dtype)
+            t[m + f"experts.{j}.gate_proj.weight"] = tensor(rng, (f, d), dtype)
+            t[m + f"experts.{j}.up_proj.weight"] = tensor(rng, (f, d), dtype)
+            t[m + f"experts.{j}.down_proj.weight"] = tensor(rng, (d, f), dtype)
         s = m + ("shared_expert." if naming == "qwen2" else "shared_experts.")
-        t[s + "gate_proj.weight"] = rand(rng, (FS, d), dtype)
-        t[s + "up_proj.weight"] = rand(rng, (FS, d), dtype)
-        t[s + "down_proj.weight"] = rand(rng, (d, FS), dtype)
+        t[s + "gate_proj.weight"] = tensor(rng, (FS, d), dtype)
+        t[s + "up_proj.weight"] = tensor(rng, (FS, d), dtype)
+        t[s + "down_proj.weight"] = tensor(rng, (d, FS), dtype)
         if naming == "qwen2":
-            t[m + "shared_expert_gate.weight"] = rand(rng, (1, d), dtype)
+            t[m + "shared_expert_gate.weight"] = tensor(rng, (1, d), dtype)
     return t
 
 
@@ -124,7 +126,8 @@ def expert_weights(tensors, naming, i, dtype):
 
 def raw_tensors(path):
     """name -> raw bytes of every tensor of a safetensors file."""
-    entries, _ = ck._read_header(str(path))
+    with Reader() as reader:
+        entries, _ = reader.header(str(path))
     out = {}
     with open(path, "rb") as f:
         for name, ent in entries.items():
@@ -157,7 +160,7 @@ def check_converted(out, src_dir, tensors, naming, dtype, rng, pruned_override=N
     for n, a in other.items():
         np.testing.assert_array_equal(a, tensors[n])
         assert a.dtype == tensors[n].dtype
-    x = jnp.asarray(rng.standard_normal((24, D)), jnp.float32)
+    x = rand(rng, (24, D))
     for i, p in layers.items():
         w = expert_weights(tensors, naming, i, dtype)
         pruned = (pruned_override or {}).get(i) or {k: sj.prune(v, SP) for k, v in w.items()}
@@ -171,16 +174,19 @@ def check_converted(out, src_dir, tensors, naming, dtype, rng, pruned_override=N
         y = sj.moe(p, x, cfg)
         y_ref = sj.moe_dense(dense, x, cfg)
         err = float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref))
-        assert err < TWIN_TOL[jnp.dtype(dtype)], (i, err)
+        assert err < tol("twin", dtype), (i, err)
     return layers, info, cfg
 
 
 def test_mixtral_bf16_single_file(tmp_path, rng, capsys, monkeypatch):
-    monkeypatch.setattr(ck, "_ENCODE_CHUNK_ELEMS", 2 * 3 * D * F)   # 2 experts at a time
+    # 2 experts at a time (samoyeds_jax.moe the module: sj.moe is the layer function)
+    monkeypatch.setattr(importlib.import_module("samoyeds_jax.moe"), "_CHUNK_ELEMS",
+                        2 * 3 * D * F)
     tensors = hf_checkpoint("mixtral", rng, BF16)
     src = write_model(tmp_path, tensors, hf_config("mixtral"))
     out = tmp_path / "out" / "sparse.safetensors"
     out.parent.mkdir()
+    # The older flag spellings stay accepted.
     assert ck.main(["--input", str(src), "--output", str(out), "--pattern", "1:2",
                     "--sub-row", "32"]) == 0
     summary = capsys.readouterr().out
@@ -194,7 +200,7 @@ def test_mixtral_bf16_single_file(tmp_path, rng, capsys, monkeypatch):
         np.asarray(layers[0]["router"]),
         tensors["model.layers.0.block_sparse_moe.gate.weight"].T)
     flax = pytest.importorskip("samoyeds_jax.flax")
-    x = jnp.asarray(rng.standard_normal((8, D)), jnp.float32)
+    x = rand(rng, (8, D))
     np.testing.assert_array_equal(np.asarray(flax.SparseMoE(cfg, params=layers[1])(x)),
                                   np.asarray(sj.moe(layers[1], x, cfg)))
 
@@ -292,7 +298,7 @@ def test_bad_input_fails_clearly_and_leaves_nothing(case, tmp_path, rng, capsys)
     outdir = tmp_path / "out"
     outdir.mkdir()
     args = ["--input", str(src), "--output", str(outdir / "o.safetensors"),
-            "--pattern", "1:2", "--sub-row", "32", "--quiet"]
+            *ARGS]
     assert ck.main(args + extra) == 1
     err = capsys.readouterr().err
     assert "samoyeds-convert: error:" in err and msg in err, err
@@ -339,14 +345,14 @@ def test_output_exists_and_sharded_problems(tmp_path, rng, capsys):
 def test_failure_mid_write_leaves_nothing(tmp_path, rng, monkeypatch):
     tensors = hf_checkpoint("mixtral", rng, BF16)
     src = write_model(tmp_path, tensors, hf_config("mixtral"))
-    real = ck._convert_layer
+    real = converter._convert_layer
 
     def flaky(layer, *a, **kw):
         if layer.index == 1:
             raise RuntimeError("disk on fire")
         return real(layer, *a, **kw)
 
-    monkeypatch.setattr(ck, "_convert_layer", flaky)
+    monkeypatch.setattr(converter, "_convert_layer", flaky)
     outdir = tmp_path / "out"
     outdir.mkdir()
     with pytest.raises(RuntimeError, match="disk on fire"):

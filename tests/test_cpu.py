@@ -5,8 +5,9 @@ depend on the number of threads (SAMOYEDS_CPU_THREADS), on the width of the rout
 tiles (chosen per call from the group sizes) or on how the tiles fall into panel chunks.
 Shapes are picked so that the splits do not divide evenly: odd window counts, kept-row
 blocks with a remainder, empty experts, a single-row expert, SEL with repeated tokens.
-Results are checked against the float64 reference of tests/test_ops.py; outputs written
-into a NaN-filled (donated) buffer show that every element is written.
+Results are checked against the float64 reference (tests/helpers.py) with the checks of
+tests/test_ops.py; outputs written into a NaN-filled (donated) buffer show that every
+element is written.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 import pytest
 
 import samoyeds_jax as sj
-from test_ops import (DTYPES, check_out, dense64, dtype_id, make_sw, rand, random_sel,
-                      ref_glu, ref_ragged_dot)
+from helpers import DTYPES, rand, ref_glu, ref_ragged_dot
+from test_ops import check_out, dense64, dtype_id, make_sw, random_sel
 
 
 def run_with_threads(monkeypatch, threads, fn, *args):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import samoyeds_jax as sj
+from helpers import rand, sparse_weight
 from samoyeds_jax import ops  # noqa: F401  (registers the FFI target)
 
 TARGET = "samoyeds_ragged_dot"
@@ -25,23 +26,23 @@ DT = jnp.bfloat16
 
 
 def _buffers(rng, has_sel: bool):
-    w = rng.standard_normal((E, K, M)).astype(np.float32)
-    sw = sj.encode(sj.prune(jnp.asarray(w, DT), CFG), CFG)
-    x = jnp.asarray(rng.standard_normal((T, K)), DT)
+    sw = sparse_weight(rng, CFG, DT, (E, K, M))
+    x = rand(rng, (T, K), DT)
     rows = R if has_sel else T
     gs = jnp.asarray([rows // 3, rows // 2], jnp.int32)
     sel = (jnp.asarray(rng.integers(0, T, R), jnp.int32) if has_sel
            else jnp.zeros((0,), jnp.int32))
     return dict(x=x, values=sw.values, indices=sw.indices, metadata=sw.metadata, sel=sel,
                 group_sizes=gs, n=CFG.n, v=CFG.v, sub_row=CFG.sub_row, has_sel=int(has_sel),
-                glu=0, out=jax.ShapeDtypeStruct((rows, M), DT)), sw
+                glu=0, kernel=0, splits=0, out=jax.ShapeDtypeStruct((rows, M), DT)), sw
 
 
 def call(b):
     f = jax.ffi.ffi_call(TARGET, b["out"])
     y = f(b["x"], b["values"], b["indices"], b["metadata"], b["sel"], b["group_sizes"],
           n=np.int64(b["n"]), v=np.int64(b["v"]), sub_row=np.int64(b["sub_row"]),
-          has_sel=np.int64(b["has_sel"]), glu=np.int64(b["glu"]))
+          has_sel=np.int64(b["has_sel"]), glu=np.int64(b["glu"]),
+          kernel=np.int64(b["kernel"]), splits=np.int64(b["splits"]))
     return jax.block_until_ready(y)
 
 
@@ -150,6 +151,12 @@ def _tamper(b, case, rng):
             b[k][:, :16] for k in ("values", "indices", "metadata"))
         b["out"] = jax.ShapeDtypeStruct((R, 16), DT)
         return "a fused GLU needs M=32 = 2F with F a multiple of 32"
+    if case == "kernel_unknown":
+        b["kernel"] = 7
+        return "unknown kernel=7"
+    if case == "splits_not_power_of_2":
+        b["splits"] = 3
+        return "splits=3 must be 0 or a power of 2 up to 8"
     if case == "indices_value_ge_v":
         e, r, w = int(rng.integers(0, E)), int(rng.integers(0, 32)), int(rng.integers(0, 2))
         bad = int(rng.integers(CFG.v, 256))
@@ -164,7 +171,8 @@ CASES = ["unsupported_v", "unsupported_sub_row", "unsupported_n", "x_rank", "x_d
          "kept_rows", "indices_shape", "indices_experts", "metadata_shape",
          "group_sizes_shape", "sel_rank", "sel_without_has_sel", "out_rows", "out_cols",
          "negative_group_size", "group_sizes_exceed_rows", "sel_too_large", "sel_negative",
-         "glu_unknown", "glu_out_cols", "glu_half_not_whole_tiles", "indices_value_ge_v"]
+         "glu_unknown", "glu_out_cols", "glu_half_not_whole_tiles", "kernel_unknown",
+         "splits_not_power_of_2", "indices_value_ge_v"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -19,6 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import samoyeds_jax as sj
+from helpers import DTYPES, rand, sparse_weight
 from samoyeds_jax import _samoyeds
 from samoyeds_jax import format as F
 
@@ -27,7 +28,6 @@ SPEC_NV = {(1, 1), (1, 2), (1, 4), (2, 4)}
 SPEC_SUB_ROWS = {32, 64, 128}
 ALL_CONFIGS = [sj.SparsityConfig(n, v, L) for (n, v) in sorted(SPEC_NV)
                for L in sorted(SPEC_SUB_ROWS)]
-DTYPES = [jnp.bfloat16, jnp.float16]
 # Shape limits of the property tests (the suite must stay fast on 2 CPU cores).
 MAX_K, MAX_M, MAX_LEAD_AXES, MAX_LEAD_SIZE, MAX_ELEMENTS = 512, 256, 3, 3, 1 << 20
 HYP = settings(deadline=None, max_examples=25)
@@ -48,9 +48,7 @@ def dtype_id(dt) -> str:
 
 def nonzero_normal(rng: np.random.Generator, shape, dtype) -> np.ndarray:
     """Random normal values in `dtype` at a random scale, with no exact zeros."""
-    scale = float(np.exp(rng.uniform(-2.0, 2.0)))
-    w = (rng.standard_normal(shape) * scale).astype(jnp.dtype(dtype))
-    return np.where(w == 0, np.asarray(scale, w.dtype), w)
+    return np.asarray(rand(rng, shape, dtype, float(np.exp(rng.uniform(-2.0, 2.0)))))
 
 
 def as_a(w: np.ndarray) -> np.ndarray:
@@ -456,8 +454,7 @@ def test_sparse_weight_properties(dtype, rng, seed):
 @pytest.mark.parametrize("nv", [(1, 2), (2, 4)])
 def test_validate_accepts_encoded_and_refuses_tampering(nv, rng):
     cfg = sj.SparsityConfig(*nv, sub_row=32)
-    w = jnp.asarray(rng.standard_normal((2, 64, cfg.m_multiple * 2)), jnp.bfloat16)
-    sw = sj.encode(sj.prune(w, cfg), cfg)
+    sw = sparse_weight(rng, cfg, jnp.bfloat16, (2, 64, cfg.m_multiple * 2))
     assert sj.validate(sw) is sw
     idx = np.asarray(sw.indices).copy()
     idx[1, 3, 0] = cfg.v  # out of range

@@ -3,6 +3,8 @@
 Skipped cleanly without a GPU; run on the H100 through scripts/gpu_check.sh. Large shapes
 compare a random sample of full output rows (every column) to keep the float64
 reference cheap; every row is checked for being written (finite) and for the zero tail.
+Inputs come from the seeded ``rng`` of tests/conftest.py, so SAMOYEDS_TEST_SEED replays a
+failure; references and tolerances are those of tests/helpers.py.
 """
 
 import os
@@ -17,29 +19,18 @@ import numpy as np
 import pytest
 
 import samoyeds_jax as sj
+from helpers import (
+    DTYPES, f64, has_gpu, rand, ref_glu, ref_ragged_dot, seed_for, sparse_weight, tol)
 from samoyeds_jax.format import SUPPORTED_NV, SUPPORTED_SUB_ROWS
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()),
-                       reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU"),
 ]
-
-# Relative Frobenius error vs float64: fp32 accumulation, output rounded to the dtype.
-TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
-DTYPES = [jnp.bfloat16, jnp.float16]
-
-
-@pytest.fixture
-def rng(request):
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    print(f"seed={seed} ({request.node.name})")
-    return np.random.default_rng(seed)
 
 
 def _weight(rng, e, k, m, cfg, dtype):
-    w = rng.standard_normal((e, k, m)).astype(np.float32) / np.sqrt(k / 4)
-    return sj.encode(sj.prune(jnp.asarray(w, dtype), cfg), cfg)
+    return sparse_weight(rng, cfg, dtype, (e, k, m), scale=1 / np.sqrt(k / 4))
 
 
 def _poison_device_memory(nbytes=1 << 28):
@@ -51,27 +42,19 @@ def _poison_device_memory(nbytes=1 << 28):
 
 
 def _check(y, x, sw, gs, sel, dtype, sample_rows=None, rng=None):
-    y = np.asarray(y.astype(jnp.float32), np.float64)
+    y = f64(y)
     gs = np.asarray(gs)
     total = int(gs.sum())
     assert np.isfinite(y).all(), "unwritten or non-finite output rows"
     assert (y[total:] == 0).all(), "rows past sum(group_sizes) must be zero"
-    w = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
-    xs = np.asarray(x.astype(jnp.float32), np.float64)
-    offsets = np.concatenate([[0], np.cumsum(gs)])
     rows = np.arange(total)
     if sample_rows is not None and total > sample_rows:
         rows = np.sort(rng.choice(total, sample_rows, replace=False))
-    expert = np.searchsorted(offsets, rows, side="right") - 1
-    src = np.asarray(sel)[rows] if sel is not None else rows
-    ref = np.zeros((len(rows), y.shape[1]))
-    for ex in np.unique(expert):
-        hit = expert == ex
-        ref[hit] = xs[src[hit]] @ w[ex]
+    ref = ref_ragged_dot(x, f64(sj.decode(sw)), gs, sel, only=rows)
     got = y[rows]
     if len(rows):
         err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-        assert err < TOL[dtype], f"relative error {err:.3g}"
+        assert err < tol("product", dtype), f"relative error {err:.3g}"
         assert np.abs(got).sum(axis=1).min() > 0, "a routed row came back all zero"
 
 
@@ -84,11 +67,11 @@ def test_configs(rng, dtype, nv, sub_row):
     sw = _weight(rng, e, k, m, cfg, dtype)
     gs = jnp.asarray([37, 0, 1, 90], jnp.int32)
     r = int(gs.sum()) + 5
-    x = jnp.asarray(rng.standard_normal((r, k)), dtype)
+    x = rand(rng, (r, k), dtype)
     _poison_device_memory()
     _check(jax.jit(sj.ragged_dot)(x, sw, gs), x, sw, gs, None, dtype)
     t = 50
-    xt = jnp.asarray(rng.standard_normal((t, k)), dtype)
+    xt = rand(rng, (t, k), dtype)
     sel = jnp.asarray(rng.integers(0, t, r), jnp.int32)
     _poison_device_memory()
     _check(jax.jit(sj.ragged_dot)(xt, sw, gs, sel), xt, sw, gs, sel, dtype)
@@ -97,9 +80,11 @@ def test_configs(rng, dtype, nv, sub_row):
 _MODEL_WEIGHTS = {}
 
 
-def _model_weight(rng, k, m):
-    # Encoding a Mixtral-sized stack takes seconds: one per shape per session.
+def _model_weight(k, m):
+    # Encoding a Mixtral-sized stack takes seconds: one per shape per session, drawn from
+    # its own seed (not the first test's) so that a replayed test gets the same weight.
     if (k, m) not in _MODEL_WEIGHTS:
+        rng = np.random.default_rng(seed_for(f"model weight {k}x{m}"))
         _MODEL_WEIGHTS[(k, m)] = _weight(rng, 8, k, m, sj.SparsityConfig(1, 2, 128),
                                          jnp.bfloat16)
     return _MODEL_WEIGHTS[(k, m)]
@@ -110,8 +95,8 @@ def _model_weight(rng, k, m):
 def test_model_shapes(rng, k, m, tokens):
     dtype = jnp.bfloat16
     e, top_k = 8, 2
-    sw = _model_weight(rng, k, m)
-    x = jnp.asarray(rng.standard_normal((tokens, k)), dtype)
+    sw = _model_weight(k, m)
+    x = rand(rng, (tokens, k), dtype)
     # Top-2 routing with one hot expert: expert 0 takes a third of the choices.
     choice = rng.integers(0, e, (tokens, top_k))
     choice[: tokens // 3, 0] = 0
@@ -139,7 +124,7 @@ def test_group_layouts(rng, layout):
     gs = {"one_expert_all": [0, 0, r, 0, 0, 0], "odd": [1, 63, 65, 127, 3, 41],
           "zeros": [0] * e, "tail": [7, 0, 0, 129, 0, 2]}[layout]
     gs = jnp.asarray(gs, jnp.int32)
-    x = jnp.asarray(rng.standard_normal((r, k)), dtype)
+    x = rand(rng, (r, k), dtype)
     _poison_device_memory()
     _check(jax.jit(sj.ragged_dot)(x, sw, gs), x, sw, gs, None, dtype)
 
@@ -149,7 +134,7 @@ def test_tokens_per_expert(rng, tokens):
     dtype = jnp.float16
     cfg = sj.SparsityConfig(1, 4, 32)
     sw = _weight(rng, 1, 512, 640, cfg, dtype)
-    x = jnp.asarray(rng.standard_normal((tokens, 512)), dtype)
+    x = rand(rng, (tokens, 512), dtype)
     _poison_device_memory()
     y = jax.jit(sj.dot)(x, sw[0])
     gs = jnp.asarray([tokens], jnp.int32)
@@ -165,18 +150,10 @@ def test_split_k_decode(rng, nv, sub_row, tokens):
     cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
     k, m = 2080 if sub_row == 32 else 2048 + sub_row, 1408
     sw = _weight(rng, 1, k, m, cfg, dtype)
-    x = jnp.asarray(rng.standard_normal((tokens, k)), dtype)
+    x = rand(rng, (tokens, k), dtype)
     _poison_device_memory()
     y = jax.jit(sj.dot)(x, sw[0])
     _check(y, x, sw, jnp.asarray([tokens], jnp.int32), None, dtype)
-
-
-def _glu_ref(y64, glu):
-    from math import erf
-    f = y64.shape[-1] // 2
-    g, u = y64[:, :f], y64[:, f:]
-    act = g / (1 + np.exp(-g)) if glu == "silu" else 0.5 * g * (1 + np.vectorize(erf)(g / np.sqrt(2)))
-    return act * u
 
 
 @pytest.mark.parametrize("glu", ["silu", "gelu"])
@@ -188,24 +165,36 @@ def test_fused_glu(rng, glu, nv, sub_row, tokens):
     with K splits (clusters); 100: the warp-level prefill tile; 700: the Hopper kernel.
     F leaves a partial last tile in some kernel for every config (1:2: 608 kept rows per
     half = 9 x 64 + 32 on the Hopper kernel; 1:1: 1232 = 38 x 32 + 16 on the warp tile)."""
+    x, sw, gs, sel = _glu_inputs(rng, nv, sub_row, tokens)
+    _poison_device_memory()
+    y = jax.jit(lambda *a: sj.ragged_dot(*a, glu=glu))(x, sw, gs, sel)
+    _glu_check(y, x, sw, gs, sel, glu, jnp.bfloat16)
+
+
+def _glu_inputs(rng, nv, sub_row, tokens):
+    """bf16 (x, gate_up [2, 1152, 2F], group_sizes, sel) with 3 zero rows after the
+    groups; F = 1232 for 1:1, else 1216."""
     dtype = jnp.bfloat16
     cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
     k, f, e = 1152, 1232 if nv == (1, 1) else 1216, 2
     sw = _weight(rng, e, k, 2 * f, cfg, dtype)
-    x = jnp.asarray(rng.standard_normal((tokens, k)), dtype)
+    x = rand(rng, (tokens, k), dtype)
     sel = jnp.asarray(rng.integers(0, tokens, tokens + 3), jnp.int32)
-    gs = jnp.asarray([tokens // 2, tokens - tokens // 2], jnp.int32)  # 3 zero rows after
-    _poison_device_memory()
-    y = np.asarray(jax.jit(lambda *a: sj.ragged_dot(*a, glu=glu))(x, sw, gs, sel)
-                   .astype(jnp.float32), np.float64)
-    assert y.shape == (tokens + 3, f) and np.isfinite(y).all() and (y[tokens:] == 0).all()
-    w = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
-    xs = np.asarray(x.astype(jnp.float32), np.float64)[np.asarray(sel)[:tokens]]
-    ex = np.repeat(np.arange(e), np.asarray(gs))
-    gu = np.stack([xs[i] @ w[ex[i]] for i in range(tokens)])
-    ref = _glu_ref(gu, glu)
-    err = np.linalg.norm(y[:tokens] - ref) / np.linalg.norm(ref)
-    assert err < TOL[dtype], f"relative error {err:.3g}"
+    gs = jnp.asarray([tokens // 2, tokens - tokens // 2], jnp.int32)
+    return x, sw, gs, sel
+
+
+def _glu_check(y, x, sw, gs, sel, glu, dtype):
+    """A fused-GLU output [R, F]: shape, every row written, zero past the groups, and the
+    error against the float64 reference."""
+    y = f64(y)
+    total = int(np.asarray(gs).sum())
+    assert y.shape == (len(sel), sw.shape[-1] // 2), y.shape
+    assert np.isfinite(y).all(), "unwritten or non-finite output rows"
+    assert (y[total:] == 0).all(), "rows past sum(group_sizes) must be zero"
+    ref = ref_glu(ref_ragged_dot(x, f64(sj.decode(sw)), gs, sel)[:total], glu)
+    err = np.linalg.norm(y[:total] - ref) / np.linalg.norm(ref)
+    assert err < tol("product", dtype), f"relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("glu", [None, "silu"])
@@ -217,7 +206,7 @@ def test_plain_wide_blocks(rng, glu):
     cfg = sj.SparsityConfig(1, 1, 128)
     k, m, tokens, e = 256, 2304, 2150, 3
     sw = _weight(rng, e, k, m, cfg, dtype)
-    x = jnp.asarray(rng.standard_normal((tokens, k)), dtype)
+    x = rand(rng, (tokens, k), dtype)
     sel = jnp.asarray(rng.integers(0, tokens, tokens), jnp.int32)
     gs = jnp.asarray([1001, 0, 1146], jnp.int32)  # 3 zero rows after
     _poison_device_memory()
@@ -225,55 +214,33 @@ def test_plain_wide_blocks(rng, glu):
     if glu is None:
         _check(y, x, sw, gs, sel, dtype, sample_rows=64, rng=rng)
         return
-    y = np.asarray(y.astype(jnp.float32), np.float64)
+    y = f64(y)
     assert y.shape == (tokens, m // 2) and np.isfinite(y).all() and (y[2147:] == 0).all()
     rows = np.sort(rng.choice(2147, 64, replace=False))
-    w = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
-    xs = np.asarray(x.astype(jnp.float32), np.float64)[np.asarray(sel)[rows]]
-    ex = np.repeat(np.arange(e), np.asarray(gs))[rows]
-    ref = _glu_ref(np.stack([xs[i] @ w[ex[i]] for i in range(len(rows))]), glu)
+    ref = ref_glu(ref_ragged_dot(x, f64(sj.decode(sw)), gs, sel, only=rows), glu)
     err = np.linalg.norm(y[rows] - ref) / np.linalg.norm(ref)
-    assert err < TOL[dtype], f"relative error {err:.3g}"
+    assert err < tol("product", dtype), f"relative error {err:.3g}"
 
 
-_FORCED_SPLIT = textwrap.dedent("""
-    import sys
-    import jax, jax.numpy as jnp, numpy as np
-    import samoyeds_jax as sj
-    rng = np.random.default_rng(int(sys.argv[1]))
-    worst = 0.0
-    for nv, sub_row, k in [((1, 2), 128, 1152), ((2, 4), 32, 1120)]:
-        cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
-        w = jnp.asarray(rng.standard_normal((2, k, 256)) / np.sqrt(k / 4), jnp.bfloat16)
-        sw = sj.encode(sj.prune(w, cfg), cfg)
-        wd = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
-        x = jnp.asarray(rng.standard_normal((40, k)), jnp.bfloat16)
-        gs = jnp.asarray([3, 30], jnp.int32)  # 7 rows past the groups stay zero
-        y = np.asarray(jax.jit(sj.ragged_dot)(x, sw, gs).astype(jnp.float32), np.float64)
-        xs = np.asarray(x.astype(jnp.float32), np.float64)
-        ref = np.concatenate([xs[:3] @ wd[0], xs[3:33] @ wd[1], np.zeros((7, 256))])
-        assert np.isfinite(y).all() and (y[33:] == 0).all()
-        worst = max(worst, np.linalg.norm(y - ref) / np.linalg.norm(ref))
-        # A fused GLU over the same splits: act(gate) * up of the summed partials.
-        y = np.asarray(jax.jit(lambda *a: sj.ragged_dot(*a, glu="silu"))(x, sw, gs)
-                       .astype(jnp.float32), np.float64)
-        g, u = ref[:, :128], ref[:, 128:]
-        ref = g / (1 + np.exp(-g)) * u
-        assert np.isfinite(y).all() and (y[33:] == 0).all()
-        worst = max(worst, np.linalg.norm(y - ref) / np.linalg.norm(ref))
-    print("SPLIT_MAX_ERR", worst)
-""")
-
-
-def test_forced_split_k(rng):
-    """SAMOYEDS_SPLIT_K=8 on 9 K stages: splits 5-7 get no stage and add zeros; with and
-    without a fused GLU."""
-    env = dict(os.environ, SAMOYEDS_KERNEL="warp", SAMOYEDS_SPLIT_K="8")
-    out = subprocess.run([sys.executable, "-c", _FORCED_SPLIT, str(int(rng.integers(2**31)))],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    err = float(out.stdout.split("SPLIT_MAX_ERR")[1])
-    assert err < 1e-2, out.stdout
+@pytest.mark.parametrize("nv,sub_row,k", [((1, 2), 128, 1152), ((2, 4), 32, 1120)])
+@pytest.mark.parametrize("glu", [None, "silu"])
+def test_forced_split_k(rng, nv, sub_row, k, glu):
+    """8 forced K splits of the warp-level kernel on 9 K stages: splits 5-7 get no stage
+    and add zeros; with and without a fused GLU (act(gate) * up of the summed partials)."""
+    cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
+    sw = _weight(rng, 2, k, 256, cfg, jnp.bfloat16)
+    x = rand(rng, (40, k), jnp.bfloat16)
+    gs = jnp.asarray([3, 30], jnp.int32)  # 7 rows past the groups stay zero
+    ref = ref_ragged_dot(x, f64(sj.decode(sw)), gs)[:33]
+    if glu:
+        ref = ref_glu(ref, glu)
+    _poison_device_memory()
+    with sj.ops.force_kernel("warp", splits=8):
+        y = jax.jit(lambda *a: sj.ragged_dot(*a, glu=glu))(x, sw, gs)
+    y = f64(y)
+    assert np.isfinite(y).all() and (y[33:] == 0).all()
+    err = np.linalg.norm(y[:33] - ref) / np.linalg.norm(ref)
+    assert err < tol("product", jnp.bfloat16), f"relative error {err:.3g}"
 
 
 def test_vmap_and_grad(rng):
@@ -281,22 +248,22 @@ def test_vmap_and_grad(rng):
     cfg = sj.SparsityConfig(2, 4, 64)
     e, k, m, r = 3, 256, 128, 40
     sw = _weight(rng, e, k, m, cfg, dtype)
-    xb = jnp.asarray(rng.standard_normal((2, r, k)), dtype)
+    xb = rand(rng, (2, r, k), dtype)
     gsb = jnp.asarray([[10, 0, 25], [1, 38, 1]], jnp.int32)
     yb = jax.jit(jax.vmap(lambda x, g: sj.ragged_dot(x, sw, g)))(xb, gsb)
     for b in range(2):
         _check(yb[b], xb[b], sw, gsb[b], None, dtype)
     f = lambda x: (sj.ragged_dot(x, sw, gsb[0]).astype(jnp.float32) ** 2).sum()
     g = jax.jit(jax.grad(f))(xb[0])
-    w = np.asarray(sj.decode(sw).astype(jnp.float32), np.float64)
-    xs = np.asarray(xb[0].astype(jnp.float32), np.float64)
+    w = f64(sj.decode(sw))
+    xs = f64(xb[0])
     off = np.concatenate([[0], np.cumsum(np.asarray(gsb[0]))])
     want = np.zeros_like(xs)
     for ex in range(e):
         rows = slice(off[ex], off[ex + 1])
         want[rows] = 2 * (xs[rows] @ w[ex]) @ w[ex].T
-    got = np.asarray(g.astype(jnp.float32), np.float64)
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-2
+    got = f64(g)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol("grad", dtype)
 
 
 def test_matches_cpu_handler(rng):
@@ -305,13 +272,14 @@ def test_matches_cpu_handler(rng):
     cfg = sj.SparsityConfig(1, 2, 128)
     sw = _weight(rng, 4, 512, 256, cfg, dtype)
     gs = jnp.asarray([3, 60, 0, 17], jnp.int32)
-    x = jnp.asarray(rng.standard_normal((90, 512)), dtype)
+    x = rand(rng, (90, 512), dtype)
     sel = jnp.asarray(rng.integers(0, 90, 85), jnp.int32)
     y_gpu = np.asarray(jax.jit(sj.ragged_dot)(x, sw, gs, sel).astype(jnp.float32))
     cpu = jax.devices("cpu")[0]
     args = jax.device_put((x, sw, gs, sel), cpu)
     y_cpu = np.asarray(jax.jit(sj.ragged_dot)(*args).astype(jnp.float32))
-    np.testing.assert_allclose(y_gpu, y_cpu, rtol=2e-2, atol=2e-2)
+    bound = tol("product_row", dtype)  # two roundings of the same sums, one per handler
+    np.testing.assert_allclose(y_gpu, y_cpu, rtol=bound, atol=bound)
 
 
 def test_deterministic(rng):
@@ -319,7 +287,7 @@ def test_deterministic(rng):
     cfg = sj.SparsityConfig(1, 2, 128)
     sw = _weight(rng, 8, 1024, 512, cfg, dtype)
     gs = jnp.asarray(rng.integers(0, 100, 8), jnp.int32)
-    x = jnp.asarray(rng.standard_normal((int(gs.sum()), 1024)), dtype)
+    x = rand(rng, (int(gs.sum()), 1024), dtype)
     f = jax.jit(sj.ragged_dot)
     first = np.asarray(f(x, sw, gs).view(jnp.uint16))
     for _ in range(3):
@@ -367,7 +335,7 @@ def test_command_buffer_replay(rng, tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     err = float(out.stdout.split("REPLAY_MAX_ERR")[1])
-    assert err < 2e-2, out.stdout
+    assert err < tol("product_row", jnp.bfloat16), out.stdout  # two products chained
     # The custom call must run inside a command buffer. Newer XLA (jaxlib 0.11) forms
     # command buffers from the thunk sequence after compilation, which the dump shows as
     # kCustomCall thunks nested under a kCommandBuffer thunk; older XLA did it in an HLO

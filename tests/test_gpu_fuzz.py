@@ -1,4 +1,4 @@
-"""Hypothesis property tests of the CUDA ragged_dot against a float64 reference (issue 7).
+"""Hypothesis property tests of the CUDA ragged_dot against a float64 reference.
 
 Skipped cleanly without a GPU, exactly like tests/test_gpu.py (marker ``gpu`` plus the
 same skipif). Each example draws a config (every N:V x sub_row, bf16/fp16), a shape from a
@@ -7,7 +7,8 @@ layout (free sizes with empty experts and a padded tail, one expert taking every
 empty) and, with SEL, a routing (uniform, a few hot tokens, the bounds of x) with garbage
 in the padding entries that must not be read. Array contents come from a drawn seed, so
 the falsifying example printed by hypothesis is enough to replay a failure; the run's seed
-follows SAMOYEDS_TEST_SEED (tests/conftest.py).
+follows SAMOYEDS_TEST_SEED (tests/conftest.py). The reference and the tolerances
+(``product`` whole, ``product_row`` worst row) are those of tests/helpers.py.
 
 There is no CPU property test of ragged_dot to share a strategy with (tests/test_ops.py
 enumerates cases; test_format.py's hypothesis tests cover prune/encode only).
@@ -25,18 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import samoyeds_jax as sj
+from helpers import f64, has_gpu, rand, ref_ragged_dot, sparse_weight, tol
 from samoyeds_jax.format import SUPPORTED_NV, SUPPORTED_SUB_ROWS
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()),
-                       reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU"),
 ]
 
-# Whole-output relative Frobenius error (tests/test_gpu.py) and worst row
-# (tests/test_ops.py) vs float64: fp32 accumulation, output rounded to the dtype.
-TOL = {"bfloat16": 1e-2, "float16": 2e-3}
-ROW_TOL = {"bfloat16": 2e-2, "float16": 5e-3}
 # The shape grid: K and M as multiples of the config's minimum, R rows, T tokens.
 EXPERTS, K_MULTS, M_MULTS, ROWS, TOKENS = (1, 3, 8), (1, 3), (1, 4), (1, 45, 300), (7, 64)
 LAYOUTS = ("free", "free", "free", "one_expert_all", "all_empty")
@@ -99,10 +96,8 @@ def cases(draw: st.DrawFn) -> Case:
 def make_inputs(c: Case) -> tuple[sj.SparseWeight, np.ndarray, np.ndarray, np.ndarray | None]:
     """(weight, x, group_sizes, sel or None) of a case, numpy except the weight."""
     rng = np.random.default_rng(c.seed)
-    w = rng.standard_normal((c.e, c.k, c.m), np.float32) / np.sqrt(c.k / 4)
-    sw = sj.encode(sj.prune(jnp.asarray(w, c.dtype), c.cfg), c.cfg)
-    x = rng.standard_normal((c.tokens or c.rows, c.k), np.float32).astype(jnp.dtype(c.dtype))
-    x = np.where(x == 0, np.asarray(1, x.dtype), x)  # no all-zero rows hiding a dead row
+    sw = sparse_weight(rng, c.cfg, c.dtype, (c.e, c.k, c.m), scale=1 / np.sqrt(c.k / 4))
+    x = np.asarray(rand(rng, (c.tokens or c.rows, c.k), c.dtype))
     gs = np.asarray(c.group_sizes, np.int32)
     if c.sel_kind == "none":
         return sw, x, gs, None
@@ -113,20 +108,6 @@ def make_inputs(c: Case) -> tuple[sj.SparseWeight, np.ndarray, np.ndarray, np.nd
         total = int(gs.sum())
         sel[total:] = np.asarray([-1, c.tokens, 2**31 - 1])[np.arange(c.rows - total) % 3]
     return sw, x, gs, sel.astype(np.int32)
-
-
-def reference(x: np.ndarray, w64: np.ndarray, gs: np.ndarray, sel: np.ndarray | None
-              ) -> np.ndarray:
-    """float64 rows [0, sum(gs)): x[sel[r] or r] @ W[e(r)]."""
-    x64 = x.astype(np.float64)
-    total = int(gs.sum())
-    src = np.arange(total) if sel is None else sel[:total].astype(np.int64)
-    expert = np.repeat(np.arange(len(gs)), gs)
-    out = np.zeros((total, w64.shape[-1]))
-    for ex in np.unique(expert):
-        hit = expert == ex
-        out[hit] = x64[src[hit]] @ w64[ex]
-    return out
 
 
 @HYP
@@ -141,13 +122,14 @@ def test_ragged_dot_matches_float64_reference(c: Case):
     total = int(gs.sum())
     assert np.isfinite(y64).all(), "non-finite output (an unwritten row?)"
     assert not y64[total:].any(), f"rows at or past sum(group_sizes)={total} are not zero"
-    ref = reference(x, np.asarray(sj.decode(sw).astype(jnp.float32), np.float64), gs, sel)
+    ref = ref_ragged_dot(x, f64(sj.decode(sw)), gs, sel)[:total]
     head = y64[:total]
     if total:
-        err = np.linalg.norm(head - ref) / np.linalg.norm(ref)
-        assert err <= TOL[c.dtype], f"relative error {err:.3g} > {TOL[c.dtype]}"
+        err, bound = np.linalg.norm(head - ref) / np.linalg.norm(ref), tol("product", c.dtype)
+        assert err <= bound, f"relative error {err:.3g} > {bound}"
         row = np.linalg.norm(head - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
-        assert row.max() <= ROW_TOL[c.dtype], \
-            f"row {int(row.argmax())} relative error {row.max():.3g} > {ROW_TOL[c.dtype]}"
+        bound = tol("product_row", c.dtype)
+        assert row.max() <= bound, \
+            f"row {int(row.argmax())} relative error {row.max():.3g} > {bound}"
     # Same inputs, same bits (no atomics in the kernel).
     np.testing.assert_array_equal(np.asarray(RD(*args)).view(np.uint16), y.view(np.uint16))

@@ -4,68 +4,27 @@
 //     activation rows); shared -> registers through ldmatrix; metadata arrives in
 //     hardware order (ffi/format.h), one aligned 32-bit word per lane covers two k-steps;
 //   * the SEL gather is fused into the activation loads (per-row source addresses);
-//   * N:V: swap-to-front steering of V accumulators per kept row (cuda_common.cuh);
-//   * device-side tile schedule from group_sizes; epilogue through shared memory.
+//   * N:V: swap-to-front steering of V accumulators per kept row (cuda/steer.cuh);
+//   * device-side tile schedule from group_sizes; epilogue through shared memory; on
+//     sm_90, K split over the blocks of a cluster at decode shapes (warp/config.cuh).
 #pragma once
 
-#include <algorithm>
-#include <cstdlib>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
-#include "cuda_common.cuh"
+#include <type_traits>
+
+#include "cuda/device.cuh"
+#include "cuda/epilogue.cuh"
+#include "cuda/operands.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/schedule.cuh"
+#include "cuda/steer.cuh"
+#include "cuda/tile.cuh"
+#include "cuda/warp/config.cuh"
+#include "cuda/warp/loader.cuh"
 
 namespace samoyeds::cuda {
-
-// A tile configuration; every size below derives from these.
-template <int BM, int BN, int Stages, int WarpsM, int WarpsN>
-struct TileCfg {
-  static constexpr int kBM = BM;   // kept rows per block
-  static constexpr int kBN = BN;   // routed rows per block
-  static constexpr int kBK = 128;  // dense K per pipeline stage
-  static constexpr int kStages = Stages;
-  static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN;
-  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
-  static constexpr int kFragsM = kBM / kWarpsM / 16;  // m16 fragments per warp
-  static constexpr int kFragsN = kBN / kWarpsN / 8;   // n8 fragments per warp
-  static constexpr int kSteps = kBK / kStepK;         // mma k-steps per stage
-  static constexpr int kARow = kBK / 2 * 2;           // bytes of one compressed row per stage
-  static constexpr int kBRow = kBK * 2;               // bytes of one activation row per stage
-  static constexpr int kMetaRow = kSteps * 4;         // bytes of metadata per kept row per stage
-  static constexpr int kABytes = kBM * kARow;
-  static constexpr int kBBytes = kBN * kBRow;
-  static constexpr int kMetaBytes = kBM * kMetaRow;
-  static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
-  static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kBRowStride = kBRow;
-  static_assert(kSteps % 2 == 0, "metadata words are consumed in selector pairs");
-  // XOR swizzles of 16-byte chunks: ldmatrix's 8 row addresses land in distinct banks.
-  static __device__ __forceinline__ int AOffset(int row, int chunk) {
-    return row * kARow + ((chunk ^ (row & 7)) << 4);
-  }
-  static __device__ __forceinline__ int BOffset(int row, int chunk) {
-    return row * kBRow + ((chunk ^ (row & 7)) << 4);
-  }
-};
-// Prefill: 64 kept rows x 64 routed rows, 4 warps of 32 x 32.
-using TileLarge = TileCfg<64, 64, 3, 2, 2>;
-// Decode (few rows per expert): 32 kept rows x 16 routed rows, 4 warps of 16 x 8, a
-// deeper pipeline; twice the blocks of the prefill tile so one expert fills the GPU.
-using TileSmall = TileCfg<32, 16, 4, 2, 2>;
-// Dynamic shared memory of a launch: the pipeline, then the sub-row indices of the K range
-// one block covers (V > 1), sized at launch (a Mixtral decode block needs 0.5 KB of the
-// 16 KB kIndexStageBytes; indices beyond that are read from global memory).
-template <typename Tile, int V>
-int SmemBytes(const Args& a, int splits) {
-  if (V == 1) return Tile::kPipeBytes;
-  const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
-  const int per_split = (k_stages + splits - 1) / splits;
-  const int64_t windows =
-      std::min<int64_t>(a.k / a.sub_row, int64_t{per_split} * Tile::kBK / a.sub_row);
-  const int64_t bytes = (Tile::kBM * windows + 15) / 16 * 16;
-  return Tile::kPipeBytes + static_cast<int>(std::min<int64_t>(kIndexStageBytes, bytes));
-}
-// Mean routed rows per expert up to which the decode tile is used (host-side choice
-// from shapes only: group sizes stay on the device).
-constexpr int64_t kSmallTileMaxRowsPerExpert = 32;
 
 template <typename T, int kSelector>
 __device__ __forceinline__ void MmaSp(float (&d)[4], const uint32_t (&a)[4],
@@ -326,41 +285,6 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   } else {
     SharedToOut<T, Tile::kThreads, kCStride, kPair>(a, work, tile.out0, tile.out_here, c_tile, tid);
   }
-}
-
-// K splits for decode shapes: a block's K loop is latency-bound (few routed rows, one
-// stage in flight per few hundred cycles), so when the M tiles alone leave the SMs short
-// of blocks, the blocks of one cluster share a tile's K range (a cluster holds at most 8
-// blocks, the portable size). Only on sm_90 (clusters, distributed shared memory);
-// SAMOYEDS_SPLIT_K (environment, read once) forces a count for benchmarks and tests.
-constexpr int kMaxSplits = 8;
-constexpr int kSplitTargetBlocksPerSm = 4;
-constexpr int kMinStagesPerSplit = 4;
-
-inline int ForcedSplits() {
-  static const int forced = [] {
-    const char* env = std::getenv("SAMOYEDS_SPLIT_K");
-    const int s = env ? std::atoi(env) : 0;
-    return (s >= 1 && s <= kMaxSplits && (s & (s - 1)) == 0) ? s : 0;
-  }();
-  return forced;
-}
-
-template <typename Tile>
-int SplitsFor(const Args& a, int m_tiles) {
-  const DeviceFacts& dev = CurrentDevice();
-  if (dev.major < 9) return 1;
-  const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
-  if (ForcedSplits()) return std::min(ForcedSplits(), k_stages);
-  // Busy row tiles, assuming the routed rows spread over as many experts as they can.
-  const int64_t row_tiles = std::max<int64_t>((a.rows + Tile::kBN - 1) / Tile::kBN,
-                                              std::min(a.experts, a.rows));
-  const int64_t target = int64_t{kSplitTargetBlocksPerSm} * dev.sms;
-  int s = 1;
-  while (s < kMaxSplits && row_tiles * m_tiles * s * 2 <= target &&
-         k_stages >= 2 * s * kMinStagesPerSplit)
-    s *= 2;
-  return s;
 }
 
 template <typename T, int N, int V, typename Tile>

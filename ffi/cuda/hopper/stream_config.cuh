@@ -1,0 +1,112 @@
+// The serving-path kernel's block shapes (StreamCfg) and its host-side choices, from shapes
+// alone: which block shape, and how many K splits. The kernel is in stream_kernel.cuh.
+//
+// A call with few routed rows per expert is bound by reading the compressed weight once:
+// every SM must keep enough weight bytes in flight to cover HBM latency, and every SM must
+// have work. So the tiles are narrow in N (the routed rows), two blocks share an SM, and
+// K is split over the blocks of a cluster when the tiles alone would leave SMs idle.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/device.cuh"
+#include "cuda/tile.cuh"
+
+namespace samoyeds::cuda {
+
+// Consumers warpgroups of 64 kept rows each, BN routed rows (the wgmma N), Stages ring
+// buffers, BlocksPerSm blocks resident per SM; one producer warp after the consumer
+// warpgroups issues the loads.
+template <int V, int Consumers, int BN, int Stages, int BlocksPerSm>
+struct StreamCfg {
+  static constexpr int kV = V;
+  static constexpr int kConsumers = Consumers;
+  static constexpr int kConsumerThreads = 128 * Consumers;
+  static constexpr int kProducerThreads = 32;
+  static constexpr int kThreads = kConsumerThreads + kProducerThreads;
+  static constexpr int kBlocksPerSm = BlocksPerSm;
+  static constexpr int kBM = 64 * Consumers;   // kept rows per block
+  static constexpr int kBN = BN;               // routed rows per block (wgmma N)
+  static constexpr int kBK = 128;              // dense K per stage
+  static constexpr int kStages = Stages;
+  static constexpr int kSteps = kBK / kStepK;  // wgmma k-steps per stage
+  // A stage of a compressed A row is kBK / 2 values = 128 bytes = one swizzle row; each
+  // tile half is one bulk tensor copy of kBM / 2 rows.
+  static constexpr int kARow = kBK / 2 * 2;
+  static constexpr int kAHalfBytes = kBM / 2 * kARow;
+  static constexpr int kABytes = kBM * kARow;
+  // B is stored as two K halves of 64 values (128 bytes) for every routed row.
+  static constexpr int kBHalf = kBN * 128;
+  static constexpr int kBBytes = 2 * kBHalf;
+  static constexpr int kMetaRow = kSteps * 4;
+  static constexpr int kMetaBytes = kBM * kMetaRow;
+  static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kFrags = kBN / 8;  // n8 column groups of the accumulators
+  // Shared memory after the 1024-byte aligned base: the ring, the tile's token rows, the
+  // full and empty mbarriers, then the staged sub-row indices (sized at launch).
+  static constexpr int kSrcRowOffset = kPipeBytes;
+  static constexpr int kBarrierOffset = kSrcRowOffset + kBN * 4;
+  static constexpr int kIndexOffset = (kBarrierOffset + 2 * kStages * 8 + 15) / 16 * 16;
+  static constexpr int kAlignSlack = 1024;
+  static constexpr int kFixedSmemBytes = kIndexOffset + kAlignSlack;
+  static_assert(kARow == 128, "A stage rows are one 128-byte swizzle row");
+  static_assert(kABytes % 1024 == 0 && kAHalfBytes % 1024 == 0 && kBHalf % 1024 == 0 &&
+                    kStageBytes % 1024 == 0,
+                "swizzled tiles start on 1024-byte boundaries");
+  static_assert(kBN % 16 == 0 && kBN <= 64, "wgmma N of 16, 32 or 64");
+};
+
+// Stages that fit ~192 KB of shared memory over the blocks of an SM, at most 8 (the
+// rest holds the staged sub-row indices).
+template <int Consumers, int BN, int BlocksPerSm>
+constexpr int StreamStages() {
+  constexpr int stage = 64 * Consumers * 128 + BN * 256 + 64 * Consumers * 16;
+  return std::min(8, 192 * 1024 / BlocksPerSm / stage);
+}
+template <int V, int Consumers, int BN, int BlocksPerSm>
+using StreamCfgOf =
+    StreamCfg<V, Consumers, BN, StreamStages<Consumers, BN, BlocksPerSm>(), BlocksPerSm>;
+// The narrow block (up to 16 routed rows per expert): 64 kept rows x 16 routed rows, two
+// blocks per SM, a 7-deep ring; its activation tile is small, so one consumer warpgroup
+// per block costs little L2 traffic. The wide block: 128 kept rows x 64 routed rows (32
+// when V = 4, whose four accumulator sets would not fit the registers), one block per
+// SM; the activation tile is re-read per M tile, so two warpgroups share it.
+template <int V>
+using StreamNarrowCfg = StreamCfgOf<V, 1, 16, 2>;
+template <int V>
+using StreamWideCfg = StreamCfgOf<V, 2, (V == 4 ? 32 : 64), 1>;
+
+// Mean routed rows per expert up to which the serving kernel runs (above it the prefill
+// kernel's wider tiles reuse each weight tile over more rows), and up to which its
+// narrow block is used.
+constexpr int64_t kStreamMaxRowsPerExpert = 256;
+constexpr int64_t kStreamNarrowMaxRowsPerExpert = 16;
+inline bool UseStreamFor(const Args& a) {
+  return a.rows <= kStreamMaxRowsPerExpert * a.experts;
+}
+
+// K splits: the fewest that let the busy tiles fill every block slot of the GPU, while
+// each split keeps at least kStreamMinStagesPerSplit K stages. The blocks of one tile's
+// splits form a cluster (at most 8 blocks, the portable size) and sum their partial tiles
+// through distributed shared memory in a fixed order. Args::splits forces a count.
+constexpr int kStreamMaxSplits = 8;
+constexpr int kStreamMinStagesPerSplit = 4;
+
+template <typename Cfg>
+int StreamSplitsFor(const Args& a, int m_tiles) {
+  const int k_stages = (a.k + Cfg::kBK - 1) / Cfg::kBK;
+  if (a.splits > 0) return std::min(a.splits, k_stages);
+  // Busy row tiles, assuming the routed rows spread over as many experts as they can.
+  const int64_t row_tiles = std::max<int64_t>((a.rows + Cfg::kBN - 1) / Cfg::kBN,
+                                              std::min(a.experts, a.rows));
+  const int64_t slots = int64_t{Cfg::kBlocksPerSm} * CurrentDevice().sms;
+  int s = 1;
+  while (s < kStreamMaxSplits && row_tiles * m_tiles * s * 2 <= slots &&
+         k_stages >= 2 * s * kStreamMinStagesPerSplit)
+    s *= 2;
+  return s;
+}
+
+}  // namespace samoyeds::cuda

@@ -1,0 +1,413 @@
+// The serving-path kernel (sm_90a): few routed rows per expert, bound by reading the
+// compressed weight once at HBM bandwidth.
+//   * one producer warp streams each K stage into a ring of shared-memory buffers: the
+//     compressed values of the block's kept rows by bulk tensor copies (TMA, one per tile
+//     half, in the 128-byte swizzled layout the wgmma descriptors describe), the routed
+//     activation rows gathered through SEL and the metadata by cp.async; each buffer's
+//     `full` mbarrier completes on both (transaction bytes and copy arrivals);
+//   * consumer warpgroups of 64 kept rows each run wgmma.mma_async.sp m64nNk32 with a
+//     small N (16 to 64 routed rows), A and B from shared memory by descriptor, and
+//     release a buffer on its `empty` mbarrier once their MMAs retire;
+//   * N:V: swap-to-front steering at each window, after a drain (cheap at small N);
+//   * K split over the blocks of a cluster (grid z) when the tiles alone leave SMs idle;
+//     the partial tiles are summed through distributed shared memory in rank order, so
+//     the result does not depend on scheduling (StreamSplitsFor);
+//   * epilogue: one kept row per block (1:1, 1:2, 1:4), one split and no fused GLU store
+//     the accumulators straight to `out`; otherwise through a shared fp32 tile.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/device.cuh"
+#include "cuda/epilogue.cuh"
+#include "cuda/hopper/direct_store.cuh"
+#include "cuda/hopper/stream_config.cuh"
+#include "cuda/hopper/tensor_map.cuh"
+#include "cuda/hopper/wgmma.cuh"
+#include "cuda/operands.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/schedule.cuh"
+#include "cuda/steer.cuh"
+#include "cuda/tile.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SAMOYEDS_STREAM_DEVICE_PASS 1
+#endif
+
+namespace samoyeds::cuda {
+
+// The bulk tensor copies of one K stage's values: one box of kBM / 2 kept rows x kBK / 2
+// values per tile half present, and the barrier's transaction count (one thread).
+template <typename Cfg>
+struct StreamValues {
+  int row_lo, row_hi;  // first rows of the two tile halves in the [E * Mk, K / 2] tensor
+  bool has_hi;
+  __device__ __forceinline__ StreamValues(const Args& a, const RowTile& tile, int expert) {
+    const int64_t first = static_cast<int64_t>(expert) * a.kept_rows;
+    row_lo = static_cast<int>(first + KeptRow<Cfg::kBM>(tile, 0));
+    row_hi = static_cast<int>(first + KeptRow<Cfg::kBM>(tile, Cfg::kBM / 2));
+    has_hi = tile.hi > 0;
+  }
+  __device__ __forceinline__ void Load(uint32_t dst, int stage, uint32_t full,
+                                       const CUtensorMap* map) const {
+    MbarArriveExpectTx(full, (has_hi ? 2 : 1) * Cfg::kAHalfBytes);
+    const int col = stage * (Cfg::kBK / 2);
+    TmaLoad2D(dst, map, col, row_lo, full);
+    if (has_hi) TmaLoad2D(dst + Cfg::kAHalfBytes, map, col, row_hi, full);
+  }
+};
+
+// The producer warp's loads of one K stage besides the values: cp.async copies of the
+// routed rows (lane l: 16-byte chunk l % 16 of rows l / 16 + 2i) and of the metadata
+// (lane l: word l % 4 of rows l / 4 + 8i).
+template <typename Cfg, typename T>
+class StreamProducer {
+ public:
+  static constexpr int kBCopies = Cfg::kBN / 2;
+  static constexpr int kMetaCopies = Cfg::kBM / 8;
+  static constexpr int kHalf = Cfg::kBM / 2;
+
+  __device__ __forceinline__ StreamProducer(const Args& a, const RowTile& tile, int expert,
+                                            const int* src_row, int lane)
+      : lane_(lane) {
+    // The token of each of this lane's rows, read from shared memory once: a load per
+    // copy and stage would put a load's latency in front of every copy (the producer's
+    // copies are a dependent chain otherwise).
+#pragma unroll
+    for (int i = 0; i < kBCopies; ++i) tok_[i] = src_row[lane / 16 + 2 * i];
+    const int64_t first = static_cast<int64_t>(expert) * a.kept_rows;
+    // Metadata rows r = lane / 4 + 8i: the lower half's first kHalf / 8 copies, then the
+    // upper half's; copies of absent rows read nothing and fill zeros.
+    const int words = a.k / kMetaColsPerWord, r0 = lane / 4;
+    meta_lo_ = a.metadata + (first + KeptRow<Cfg::kBM>(tile, r0)) * words + lane % 4;
+    meta_hi_ = a.metadata + (first + KeptRow<Cfg::kBM>(tile, kHalf + r0)) * words + lane % 4;
+    meta_lo_n_ = max(0, (tile.lo - r0 + 7) / 8);
+    meta_hi_n_ = max(0, (tile.hi - r0 + 7) / 8);
+  }
+
+  // Routed rows and metadata of stage `stage` into the buffer at `dst`.
+  __device__ __forceinline__ void LoadRest(const Args& a, uint32_t dst, int stage) const {
+    const uint32_t sb = dst + Cfg::kABytes, sm = sb + Cfg::kBBytes;
+    const int k0 = stage * Cfg::kBK;
+    const int chunk = lane_ % 16, r0 = lane_ / 16;
+    // Chunk c of a row holds dense columns [8c, 8c + 8) of the stage: slab c / 8 of the
+    // two K halves, 16-byte chunk c % 8 swizzled by the row (Cfg's 128-byte swizzle).
+    const bool col_ok = k0 + chunk * 8 < a.k;
+    const T* x = static_cast<const T*>(a.x) + k0 + chunk * 8;
+    const uint32_t b_dst = sb + (chunk / 8) * Cfg::kBHalf;
+#pragma unroll
+    for (int i = 0; i < kBCopies; ++i) {
+      const int r = r0 + 2 * i;
+      const int t = tok_[i];
+      CpAsync16If(b_dst + r * 128 + (((chunk % 8) ^ (r % 8)) << 4),
+                  x + static_cast<int64_t>(max(t, 0)) * a.k, t >= 0 && col_ok);
+    }
+    const int word = k0 / kMetaColsPerWord;
+    const bool word_ok = (word + lane_ % 4) * kMetaColsPerWord < a.k;
+    const int words = a.k / kMetaColsPerWord;
+    const uint32_t m_dst = sm + (lane_ / 4) * Cfg::kMetaRow + (lane_ % 4) * 4;
+#pragma unroll
+    for (int i = 0; i < kMetaCopies; ++i) {
+      const bool upper = i >= kMetaCopies / 2;
+      const int j = upper ? i - kMetaCopies / 2 : i;
+      const bool ok = word_ok && j < (upper ? meta_hi_n_ : meta_lo_n_);
+      const uint32_t* src = (upper ? meta_hi_ : meta_lo_) + static_cast<int64_t>(8 * j) * words;
+      CpAsync4(m_dst + i * 8 * Cfg::kMetaRow, ok ? src + word : a.metadata, ok ? 4 : 0);
+    }
+  }
+
+ private:
+  int tok_[kBCopies];  // token row of each B copy, -1: absent (no copy)
+  const uint32_t* meta_lo_;
+  const uint32_t* meta_hi_;
+  int lane_, meta_lo_n_, meta_hi_n_;
+};
+
+template <typename T, int N, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
+    RaggedDotStreamKernel(const Args a, const __grid_constant__ CUtensorMap values_map) {
+#ifdef SAMOYEDS_STREAM_DEVICE_PASS
+  constexpr int V = Cfg::kV;
+  extern __shared__ uint8_t smem_raw[];
+  // The swizzled operand tiles need 1024-byte aligned addresses.
+  const uint32_t pad = (1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u;
+  uint8_t* smem = smem_raw + pad;
+  int(&src_row)[Cfg::kBN] = *reinterpret_cast<int(*)[Cfg::kBN]>(smem + Cfg::kSrcRowOffset);
+  uint8_t* idx_smem = smem + Cfg::kIndexOffset;
+  const uint32_t smem_base = SmemAddr(smem);
+  const uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // + 8 * buffer
+  const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
+
+  const TileIndex block = BlockTile(a);
+  const RowTile tile = TileRows<Cfg::kBM, N, V>(a, block.m);
+  const Work work = FindWork<Cfg::kBN>(a, block.row);
+  // Every block of a cluster has the same tile, so these exits are cluster-uniform.
+  if (work.row_begin >= work.row_end) return;
+  if (work.expert < 0) {
+    ZeroFillTile<T, Cfg::kThreads>(a, work, tile.out0, tile.out_here);
+    return;
+  }
+  const int e = work.expert;
+  // This block's K stages [s_begin, s_end) and windows [w_begin, w_end).
+  const int splits = gridDim.z;
+  const int k_stages = (a.k + Cfg::kBK - 1) / Cfg::kBK;
+  const int per_split = (k_stages + splits - 1) / splits;
+  const int s_begin = min(k_stages, static_cast<int>(blockIdx.z) * per_split);
+  const int n_stages = min(k_stages, s_begin + per_split) - s_begin;
+  const int windows = a.k / a.sub_row, stage_windows = Cfg::kBK / a.sub_row;
+  const int w_begin = min(windows, s_begin * stage_windows);
+  const int w_end = min(windows, (s_begin + n_stages) * stage_windows);
+
+  const StreamValues<Cfg> values(a, tile, e);
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < Cfg::kStages; ++b) {
+      // Full: the producer lanes' cp.async arrivals and one transaction-count arrival.
+      MbarInit(full_bar + 8 * b, Cfg::kProducerThreads + 1);
+      MbarInit(empty_bar + 8 * b, Cfg::kConsumerThreads);
+    }
+    FenceMbarrierInit();
+    // The first ring fill's values depend on the expert alone: they fly while the block
+    // reads its SEL rows (the producer adds the rows and metadata after the barrier).
+    for (int i = 0; i < min(n_stages, Cfg::kStages); ++i)
+      values.Load(smem_base + i * Cfg::kStageBytes, s_begin + i, full_bar + 8 * i, &values_map);
+  }
+  LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
+  __syncthreads();  // token rows and initialised barriers are visible
+
+  constexpr int kOutRows = Cfg::kBM / N * V;
+  constexpr int kCStride = kOutRows + 4;
+  static_assert(Cfg::kBN * kCStride * 4 <= Cfg::kPipeBytes, "epilogue tile fits the ring");
+  float* c_tile = reinterpret_cast<float*>(smem);
+  const int tid = threadIdx.x;
+
+  if (tid >= Cfg::kConsumerThreads) {
+    // Producer warp: fill buffer i % kStages with stage s_begin + i once the consumers
+    // have released that buffer's previous use.
+    const int lane = tid - Cfg::kConsumerThreads;
+    const StreamProducer<Cfg, T> producer(a, tile, e, src_row, lane);
+    for (int i = 0; i < n_stages; ++i) {
+      const int buf = i % Cfg::kStages;
+      if (i >= Cfg::kStages) MbarWait(empty_bar + 8 * buf, (i / Cfg::kStages - 1) & 1);
+      const uint32_t dst = smem_base + buf * Cfg::kStageBytes;
+      if (lane == 0 && i >= Cfg::kStages)
+        values.Load(dst, s_begin + i, full_bar + 8 * buf, &values_map);
+      producer.LoadRest(a, dst, s_begin + i);
+      CpAsyncMbarArrive(full_bar + 8 * buf);
+    }
+    CpAsyncWait<0>();
+  } else {
+    const int lane = tid & 31, warp = tid >> 5;
+    // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows
+    // g and g + 8 of them, columns 8j + 2t + {0, 1}. The warpgroup index goes through a
+    // shuffle so the compiler knows it is warp-uniform.
+    const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
+    const int g = lane >> 2, tq = lane & 3;
+    const int row0 = wg * 64 + (warp % 4) * 16;
+    const bool frag_ok = RowPresent<Cfg::kBM>(tile, row0);  // halves hold whole fragments
+    const int my_kept[2] = {row0 + g, row0 + g + 8};
+
+    // The sub-row indices of this split's windows, staged while the first loads fly.
+    const uint8_t* idx = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
+    const int wc = w_end - w_begin;
+    bool idx_staged = false;
+    if constexpr (V > 1) {
+      const int capacity = DynamicSmemBytes() - static_cast<int>(pad) - Cfg::kIndexOffset;
+      idx_staged = StageIndices<Cfg::kBM, Cfg::kConsumerThreads>(idx, tile, idx_smem, windows,
+                                                                 w_begin, wc, capacity, tid);
+      ConsumerSync<Cfg::kConsumerThreads>();
+    }
+    // The lane's two rows' sub-row bytes (window w at sub_src[w - sub_base], row g + 8 at
+    // + sub_off): staged, else in global memory; absent fragments read kept row 0.
+    const bool staged_here = idx_staged && frag_ok;
+    const uint8_t* sub_src =
+        staged_here ? idx_smem + my_kept[0] * wc
+                    : idx + static_cast<int64_t>(frag_ok ? KeptRow<Cfg::kBM>(tile, my_kept[0]) : 0) *
+                                windows;
+    const int sub_off = frag_ok ? 8 * (staged_here ? wc : windows) : 0;
+    const int sub_base = staged_here ? w_begin : 0;
+    uint8_t sub[2] = {0, 0}, sub_next[2] = {0, 0};
+    auto load_sub = [&](int window, uint8_t (&dst)[2]) {
+      dst[0] = sub_src[window - sub_base];
+      dst[1] = sub_src[window - sub_base + sub_off];
+    };
+    if constexpr (V > 1) {
+      if (w_begin < w_end) load_sub(w_begin, sub_next);
+    }
+
+    float acc[V][Cfg::kFrags][4];
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+#pragma unroll
+      for (int j = 0; j < Cfg::kFrags; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[v][j][q] = 0.0f;
+    int slot[2][V];  // which sub-row each accumulator set holds, per lane row
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int c = 0; c < V; ++c) slot[r][c] = c;
+
+    auto begin_stage = [&](int i) {
+      const int buf = i % Cfg::kStages;
+      MbarWait(full_bar + 8 * buf, (i / Cfg::kStages) & 1);
+      FenceProxyAsync();  // the cp.async (generic proxy) rows are read by the tensor cores
+      return buf;
+    };
+    // Window boundary: every MMA drained, the window's candidates swapped to the front.
+    auto steer = [&](int window) {
+      WgmmaCommit();
+      WgmmaWait<0>();
+      sub[0] = sub_next[0] % V;
+      sub[1] = sub_next[1] % V;
+      if (window + 1 < w_end) load_sub(window + 1, sub_next);
+      bool swap[2][V];
+      PlanSteer<V>(slot, sub, swap);
+      FenceAcc(acc);
+      ApplySteer<V, Cfg::kFrags>(acc, swap);
+      FenceAcc(acc);
+    };
+    // Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1): selector 0 for the
+    // even step, 1 for the odd one (the mma.sp m16n8k32 per-warp metadata layout).
+    const int meta_offset =
+        Cfg::kABytes + Cfg::kBBytes + (row0 + g + 8 * (tq & 1)) * Cfg::kMetaRow;
+    auto load_meta = [&](int buf, uint32_t (&mw)[Cfg::kSteps]) {
+      const uint32_t* words =
+          reinterpret_cast<const uint32_t*>(smem + buf * Cfg::kStageBytes + meta_offset);
+#pragma unroll
+      for (int s = 0; s < Cfg::kSteps; ++s)
+        mw[s] = frag_ok ? words[(s & ~1) + (tq >> 1)] : kFillerMeta;
+    };
+    const uint32_t a_desc0 = static_cast<uint32_t>(Desc128(smem_base + wg * 64 * Cfg::kARow));
+    const uint32_t b_desc0 = static_cast<uint32_t>(Desc128(smem_base + Cfg::kABytes));
+    auto issue = [&](int buf, int s, uint32_t mw) {
+      const uint32_t a_lo = a_desc0 + buf * (Cfg::kStageBytes >> 4) + ((s * 32) >> 4);
+      const uint32_t b_lo =
+          b_desc0 + buf * (Cfg::kStageBytes >> 4) + (((s >> 1) * Cfg::kBHalf + (s & 1) * 64) >> 4);
+      const uint64_t da = (static_cast<uint64_t>(kDesc128Hi) << 32) | a_lo;
+      const uint64_t db = (static_cast<uint64_t>(kDesc128Hi) << 32) | b_lo;
+      if (s % 2 == 0)
+        WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw);
+      else
+        WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw);
+    };
+    // One MMA group stays in flight; the previous stage's have retired, so its buffer
+    // goes back to the producer.
+    auto end_stage = [&](int i) {
+      WgmmaCommit();
+      WgmmaWait<1>();
+      if (i > 0) MbarArrive(empty_bar + 8 * ((i - 1) % Cfg::kStages));
+    };
+
+    const int window_shift = __ffs(a.sub_row / kStepK) - 1;
+    const int window_mask = (1 << window_shift) - 1;
+    const int k_steps = a.k / kStepK;
+    if (window_shift == 2) {
+      // Every stage is one window (sub_row 128).
+      for (int i = 0; i < n_stages; ++i) {
+        const int buf = begin_stage(i);
+        if constexpr (V > 1)
+          steer(w_begin + i);
+        else
+          WgmmaWait<0>();  // before the metadata registers are reloaded
+        uint32_t mw[Cfg::kSteps];
+        load_meta(buf, mw);
+        WgmmaFence();
+#pragma unroll
+        for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s]);
+        end_stage(i);
+      }
+    } else {
+      // sub_row 32 or 64: windows inside a stage; a partial last stage.
+      for (int i = 0; i < n_stages; ++i) {
+        const int buf = begin_stage(i);
+        WgmmaWait<0>();
+        uint32_t mw[Cfg::kSteps];
+        load_meta(buf, mw);
+        WgmmaFence();
+        const int ks0 = (s_begin + i) * Cfg::kSteps;
+#pragma unroll
+        for (int s = 0; s < Cfg::kSteps; ++s) {
+          const int ks = ks0 + s;
+          if (ks >= k_steps) break;  // only in a partial last stage
+          if constexpr (V > 1) {
+            if ((ks & window_mask) == 0) {
+              steer(ks >> window_shift);
+              WgmmaFence();
+            }
+          }
+          issue(buf, s, mw[s]);
+        }
+        end_stage(i);
+      }
+    }
+    WgmmaWait<0>();
+    FenceAcc(acc);
+
+    if (N == 1 && splits == 1 && a.glu == kGluNone) {
+      if (frag_ok) StoreAccDirect<T, V, Cfg::kFrags>(a, work, tile.out0, 0, acc, slot, my_kept, g, tq);
+    } else {
+      // Both consumers' MMAs have retired (and every load of the ring has landed) before
+      // the epilogue tile overwrites the ring.
+      ConsumerSync<Cfg::kConsumerThreads>();
+#pragma unroll
+      for (int slot_n = 0; slot_n < N; ++slot_n) {
+        AccToShared<N, V, Cfg::kFrags, kCStride>(acc, slot, my_kept, 0, tq, slot_n, c_tile);
+        ConsumerSync<Cfg::kConsumerThreads>();
+      }
+      if (splits == 1)
+        SharedToOut<T, Cfg::kConsumerThreads, kCStride, GluPairCols<Cfg::kBM, N, V>()>(
+            a, work, tile.out0, tile.out_here, c_tile, tid);
+    }
+  }
+  if (splits > 1) {
+    ClusterSync();  // every block's partial tile is in its shared memory
+    if (tid < Cfg::kConsumerThreads)
+      ClusterEpilogue<T, Cfg::kConsumerThreads, kCStride, GluPairCols<Cfg::kBM, N, V>()>(
+          a, work, tile.out0, tile.out_here, c_tile, tid);
+    ClusterSync();  // no block exits while another still reads its shared memory
+  }
+#endif  // SAMOYEDS_STREAM_DEVICE_PASS
+}
+
+template <typename T, int N, int V, typename Cfg>
+cudaError_t LaunchStreamCfg(cudaStream_t stream, const Args& a) {
+  static_assert(Cfg::kV == V, "the shape is for this N:V class");
+  auto kernel = RaggedDotStreamKernel<T, N, Cfg>;
+  Args b = a;
+  const int splits = StreamSplitsFor<Cfg>(b, MTiles<Cfg::kBM>(b));
+  // Row tiles of one expert run next to each other, so they share weight tiles in the L2.
+  const dim3 grid = TileGrid<Cfg::kBN, Cfg::kBM>(b, splits, /*decode_order=*/false);
+  // The sub-row indices of one split's windows, when they fit the reserve.
+  int index_bytes = 0;
+  if (V > 1) {
+    const int k_stages = (b.k + Cfg::kBK - 1) / Cfg::kBK;
+    const int64_t windows = std::min<int64_t>(
+        b.k / b.sub_row, int64_t{(k_stages + splits - 1) / splits} * Cfg::kBK / b.sub_row);
+    index_bytes = static_cast<int>(
+        std::min<int64_t>(kIndexStageBytes, (Cfg::kBM * windows + 15) / 16 * 16));
+  }
+  const int smem = Cfg::kFixedSmemBytes + index_bytes;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  CUtensorMap values_map;
+  err = EncodeValuesMap(&values_map, b, Cfg::kBK / 2, Cfg::kBM / 2);
+  if (err != cudaSuccess) return err;
+  return LaunchClusters(stream, kernel, grid, Cfg::kThreads, smem, dim3(1, 1, splits), b,
+                        values_map);
+}
+
+// The block shape from shapes alone: the narrow block up to kStreamNarrowMaxRowsPerExpert
+// mean routed rows per expert, else the wide one.
+template <typename T, int N, int V>
+cudaError_t LaunchStream(cudaStream_t stream, const Args& a) {
+  if (a.rows <= kStreamNarrowMaxRowsPerExpert * a.experts)
+    return LaunchStreamCfg<T, N, V, StreamNarrowCfg<V>>(stream, a);
+  return LaunchStreamCfg<T, N, V, StreamWideCfg<V>>(stream, a);
+}
+
+}  // namespace samoyeds::cuda
