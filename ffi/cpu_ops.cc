@@ -65,6 +65,8 @@ ffi::Error RaggedDotCpu(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::Buffer<ffi
                                     sub_row, has_sel, glu, kernel, splits, *out, &p);
       err.failure())
     return err;
+  if (ffi::Error err = CheckPattern(indices, metadata, group_sizes, p); err.failure())
+    return err;
   const bool bf16 = p.dtype == ffi::DataType::BF16;
   auto to_float = bf16 ? Bf16ToFloat : F16ToFloat;
   auto from_float = bf16 ? FloatToBf16 : FloatToF16;
