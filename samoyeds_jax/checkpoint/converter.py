@@ -195,6 +195,13 @@ def _metadata(plan: hf.Plan, hf_cfg: dict, moe_info: dict, sp: SparsityConfig, d
     })
 
 
+def _finite(w: np.ndarray, entry: Entry, name: str) -> np.ndarray:
+    """An expert weight, refused when it holds NaN or infinity (nothing to prune by)."""
+    if not np.isfinite(w.astype(np.float32)).all():
+        raise ConversionError(f"{entry.file}: tensor {name!r} holds NaN or infinite values")
+    return w
+
+
 def _convert_layer(layer: hf.Layer, entries: dict[str, Entry], reader: Reader,
                    cfg: MoEConfig, vdtype: np.dtype, calib: Calibration | None, damp: float,
                    block: int | None) -> tuple[dict[str, Any], dict | None]:
@@ -203,8 +210,8 @@ def _convert_layer(layer: hf.Layer, entries: dict[str, Entry], reader: Reader,
     dense = {}
     for key in EXPERT_KEYS:
         # torch [out, in] -> ours [in, out], stacked over experts.
-        dense[key] = np.stack([reader.tensor(entries[n], n).T for n in layer.experts[key]]
-                              ).astype(vdtype)
+        dense[key] = np.stack([_finite(reader.tensor(entries[n], n), entries[n], n).T
+                               for n in layer.experts[key]]).astype(vdtype)
     x = calib.get(layer.index) if calib is not None else None
     report = None
     if x is not None:
