@@ -313,3 +313,36 @@ def test_corrupted_header_and_old_files(converted, tmp_path):
     b, _, _ = sj.load_checkpoint(str(converted))
     np.testing.assert_array_equal(np.asarray(a[0]["down"].values),
                                   np.asarray(b[0]["down"].values))
+
+
+def test_hostile_calibration_files_are_refused(tmp_path, rng, capsys):
+    import zipfile
+
+    src = write_model(tmp_path, hf_checkpoint("mixtral", rng, BF16, layers=1),
+                      hf_config("mixtral"))
+    key = "layers.0.inputs"
+    calib = tmp_path / "calib.npz"
+    header = np.lib.format.header_data_from_array_1_0
+    cases = {
+        "pickled objects": lambda: np.savez(calib, **{key: np.array([{}], dtype=object)}),
+        "not a zip": lambda: calib.write_bytes(b"PK\x03\x04 garbage"),
+        "shape past the data": lambda: _npz_member(
+            calib, key, header(np.zeros((2**20, 64), np.float32)), bytes(64)),
+        "decompression bomb": lambda: _npz_member(
+            calib, key, header(np.zeros((2**16, 64), np.float32)), bytes(2**16 * 64 * 4),
+            zipfile.ZIP_DEFLATED),
+    }
+    for why, make in cases.items():
+        make()
+        refused(src, tmp_path, capsys, "calib.npz", args=[*ARGS, "--calibration", str(calib)])
+
+
+def _npz_member(path, key, header: dict, data: bytes, compression=None):
+    """An .npz whose member ``key`` has the given .npy header and data bytes."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    with zipfile.ZipFile(path, "w", compression or zipfile.ZIP_STORED) as z:
+        z.writestr(key + ".npy", buf.getvalue() + data)

@@ -425,7 +425,8 @@ def eval_with_cuda_meaning(fn, *args):
 
     def product(x, values, indices, metadata, sel, gs, *, config, has_sel, glu, kernel):
         assert not glu
-        w64 = f64(decode_jit(sj.SparseWeight.unchecked(values, indices, metadata, config)))
+        w64 = f64(decode_jit(sj.SparseWeight.tree_unflatten(config, (values, indices,
+                                                                    metadata))))
         rows = sel.shape[0] if has_sel else x.shape[0]
         y = cuda_meaning(x, w64, gs, np.asarray(sel) if has_sel else None, rows)
         return jnp.asarray(y, x.dtype)

@@ -312,7 +312,7 @@ class NpzInputs:
         info = self._members[key]
         where = f"{self.path}: array {key!r}"
         if info.compress_type != zipfile.ZIP_STORED and \
-                info.file_size > MAX_NPZ_RATIO * max(info.compress_size, 1 << 20):
+                info.file_size > MAX_NPZ_RATIO * max(info.compress_size, 1 << 16):
             raise ConversionError(f"{where}: declares {info.file_size} bytes from "
                                   f"{info.compress_size} compressed (a decompression bomb?)")
         try:
