@@ -155,6 +155,8 @@ ffi::Error RaggedDotCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer v
                                     sub_row, has_sel, glu, kernel, splits, *out, &p);
       err.failure())
     return err;
+  if (ffi::Error err = CheckPattern(indices, metadata, group_sizes, p); err.failure())
+    return err;
   // A thread_local is not captured by the lambdas below: they run on other threads, so
   // they see the calling thread's buffers through this reference only.
   static thread_local CallBuffers tls_buffers;
