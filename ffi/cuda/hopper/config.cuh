@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/hopper/stage.cuh"
 #include "cuda/tile.cuh"
 
 namespace samoyeds::cuda {
@@ -22,7 +23,9 @@ constexpr bool HopperKernelBuilt() {
 // Block shape: Consumers warpgroups of 64 kept rows each, BN routed rows (the wgmma N),
 // Stages ring buffers. HopperCfgFor<V> below picks the shape each N:V class runs with.
 template <int V, int Consumers = 2, int BN = (V == 4 ? 64 : 128), int Stages = 4, int Halves = 1>
-struct HopperCfg {
+struct HopperCfg : WgmmaStage<64 * Consumers, BN, Stages> {
+  using Stage = WgmmaStage<64 * Consumers, BN, Stages>;
+  using Stage::kBM, Stage::kBN, Stage::kStages, Stage::kPipeBytes;
   static constexpr int kV = V;
   // Halves = 2: each consumer runs its BN routed rows as two wgmma N = BN / 2 halves with
   // their own MMA groups, steering one half while the other's MMAs run (V > 1 only).
@@ -49,38 +52,12 @@ struct HopperCfg {
   // (ldmatrix) and issues both halves from them (sparse wgmma with A in registers), so A
   // leaves shared memory once per stage instead of once per half.
   static constexpr bool kARegs = false;
-  static constexpr int kBM = 64 * kConsumers;    // kept rows per block
-  static constexpr int kBN = BN;                 // routed rows per block (wgmma N)
-  static constexpr int kBK = 128;                // dense K per stage
-  static constexpr int kStages = Stages;
-  static constexpr int kSteps = kBK / kStepK;    // wgmma k-steps per stage
-  // One stage of a compressed A row is kBK / 2 values = 128 bytes = one swizzle row.
-  static constexpr int kARow = kBK / 2 * 2;
-  static constexpr int kABytes = kBM * kARow;
-  // B is stored as two K halves of 64 values (128 bytes) for every routed row.
-  static constexpr int kBHalf = kBN * 128;
-  static constexpr int kBBytes = 2 * kBHalf;
-  static constexpr int kMetaRow = kSteps * 4;
-  static constexpr int kMetaBytes = kBM * kMetaRow;
-  static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
-  static constexpr int kPipeBytes = kStages * kStageBytes;
   static constexpr int kFrags = kBN / 8 / Halves;  // n8 column groups of one half's accumulators
-  // 128-byte swizzle of 16-byte chunks (the layout the descriptors name): chunk c of row
-  // r lives at chunk c ^ (r % 8). B's two K halves are separate [kBN x 128 B] slabs.
-  static __device__ __forceinline__ uint32_t AOffset(int row, int chunk) {
-    return row * 128 + ((chunk ^ (row & 7)) << 4);
-  }
-  static __device__ __forceinline__ uint32_t BOffset(int row, int chunk) {
-    return (chunk >> 3) * kBHalf + AOffset(row, chunk & 7);
-  }
   // Dynamic shared memory: pipeline, staged sub-row indices (none for V = 1), SEL rows,
   // the full and empty mbarriers of every stage, alignment slack.
   static constexpr int kIndexBytes = V > 1 ? kIndexStageBytes : 0;
   static constexpr int kBarrierOffset = kPipeBytes + kIndexBytes + kBN * 4;
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8 + 1024;
-  static_assert(kARow == 128, "A stage rows are one 128-byte swizzle row");
-  static_assert(kABytes % 1024 == 0 && kBHalf % 1024 == 0 && kStageBytes % 1024 == 0,
-                "swizzled tiles start on 1024-byte boundaries");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100 block's shared memory");
 };
 

@@ -34,6 +34,7 @@
 #include "cuda/hopper/config.cuh"
 #include "cuda/hopper/direct_store.cuh"
 #include "cuda/hopper/producer.cuh"
+#include "cuda/hopper/stage.cuh"
 #include "cuda/hopper/wgmma.cuh"
 #include "cuda/operands.cuh"
 #include "cuda/ptx.cuh"
@@ -200,38 +201,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
     for (int h = 0; h < H; ++h) steer_half(h, swap);
   };
-  // The stage's metadata, one register per k-step, loaded only once no MMA that uses the
-  // registers is in flight (a wgmma's metadata register must not be rewritten before its
-  // group retires). Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1):
-  // selector 0 for the even step, 1 for the odd one (the mma.sp m16n8k32 per-warp layout).
-  const int meta_offset = Cfg::kABytes + Cfg::kBBytes + (row0 + g + 8 * (tq & 1)) * Cfg::kMetaRow;
+  // The stage's metadata registers are loaded only once no MMA that uses them is in flight
+  // (a wgmma's metadata register must not be rewritten before its group retires).
+  const int meta_offset = StageMetaOffset<Cfg>(row0, g, tq);
   auto load_meta = [&](int buf, uint32_t (&mw)[Cfg::kSteps]) {
-    const uint32_t* words =
-        reinterpret_cast<const uint32_t*>(smem + buf * Cfg::kStageBytes + meta_offset);
-#pragma unroll
-    for (int s = 0; s < Cfg::kSteps; ++s)
-      mw[s] = frag_ok ? words[(s & ~1) + (tq >> 1)] : kFillerMeta;
+    LoadStageMeta<Cfg>(smem, buf, meta_offset, frag_ok, tq, mw);
   };
-  // Operand descriptors: the low word of Desc128 holds the start address / 16 (14 bits,
-  // no carry out for shared addresses), so a tile's descriptor is its stage's plus a
-  // constant; the high word is the same for every tile.
   const uint32_t a_desc0 = static_cast<uint32_t>(Desc128(smem_base + wg * 64 * Cfg::kARow));
   const uint32_t b_desc0 = static_cast<uint32_t>(Desc128(smem_base + Cfg::kABytes));
   // Half h's routed rows start kHalfN rows (kHalfN * 128 bytes, whole swizzle atoms)
   // into each B slab.
   auto b_desc = [&](int buf, int s, int h) {
-    const uint32_t b_lo = b_desc0 + buf * (Cfg::kStageBytes >> 4) +
-                          (((s >> 1) * Cfg::kBHalf + h * kHalfN * 128 + (s & 1) * 64) >> 4);
-    return (static_cast<uint64_t>(kDesc128Hi) << 32) | b_lo;
+    return StageDescB<Cfg>(b_desc0, buf, s, h * kHalfN * 128);
   };
   auto issue = [&](int buf, int s, uint32_t mw, int h) {
-    const uint32_t a_lo = a_desc0 + buf * (Cfg::kStageBytes >> 4) + ((s * 32) >> 4);
-    const uint64_t da = (static_cast<uint64_t>(kDesc128Hi) << 32) | a_lo;
-    const uint64_t db = b_desc(buf, s, h);
-    if (s % 2 == 0)
-      WgmmaSp<T, 0, Cfg::kFrags>(acc[h][0], da, db, mw);
-    else
-      WgmmaSp<T, 1, Cfg::kFrags>(acc[h][0], da, db, mw);
+    IssueStep<T, Cfg::kFrags>(acc[h][0], StageDescA<Cfg>(a_desc0, buf, s), b_desc(buf, s, h),
+                              mw, s);
   };
   // kARegs: the lane's ldmatrix row of its warp's A fragment in a stage buffer (rows
   // 16 w + l % 8 + 8 ((l / 8) % 2), columns 8 (l / 16) of k-step 0). With the 128-byte

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "cuda/device.cuh"
+#include "cuda/hopper/stage.cuh"
 #include "cuda/tile.cuh"
 
 namespace samoyeds::cuda {
@@ -20,30 +21,18 @@ namespace samoyeds::cuda {
 // buffers, BlocksPerSm blocks resident per SM; one producer warp after the consumer
 // warpgroups issues the loads.
 template <int V, int Consumers, int BN, int Stages, int BlocksPerSm>
-struct StreamCfg {
+struct StreamCfg : WgmmaStage<64 * Consumers, BN, Stages> {
+  using Stage = WgmmaStage<64 * Consumers, BN, Stages>;
+  using Stage::kBM, Stage::kBN, Stage::kBK, Stage::kStages, Stage::kARow, Stage::kABytes,
+      Stage::kPipeBytes;
   static constexpr int kV = V;
   static constexpr int kConsumers = Consumers;
   static constexpr int kConsumerThreads = 128 * Consumers;
   static constexpr int kProducerThreads = 32;
   static constexpr int kThreads = kConsumerThreads + kProducerThreads;
   static constexpr int kBlocksPerSm = BlocksPerSm;
-  static constexpr int kBM = 64 * Consumers;   // kept rows per block
-  static constexpr int kBN = BN;               // routed rows per block (wgmma N)
-  static constexpr int kBK = 128;              // dense K per stage
-  static constexpr int kStages = Stages;
-  static constexpr int kSteps = kBK / kStepK;  // wgmma k-steps per stage
-  // A stage of a compressed A row is kBK / 2 values = 128 bytes = one swizzle row; each
-  // tile half is one bulk tensor copy of kBM / 2 rows.
-  static constexpr int kARow = kBK / 2 * 2;
+  // Each tile half of the values is one bulk tensor copy of kBM / 2 rows.
   static constexpr int kAHalfBytes = kBM / 2 * kARow;
-  static constexpr int kABytes = kBM * kARow;
-  // B is stored as two K halves of 64 values (128 bytes) for every routed row.
-  static constexpr int kBHalf = kBN * 128;
-  static constexpr int kBBytes = 2 * kBHalf;
-  static constexpr int kMetaRow = kSteps * 4;
-  static constexpr int kMetaBytes = kBM * kMetaRow;
-  static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
-  static constexpr int kPipeBytes = kStages * kStageBytes;
   static constexpr int kFrags = kBN / 8;  // n8 column groups of the accumulators
   // Shared memory after the 1024-byte aligned base: the ring, the tile's token rows, the
   // full and empty mbarriers, then the staged sub-row indices (sized at launch).
@@ -52,10 +41,7 @@ struct StreamCfg {
   static constexpr int kIndexOffset = (kBarrierOffset + 2 * kStages * 8 + 15) / 16 * 16;
   static constexpr int kAlignSlack = 1024;
   static constexpr int kFixedSmemBytes = kIndexOffset + kAlignSlack;
-  static_assert(kARow == 128, "A stage rows are one 128-byte swizzle row");
-  static_assert(kABytes % 1024 == 0 && kAHalfBytes % 1024 == 0 && kBHalf % 1024 == 0 &&
-                    kStageBytes % 1024 == 0,
-                "swizzled tiles start on 1024-byte boundaries");
+  static_assert(kAHalfBytes % 1024 == 0, "each half's box starts on a swizzle atom");
   static_assert(kBN % 16 == 0 && kBN <= 64, "wgmma N of 16, 32 or 64");
 };
 

@@ -25,6 +25,7 @@
 #include "cuda/device.cuh"
 #include "cuda/epilogue.cuh"
 #include "cuda/hopper/direct_store.cuh"
+#include "cuda/hopper/stage.cuh"
 #include "cuda/hopper/stream_config.cuh"
 #include "cuda/hopper/tensor_map.cuh"
 #include "cuda/hopper/wgmma.cuh"
@@ -270,29 +271,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
       ApplySteer<V, Cfg::kFrags>(acc, swap);
       FenceAcc(acc);
     };
-    // Lane (g, t) supplies rows g + 8 (t & 1) of k-step s + (t >> 1): selector 0 for the
-    // even step, 1 for the odd one (the mma.sp m16n8k32 per-warp metadata layout).
-    const int meta_offset =
-        Cfg::kABytes + Cfg::kBBytes + (row0 + g + 8 * (tq & 1)) * Cfg::kMetaRow;
-    auto load_meta = [&](int buf, uint32_t (&mw)[Cfg::kSteps]) {
-      const uint32_t* words =
-          reinterpret_cast<const uint32_t*>(smem + buf * Cfg::kStageBytes + meta_offset);
-#pragma unroll
-      for (int s = 0; s < Cfg::kSteps; ++s)
-        mw[s] = frag_ok ? words[(s & ~1) + (tq >> 1)] : kFillerMeta;
-    };
+    const int meta_offset = StageMetaOffset<Cfg>(row0, g, tq);
     const uint32_t a_desc0 = static_cast<uint32_t>(Desc128(smem_base + wg * 64 * Cfg::kARow));
     const uint32_t b_desc0 = static_cast<uint32_t>(Desc128(smem_base + Cfg::kABytes));
     auto issue = [&](int buf, int s, uint32_t mw) {
-      const uint32_t a_lo = a_desc0 + buf * (Cfg::kStageBytes >> 4) + ((s * 32) >> 4);
-      const uint32_t b_lo =
-          b_desc0 + buf * (Cfg::kStageBytes >> 4) + (((s >> 1) * Cfg::kBHalf + (s & 1) * 64) >> 4);
-      const uint64_t da = (static_cast<uint64_t>(kDesc128Hi) << 32) | a_lo;
-      const uint64_t db = (static_cast<uint64_t>(kDesc128Hi) << 32) | b_lo;
-      if (s % 2 == 0)
-        WgmmaSp<T, 0, Cfg::kFrags>(acc[0], da, db, mw);
-      else
-        WgmmaSp<T, 1, Cfg::kFrags>(acc[0], da, db, mw);
+      IssueStep<T, Cfg::kFrags>(acc[0], StageDescA<Cfg>(a_desc0, buf, s),
+                                StageDescB<Cfg>(b_desc0, buf, s, 0), mw, s);
     };
     // One MMA group stays in flight; the previous stage's have retired, so its buffer
     // goes back to the producer.
@@ -314,7 +298,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
         else
           WgmmaWait<0>();  // before the metadata registers are reloaded
         uint32_t mw[Cfg::kSteps];
-        load_meta(buf, mw);
+        LoadStageMeta<Cfg>(smem, buf, meta_offset, frag_ok, tq, mw);
         WgmmaFence();
 #pragma unroll
         for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s]);
@@ -326,7 +310,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
         const int buf = begin_stage(i);
         WgmmaWait<0>();
         uint32_t mw[Cfg::kSteps];
-        load_meta(buf, mw);
+        LoadStageMeta<Cfg>(smem, buf, meta_offset, frag_ok, tq, mw);
         WgmmaFence();
         const int ks0 = (s_begin + i) * Cfg::kSteps;
 #pragma unroll
