@@ -117,16 +117,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                                                windows, Cfg::kIndexBytes, ctid);
     ConsumerSync<Cfg::kConsumerThreads>();
   }
-  const int lane = ctid & 31, warp = ctid >> 5;
-  // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows
-  // g and g + 8 of them, columns 8j + 2t + {0, 1} (the m16n8 fragment layout per warp).
-  // The warpgroup index goes through a shuffle so the compiler knows it is warp-uniform
-  // and keeps the descriptor arithmetic in uniform registers.
-  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
-  const int g = lane >> 2, tq = lane & 3;
-  const int row0 = wg * 64 + (warp % 4) * 16;
-  const bool frag_ok = RowPresent<Cfg::kBM>(tile, row0);  // halves hold whole fragments
-  const int my_kept[2] = {row0 + g, row0 + g + 8};
+  const ConsumerLane<Cfg::kBM> me(ctid, tile);
+  const int lane = me.lane, wg = me.wg, g = me.g, tq = me.tq, row0 = me.row0;
+  const bool frag_ok = me.frag_ok;
+  const int(&my_kept)[2] = me.kept;
   const int k_steps = a.k / kStepK;
 
   constexpr int H = Cfg::kHalves;

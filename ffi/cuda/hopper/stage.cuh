@@ -76,6 +76,29 @@ __device__ __forceinline__ void LoadStageMeta(const uint8_t* smem, int buf, int 
     mw[s] = frag_ok ? words[(s & ~1) + (tq >> 1)] : kFillerMeta;
 }
 
+// A consumer thread's place in its block's tile: warp w of warpgroup wg holds 16 kept rows
+// (row0 ...) of the warpgroup's 64; lane (g, t) accumulates rows g and g + 8 of them,
+// columns 8j + 2t + {0, 1} (the m16n8 fragment layout per warp). The warpgroup index goes
+// through a shuffle so the compiler knows it is warp-uniform and keeps the descriptor
+// arithmetic in uniform registers. ctid: the thread's index among the consumers.
+template <int BM>
+struct ConsumerLane {
+  int lane, wg, g, tq, row0;
+  bool frag_ok;  // the warp's rows are present (tile halves hold whole fragments)
+  int kept[2];   // the lane's two rows, block-relative
+  __device__ __forceinline__ ConsumerLane(int ctid, const RowTile& tile) {
+    lane = ctid & 31;
+    const int warp = ctid >> 5;
+    wg = __shfl_sync(0xffffffffu, warp / 4, 0);
+    g = lane >> 2;
+    tq = lane & 3;
+    row0 = wg * 64 + (warp % 4) * 16;
+    frag_ok = RowPresent<BM>(tile, row0);
+    kept[0] = row0 + g;
+    kept[1] = row0 + g + 8;
+  }
+};
+
 // k-step s's sparse wgmma (A and B by descriptor): selector s % 2 picks its metadata half.
 template <typename T, int kFrags>
 __device__ __forceinline__ void IssueStep(float (&d)[kFrags][4], uint64_t da, uint64_t db,

@@ -201,15 +201,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
     }
     CpAsyncWait<0>();
   } else {
-    const int lane = tid & 31, warp = tid >> 5;
-    // This warp's 16 kept rows inside its warpgroup's 64; lane (g, t) accumulates rows
-    // g and g + 8 of them, columns 8j + 2t + {0, 1}. The warpgroup index goes through a
-    // shuffle so the compiler knows it is warp-uniform.
-    const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
-    const int g = lane >> 2, tq = lane & 3;
-    const int row0 = wg * 64 + (warp % 4) * 16;
-    const bool frag_ok = RowPresent<Cfg::kBM>(tile, row0);  // halves hold whole fragments
-    const int my_kept[2] = {row0 + g, row0 + g + 8};
+    const ConsumerLane<Cfg::kBM> me(tid, tile);
+    const int wg = me.wg, g = me.g, tq = me.tq, row0 = me.row0;
+    const bool frag_ok = me.frag_ok;
+    const int(&my_kept)[2] = me.kept;
 
     // The sub-row indices of this split's windows, staged while the first loads fly.
     const uint8_t* idx = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
