@@ -42,7 +42,7 @@ they cannot follow is resharded explicitly by the partitioner:
 Refused with a ``ValueError`` at compile time, never gathered: a shard of M or K that is
 not a whole number of format tiles, a fused GLU whose ``[E, K, 2F]`` weight is split along
 M (the shards would hold gate or up alone: stack it with
-:func:`samoyeds_jax.sharding.pair_gate_up`), a stacked weight split between gate and up,
+:func:`samoyeds_jax.layout.stack_gate_up`), a stacked weight split between gate and up,
 and the leaves of one SparseWeight sharded differently.
 
 Routing with rows or experts split: each device derives its own group sizes from the
@@ -166,7 +166,8 @@ def plan(transpose: bool, config: SparsityConfig, glu: str, mesh: Any,
         raise ValueError(
             f"{what}: glu={glu!r} with the [E, K, 2F] weight split along M over {mk_ax} "
             f"would put gate and up columns on different devices; stack gate and up "
-            f"([E, 2, K, F], sj.sharding.pair_gate_up) and split F")
+            f"([E, 2, K, F]: samoyeds_jax.layout.stack_gate_up, or sj.shard_params with "
+            f"tensor_axis) and split F")
     halves = 2 if len(vals) == 4 else 1
     n_e, n_m, n_k = _size(mesh, e_ax), _size(mesh, mk_ax), _size(mesh, k_ax)
     if e % n_e:
@@ -214,10 +215,11 @@ def _local_groups(gs: jax.Array, pl: PartitionPlan, rows_local: int, experts_loc
     a = jnp.clip(starts - lo, 0, rows_local)
     b = jnp.clip(ends - lo, 0, rows_local)
     local = (b - a).astype(jnp.int32)
-    # Bad routing is refused per device as the whole call would refuse it (CPU handler).
-    bad = (gs < 0).any() | (jnp.sum(gs) > num_rows)
-    local = jnp.where(bad, jnp.full_like(local, -1), local)
-    return local, (a[0] if pl.experts else None)
+    # Bad routing makes every per-device call fail on the CPU handler, as the whole call
+    # would (the message names this device's sizes).
+    first_size = jnp.where((gs < 0).any(), -1,
+                           jnp.where(jnp.sum(gs) > num_rows, rows_local + 1, local[0]))
+    return local.at[0].set(first_size), (a[0] if pl.experts else None)
 
 
 def _reduce(y: jax.Array, pl: PartitionPlan) -> jax.Array:

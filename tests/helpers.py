@@ -26,6 +26,10 @@ of 2-5x over the largest error measured:
   here and there (measured <= 6e-5).
 * ``sharded_grad``: the sharded layer's gradient w.r.t. x against one device: the
   data-parallel primitive sums the expert shards' bf16 partial dx (measured 2e-3).
+* ``k_split``: a product (or the layer) whose K is split over devices against one device:
+  each device's partial product is rounded to the dtype before the float32 sum, so a few
+  roundings of partial sums the size of the output (measured bf16 <= 3.3e-3 over 4 and 8
+  splits).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ TOL = {
     "twin": {BF16: 1e-2, F16: 1.5e-3},
     "reordered": {BF16: 3e-3, F16: 5e-4},
     "sharded_grad": {BF16: 1e-2},
+    "k_split": {BF16: 1e-2},
 }
 
 
