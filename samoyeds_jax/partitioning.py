@@ -5,9 +5,11 @@ XLA cannot see inside a custom call. Without a rule, the SPMD partitioner replic
 every operand of one (all-gathers ``x`` and the weights onto every device). Here both
 primitives lower through :func:`jax.experimental.custom_partitioning`: a Shardy sharding
 rule (Shardy is JAX's default partitioner) and GSPMD's sharding callbacks describe how the
-operands' axes relate, and :func:`_partition` turns the shardings the partitioner chose
-into one per-device call of the same kernel plus the collectives the layout needs. On one
-device, and inside ``shard_map`` (every axis manual), the call lowers directly.
+operands' axes relate, and the partition callbacks turn the shardings the partitioner
+chose into one per-device call of the same kernel plus the collectives the layout needs
+(:func:`plan`). On one device, and inside ``shard_map`` (every axis manual), the call
+lowers directly. Both partitioners are supported: Shardy and, where JAX still has it,
+GSPMD (``jax_use_shardy_partitioner=False``).
 
 The roles (``W`` = the stored arrays ``values [E, Mk, K/2]``, ``indices [E, Mk, K/L]``,
 ``metadata [E, Mk, K/32]``; ``Mk = M * N / V`` kept rows; a fused GLU's weight may be
@@ -39,11 +41,11 @@ they cannot follow is resharded explicitly by the partitioner:
 * the output rows are split over the axes the partitioner proposes that the weights do not
   use, when they divide the rows; otherwise the rows are replicated.
 
-Refused with a ``ValueError`` at compile time, never gathered: a shard of M or K that is
-not a whole number of format tiles, a fused GLU whose ``[E, K, 2F]`` weight is split along
-M (the shards would hold gate or up alone: stack it with
-:func:`samoyeds_jax.layout.stack_gate_up`), a stacked weight split between gate and up,
-and the leaves of one SparseWeight sharded differently.
+Refused while compiling (a ``ValueError`` whose message JAX passes on in the compile
+error), never gathered: a shard of M or K that is not a whole number of format tiles, a
+fused GLU whose ``[E, K, 2F]`` weight is split along M (the shards would hold gate or up
+alone: stack it with :func:`samoyeds_jax.layout.stack_gate_up`), a stacked weight split
+between gate and up, and the leaves of one SparseWeight sharded differently.
 
 Routing with rows or experts split: each device derives its own group sizes from the
 replicated ``group_sizes`` (the rows of its window and its experts), so nothing about
@@ -65,7 +67,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax._src import dispatch as _jax_dispatch  # the set of primitives lowered with devices
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
@@ -74,6 +75,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from samoyeds_jax import _samoyeds, ops
+from samoyeds_jax._util import mesh_axes, mesh_size, spec_entry
 from samoyeds_jax.format import ROW_TILE, SparsityConfig
 
 __all__ = ["PartitionPlan", "plan"]
@@ -96,26 +98,16 @@ mlir.register_lowering(local_t_p, mlir.lower_fun(ops._t_dense, multiple_results=
 
 # --- the plan: which mesh axes split which role --------------------------------------------
 
-def _entry_axes(entry: Any) -> Axes:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _dim_axes(sharding: Any, ndim: int) -> list[Axes]:
     """The mesh axes of each dimension of a NamedSharding (replicated: ())."""
     if not isinstance(sharding, NamedSharding):
         return [()] * ndim
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    return [_entry_axes(e) for e in spec[:ndim]]
-
-
-def _size(mesh: Any, axes: Axes) -> int:
-    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64)) if axes else 1
+    return [mesh_axes(e) for e in spec[:ndim]]
 
 
 def _spec(*dims: Axes) -> P:
-    return P(*(None if not d else d[0] if len(d) == 1 else d for d in dims))
+    return P(*(spec_entry(d) for d in dims))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +161,7 @@ def plan(transpose: bool, config: SparsityConfig, glu: str, mesh: Any,
             f"([E, 2, K, F]: samoyeds_jax.layout.stack_gate_up, or sj.shard_params with "
             f"tensor_axis) and split F")
     halves = 2 if len(vals) == 4 else 1
-    n_e, n_m, n_k = _size(mesh, e_ax), _size(mesh, mk_ax), _size(mesh, k_ax)
+    n_e, n_m, n_k = mesh_size(mesh, e_ax), mesh_size(mesh, mk_ax), mesh_size(mesh, k_ax)
     if e % n_e:
         raise ValueError(f"{what}: {e} experts do not split over {e_ax} (size {n_e})")
     if (mk // halves) % (n_m * ROW_TILE):
@@ -184,7 +176,7 @@ def plan(transpose: bool, config: SparsityConfig, glu: str, mesh: Any,
             f"of sub_row={config.sub_row} input features")
     used = set(e_ax) | set(mk_ax) | set(k_ax)
     rows = tuple(a for a in rows_hint if a not in used)
-    if num_rows % _size(mesh, rows):
+    if num_rows % mesh_size(mesh, rows):
         rows = ()
     if transpose:
         return PartitionPlan(rows=rows, experts=e_ax, out=k_ax, contract=mk_ax)
@@ -295,7 +287,7 @@ def _product_partition(config, has_sel, glu, kernel, mesh, arg_shapes, result_sh
     x_s = NamedSharding(mesh, _spec((), pl.contract) if has_sel else _spec(pl.rows, pl.contract))
     sel_s = NamedSharding(mesh, _spec(pl.rows)) if has_sel else rep
     out = NamedSharding(mesh, _spec(pl.rows, pl.out))
-    fn = _product_fn(pl, config, has_sel, glu, kernel, r, r // _size(mesh, pl.rows))
+    fn = _product_fn(pl, config, has_sel, glu, kernel, r, r // mesh_size(mesh, pl.rows))
     return mesh, fn, out, (x_s, w, w, w, sel_s, rep)
 
 
@@ -324,7 +316,7 @@ def _transpose_partition(config, mesh, arg_shapes, result_shape):
     rep = NamedSharding(mesh, P())
     ct_s = NamedSharding(mesh, _spec(pl.rows, pl.contract))
     out = NamedSharding(mesh, _spec(pl.rows, pl.out))
-    fn = _transpose_fn(pl, config, r, r // _size(mesh, pl.rows))
+    fn = _transpose_fn(pl, config, r, r // mesh_size(mesh, pl.rows))
     return mesh, fn, out, (ct_s, w, w, w, rep)
 
 

@@ -1,16 +1,25 @@
-"""Past one device: data- and expert-parallel sharding of the sparse MoE layer.
+"""Past one device: data-, expert- and tensor-parallel sharding of the sparse MoE layer.
 
-The ``samoyeds_ragged_dot`` primitive is an XLA custom call, and XLA's SPMD partitioner
-cannot see inside one: under a plain ``jax.jit`` with sharded inputs it replicates the
-operands of the call (all-gathers ``x`` and the weights onto every device). This module
-partitions by hand with :func:`jax.shard_map`, so every custom call sees only its
-device's rows and experts, and all communication is explicit.
+Two ways to run the layer on a mesh, on the same placed parameters (:func:`shard_params`):
+
+* ``jax.jit(sj.moe)(params, x, cfg)``: the custom call partitions itself under the
+  partitioner (:mod:`samoyeds_jax.partitioning`): expert-split weights run each device's
+  experts and meet in an all-reduce, d_ff-split weights run each device's columns and
+  rows with one all-reduce after ``down``. Routing stays the single-device program, so
+  tokens split over a data axis are gathered for the global dispatch (activations, never
+  weights). Pass the placed parameters as arguments of the jitted function: arrays a
+  jitted function closes over are baked in as constants, outside the partitioned program.
+* :func:`moe_sharded`: the layer partitioned by hand with :func:`jax.shard_map`, so every
+  call sees only its device's tokens, experts and d_ff slice and all communication is
+  explicit (nothing for pure data parallel, all-to-alls for expert parallel, one
+  all-reduce after combine for tensor parallel): the form for data parallelism.
 
 Mesh and layout
 ---------------
-A mesh with a *data* axis ``D`` (``data_axis``; a name, a tuple of names, or ``None``) and
-an *expert* axis ``X`` (``expert_axis``; a name or ``None``). Meshes ``8x1`` (pure data
-parallel), ``2x4`` (both) and ``1x8`` (pure expert parallel) are all the same code.
+A mesh with a *data* axis ``D`` (``data_axis``; a name, a tuple of names, or ``None``), an
+*expert* axis ``X`` (``expert_axis``; a name or ``None``) and a *tensor* axis ``M``
+(``tensor_axis``; names or ``None``). Meshes ``8x1`` (pure data parallel), ``2x4`` (both)
+and ``1x8`` (pure expert parallel), with or without a tensor axis, are all the same code.
 
 * **Tokens** (the flattened leading axes of ``x [..., d]``) are sharded over
   ``(data_axis, expert_axis)`` jointly: every device owns ``T / (D*X)`` tokens, as in
@@ -23,9 +32,21 @@ parallel), ``2x4`` (both) and ``1x8`` (pure expert parallel) are all the same co
   are sharded along E over ``expert_axis`` (``E`` must divide by ``X``): device ``j`` of
   the expert axis owns experts ``[j*E/X, (j+1)*E/X)``. Every leaf of a SparseWeight has E
   as its leading axis, so ``P(expert_axis)`` on each leaf shards it.
+* **Tensor parallel** (``tensor_axis``): every routed expert's d_ff is split over it, as
+  vLLM and TensorRT-LLM serve Mixtral: ``gate_up`` by columns, ``down`` by rows. The
+  fused GLU needs each shard's gate columns and up columns on the same device, so
+  ``gate_up`` is held stacked, ``[E, 2, d, f]`` (``gate_up[:, 0]`` gate, ``[:, 1]`` up;
+  :func:`samoyeds_jax.layout.stack_gate_up`, a reshape of the stored arrays), and split
+  along f: each device computes ``act(x @ gate_j) * (x @ up_j)`` for its f slice in one
+  fused call, then its partial ``down`` product; the partial outputs are summed once per
+  layer (after combine in :func:`moe_sharded`, in float32: ``[T, d]`` rather than
+  ``[T*k, d]``; after ``down`` under plain jit). f must split into multiples of the
+  format's ``m_multiple`` (gate_up) and ``sub_row`` (down). Tokens are replicated over
+  the tensor axis.
 * **Router and shared experts** are replicated (they are small and every token needs
-  them). :func:`param_specs` gives these rules; :func:`shard_params` places a parameter
-  dict with them.
+  them; with a tensor axis every device computes the shared experts whole).
+  :func:`param_specs` gives these rules; :func:`shard_params` places a parameter dict
+  with them.
 
 Expert parallel forward (inside ``shard_map``, per device; ``Tl`` local tokens, ``k``
 choices, ``El = E/X`` local experts, ``C`` rows per (source, destination) pair)::
@@ -74,10 +95,13 @@ Guarantees and limits
 ---------------------
 * No all-gather: the compiled HLO of :func:`moe_sharded` and :func:`ragged_dot_sharded`
   contains no ``all-gather`` of tokens or weights (tests read
-  ``jax.jit(...).lower(...).compile().as_text()``). The forward pass of the layer has
-  no all-reduce either: pure data parallel has no collective at all, expert parallel
-  has three ``all-to-all``\\ s (rows, their local expert ids, results back);
+  ``jax.jit(...).lower(...).compile().as_text()``). Pure data parallel has no collective
+  at all, expert parallel has three ``all-to-all``\\ s (rows, their local expert ids,
+  results back), tensor parallel one ``all-reduce`` (float32 ``[T_local, d]``);
   ``return_stats`` adds two small ``all-reduce``\\ s.
+* Numerics: data and expert parallel give the single-device result bit for bit on CPU
+  (the same per-row sums); tensor parallel rounds each device's partial ``down`` output
+  to the compute dtype before the float32 sum (tests/helpers.TOL["k_split"]).
 * Memory: drop-free buffers hold ``X * T_local * k`` rows per device (send, receive, and
   the expert FFN's ``[rows, 2f]`` intermediate); with many expert shards or large token
   counts set ``capacity_factor`` (e.g. 2) and watch ``stats["dropped"]``.
@@ -109,6 +133,9 @@ from jax.sharding import PartitionSpec as P
 
 from samoyeds_jax import layout
 from samoyeds_jax._util import inverse_permutation
+from samoyeds_jax._util import mesh_axes as _names
+from samoyeds_jax._util import mesh_size as _size
+from samoyeds_jax._util import spec_entry as _spec_entry
 from samoyeds_jax.format import SparseWeight
 from samoyeds_jax.moe import (
     MoEConfig, combine, dispatch, expert_ffn, expert_ffn_dense, route, shared_experts)
@@ -124,14 +151,6 @@ AxisSpec = Any  # str | tuple[str, ...] | None
 
 # --- mesh helpers ------------------------------------------------------------------------
 
-def _names(axis: AxisSpec) -> tuple[str, ...]:
-    if axis is None:
-        return ()
-    if isinstance(axis, str):
-        return (axis,)
-    return tuple(axis)
-
-
 def _check_axes(mesh: Any, **axes: AxisSpec) -> None:
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
@@ -144,17 +163,6 @@ def _check_axes(mesh: Any, **axes: AxisSpec) -> None:
             if name in seen:
                 raise ValueError(f"mesh axis {name!r} is used twice ({axes})")
             seen.append(name)
-
-
-def _size(mesh: Mesh, axis: AxisSpec) -> int:
-    return int(np.prod([mesh.shape[n] for n in _names(axis)], dtype=np.int64))
-
-
-def _spec_entry(names: tuple[str, ...]):
-    """A PartitionSpec entry for one array axis sharded over ``names`` (None: replicated)."""
-    if not names:
-        return None
-    return names[0] if len(names) == 1 else names
 
 
 def _all_explicit(mesh: Mesh, names: Sequence[str]) -> bool:

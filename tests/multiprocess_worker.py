@@ -92,6 +92,8 @@ def main(process_id: int, num_processes: int, coordinator: str, seed: int) -> in
                     print(f"process {process_id} {name} {what} shard {shard.index}: "
                           f"error {err:.3g} (bound {0 if exact else bound})", flush=True)
         print(f"process {process_id} {name}: checked", flush=True)
+    print(f"process {process_id}: {len(programs)} cases checked, {failures} failures",
+          flush=True)
     jax.distributed.shutdown()
     return 1 if failures else 0
 

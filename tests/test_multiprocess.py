@@ -45,5 +45,6 @@ def test_layer_across_two_processes(seed):
             p.kill()
         pytest.fail(f"seed={seed}: the processes did not finish in {TIMEOUT_S} s")
     for i, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"seed={seed}: process {i} exited {p.returncode}:\n{out[-6000:]}"
-        assert out.count(": checked") == 5, f"seed={seed}: process {i}:\n{out[-6000:]}"
+        tail = out[-6000:]
+        assert p.returncode == 0, f"seed={seed}: process {i} exited {p.returncode}:\n{tail}"
+        assert re.search(r"\d+ cases checked, 0 failures", out), f"seed={seed}: {i}:\n{tail}"

@@ -450,7 +450,8 @@ PLAIN_JIT_CASES = ([(name, "shardy") for name in PLAIN_JIT] +
                    [(name, "gspmd") for name in ("M+rows", "K", "E+rows-grouped", "glu-K")])
 
 
-@pytest.mark.parametrize("name,part", PLAIN_JIT_CASES, ids=[f"{n}-{p}" for n, p in PLAIN_JIT_CASES])
+@pytest.mark.parametrize("name,part", PLAIN_JIT_CASES,
+                         ids=[f"{n}-{p}" for n, p in PLAIN_JIT_CASES])
 def test_primitive_partitions_under_jit(name, part, prim_inputs):
     """jax.jit(sj.ragged_dot) on sharded operands: one call per device, only the
     collectives the layout needs, the weights never gathered, the one-device result."""
@@ -472,7 +473,7 @@ def test_primitive_partitions_under_jit(name, part, prim_inputs):
     assert rel_err(g, g_ref) <= grad_tol, f"{msg}: grad relative error {rel_err(g, g_ref):.3g}"
     hlo, g_hlo = compiled.as_text(), g_compiled.as_text()
     assert collectives(hlo) == want, f"{msg}: {collectives(hlo)}, expected {want}"
-    assert not weight_gathers(g_hlo), f"{msg}: the gradient gathers weights {weight_gathers(g_hlo)}"
+    assert not weight_gathers(g_hlo), f"{msg}: grad gathers weights {weight_gathers(g_hlo)}"
     assert "samoyeds_ragged_dot" in hlo and "CustomSPMDPartitioning" not in hlo, msg
 
 
