@@ -97,15 +97,12 @@ def _glu_act(g: jax.Array, glu: str) -> jax.Array:
     return jax.nn.gelu(g, approximate=False)
 
 
-def _merged_halves(a):
-    """``[E, 2, r, c]`` (gate and up stacked) as the ``[E, 2r, c]`` it views, for shapes and
-    arrays alike (the stacked form keeps each half's rows sharded together)."""
+def _merged_halves(a: jax.core.ShapedArray) -> jax.core.ShapedArray:
+    """``[E, 2, r, c]`` (gate and up stacked) as the ``[E, 2r, c]`` it views (the stacked
+    form keeps each half's rows on the device of its columns when F is split)."""
     if a.ndim != 4:
         return a
-    shape = (a.shape[0], 2 * a.shape[2], a.shape[3])
-    if isinstance(a, jax.core.ShapedArray):
-        return jax.core.ShapedArray(shape, a.dtype)
-    return a.reshape(shape)
+    return jax.core.ShapedArray((a.shape[0], 2 * a.shape[2], a.shape[3]), a.dtype)
 
 
 def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: SparsityConfig,
@@ -115,10 +112,10 @@ def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: Sp
         raise ValueError(f"x must be 2-D [T, K] (rows by in_features), got {_shape_str(x)}")
     if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be bfloat16 or float16, got {jnp.dtype(x.dtype).name}")
-    if values.ndim == 4 and glu and values.shape[1] == 2:
+    if values.ndim == 4 and values.shape[1] == 2:
         values, indices, metadata = (_merged_halves(a) for a in (values, indices, metadata))
     if values.ndim != 3:
-        raise ValueError(f"sw must have an expert axis [E, K, M] (or [E, 2, K, F] with glu); "
+        raise ValueError(f"sw must have an expert axis [E, K, M] (or [E, 2, K, F]); "
                          f"its values are {_shape_str(values)}, expected [E, Mk, K/2]")
     if values.dtype != x.dtype:
         raise TypeError(f"x dtype {jnp.dtype(x.dtype).name} must match the weight dtype "

@@ -71,6 +71,7 @@ from jax._src import dispatch as _jax_dispatch  # the set of primitives lowered 
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
+from jax._src.lib.mlir.dialects import hlo
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -84,11 +85,23 @@ Axes = tuple[str, ...]
 
 # --- the per-device calls ----------------------------------------------------------------
 
+def _local_lowering(ctx, x, values, indices, metadata, *rest, **params):
+    """The kernel's custom call; a stacked ``[E, 2, Mk/2, .]`` weight is passed as the
+    ``[E, Mk, .]`` it views (a reshape in the IR: no copy, no sharding to type)."""
+    if ctx.avals_in[1].ndim == 4:
+        merged = [ops._merged_halves(a) for a in ctx.avals_in[1:4]]
+        values, indices, metadata = (
+            hlo.reshape(mlir.aval_to_ir_type(ctx.module_context, a), v)
+            for a, v in zip(merged, (values, indices, metadata)))
+        ctx = ctx.replace(avals_in=[ctx.avals_in[0], *merged, *ctx.avals_in[4:]])
+    return ops._lowering(ctx, x, values, indices, metadata, *rest, **params)
+
+
 # What one device runs: the same shape rule and kernel as the primitive, no partitioning.
 local_p = Primitive(ops.TARGET + "_local")
 local_p.def_abstract_eval(ops._abstract_eval)
-mlir.register_lowering(local_p, ops._lowering, platform="cpu")
-mlir.register_lowering(local_p, ops._lowering if _samoyeds.HAS_CUDA else ops._no_cuda_lowering,
+mlir.register_lowering(local_p, _local_lowering, platform="cpu")
+mlir.register_lowering(local_p, _local_lowering if _samoyeds.HAS_CUDA else ops._no_cuda_lowering,
                        platform="cuda")
 
 local_t_p = Primitive(ops.TARGET + "_transpose_local")
@@ -226,7 +239,6 @@ def _reduce(y: jax.Array, pl: PartitionPlan) -> jax.Array:
 def _product_fn(pl: PartitionPlan, config: SparsityConfig, has_sel: bool, glu: str,
                 kernel: Any, num_rows: int, rows_local: int):
     def local(x, values, indices, metadata, sel, gs):
-        values, indices, metadata = (ops._merged_halves(a) for a in (values, indices, metadata))
         el = values.shape[0]
         if pl.rows or pl.experts:
             gs, shift = _local_groups(gs, pl, rows_local, el, num_rows)
@@ -418,7 +430,6 @@ def _transpose_rule(config, mesh, operand_types, result_types):
 # --- registration --------------------------------------------------------------------------
 
 def _product(x, values, indices, metadata, sel, gs, config, has_sel, glu, kernel):
-    values, indices, metadata = (ops._merged_halves(a) for a in (values, indices, metadata))
     return local_p.bind(x, values, indices, metadata, sel, gs, config=config, has_sel=has_sel,
                         glu=glu, kernel=kernel)
 

@@ -170,10 +170,11 @@ def test_layer_matches_single_device(shape, rng, seed):
 
 
 # Tensor parallel: d_ff=256 splits 8 ways into whole 1:2 tiles (32 gate + 32 up columns).
-TP_MESHES = {  # name: (mesh shape, axis names, expert axis)
-    "tp8": ((1, 8), ("data", "model"), None),
-    "dp2-tp4": ((2, 4), ("data", "model"), None),
-    "dp2-ep2-tp2": ((2, 2, 2), ("data", "expert", "model"), "expert"),
+TP_MESHES = {  # name: (mesh shape, axis names, expert axis, Explicit axis types)
+    "tp8": ((1, 8), ("data", "model"), None, False),
+    "dp2-tp4": ((2, 4), ("data", "model"), None, False),
+    "dp2-ep2-tp2": ((2, 2, 2), ("data", "expert", "model"), "expert", False),
+    "ep2-tp4-explicit": ((2, 4), ("expert", "model"), "expert", True),
 }
 # (mesh, how the layer runs, partitioner, check grad w.r.t. x). "jit": jax.jit(sj.moe) on
 # the placed parameters, x replicated; "jit-dp": the same with x split over data (the
@@ -183,7 +184,8 @@ TP_CASES = [("tp8", "jit", "shardy", True), ("tp8", "moe_sharded", "shardy", Tru
             ("dp2-tp4", "jit-dp", "shardy", False), ("dp2-tp4", "moe_sharded", "shardy", False),
             ("dp2-ep2-tp2", "jit", "shardy", True), ("dp2-ep2-tp2", "jit", "gspmd", True),
             ("dp2-ep2-tp2", "moe_sharded", "shardy", True),
-            ("dp2-ep2-tp2", "twin", "shardy", False)]
+            ("dp2-ep2-tp2", "twin", "shardy", False),
+            ("ep2-tp4-explicit", "jit", "shardy", False)]
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +207,10 @@ def tp_layer():
 def test_tensor_parallel_layer(mesh_name, how, part, check_grad, tp_layer):
     """gate_up split by columns (gate and up paired per shard), down by rows, one
     all-reduce per layer; through plain jax.jit(sj.moe) and through moe_sharded."""
-    shape, names, ex = TP_MESHES[mesh_name]
+    shape, names, ex, explicit = TP_MESHES[mesh_name]
     cfg, x = tp_layer["cfg"], tp_layer["x"]
-    mesh = Mesh(np.array(cpus[:8]).reshape(shape), names)
+    types = (jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto,)
+    mesh = Mesh(np.array(cpus[:8]).reshape(shape), names, axis_types=types * len(names))
     params = tp_layer["twin" if how == "twin" else "params"]
     ps = sh.shard_params(params, mesh, expert_axis=ex, tensor_axis="model")
     n_ep = 1 if ex is None else mesh.shape[ex]
@@ -215,7 +218,7 @@ def test_tensor_parallel_layer(mesh_name, how, part, check_grad, tp_layer):
         gu = ps["gate_up"]
         assert gu.shape == (8, 2, D, 256) and gu.values.sharding.spec == P(ex, None, "model")
         assert ps["down"].values.sharding.spec == P(ex, None, "model")
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data"))) if "data" in names else x
     # The parameters are arguments of the jitted function: closed-over arrays would be
     # baked in as constants, outside the partitioned program.
     if how.startswith("jit"):
