@@ -2,7 +2,9 @@
 
 One primitive, ``samoyeds_ragged_dot``, backs :func:`dot` and :func:`ragged_dot`. It is
 the only place that knows about platforms: ``cpu`` lowers to the C++ handler, ``cuda``
-to the CUDA handler (both XLA FFI custom calls from the ``_samoyeds`` module).
+to the CUDA handler (both XLA FFI custom calls from the ``_samoyeds`` module). Under jit
+the lowering goes through the partitioning rule beside it
+(:mod:`samoyeds_jax.partitioning`): one such call per device on sharded operands.
 """
 
 from __future__ import annotations
