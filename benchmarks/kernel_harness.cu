@@ -18,18 +18,6 @@
 #include "cuda/dispatch.cuh"
 #include "launch_timing.cuh"
 
-#ifdef HARNESS_VARIANTS
-// Block shapes under evaluation or replaced (docs/kernel_history.md), built from the
-// kernels' own template parameters.
-// 1:2 at sub_row 128 without halves: one N = 128 group per consumer, drained every window.
-using Whole2 = samoyeds::cuda::HopperCfg<2>;
-// The halves loop drained every 4 stages instead of 8.
-struct Halves2U4 : samoyeds::cuda::HopperHalvesCfg { static constexpr int kHalvesUnroll = 4; };
-// The halves loop with A read by descriptor per half.
-struct HalvesSS : samoyeds::cuda::HopperHalvesCfg { static constexpr bool kARegs = false; };
-// 1:1 with 128 routed rows per block at every shape.
-using H1N128 = samoyeds::cuda::HopperPlainNarrowCfg;
-#endif
 
 int main(int argc, char** argv) {
   if (argc < 7) {
@@ -166,7 +154,7 @@ int main(int argc, char** argv) {
     report("stream", time_path(Path::kStream));
     compare("stream", output_of(Path::kStream));
 #ifdef HARNESS_VARIANTS
-    // Block shapes under evaluation or replaced (docs/kernel_history.md), against the warp kernel's output.
+    // Block shapes under evaluation (docs/kernel_history.md), against the warp kernel's output.
     using Bf = __nv_bfloat16;
     namespace sc = samoyeds::cuda;
     struct Variant {
@@ -175,14 +163,6 @@ int main(int argc, char** argv) {
       cudaError_t (*fn)(cudaStream_t, const sc::Args&);
     };
     const Variant variants[] = {
-        {"whole2", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Whole2>},
-        {"halves2u4", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, Halves2U4>},
-        {"halvesss", 1, 2, sc::LaunchHopperCfg<Bf, 1, 2, HalvesSS>},
-        {"h1n128", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, H1N128>},
-        {"h1c4s3", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 4, 128, 3>>},
-        {"h1c2s4", 1, 1, sc::LaunchHopperCfg<Bf, 1, 1, sc::HopperCfg<1, 2, 128, 4>>},  // before v14
-        {"w64x16b", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<64, 16, 4, 4, 1>>},
-        {"w32x16s6", 1, 2, sc::Launch<Bf, 1, 2, sc::TileCfg<32, 16, 6, 2, 2>>},
         // serving-kernel shapes: consumers, N, blocks per SM
         {"s16c2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 16, 2>>},
         {"s16c1b1", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 1>>},

@@ -18,6 +18,8 @@
 #     serving  : benchmarks/bench_serving.py (single, grouped, deepseek; dense baselines)
 #     layer    : benchmarks/bench_layer.py, the Mixtral-8x7B layer at 16 to 4096 tokens
 #     multi    : several GPUs: sharded == single device, bench_multi scaling
+#     full     : build, kernels, then tests and sanitize side by side (correctness only, so
+#                sharing the GPU is fine), then serving alone; logs packed into one file
 # Every mode but `build` builds first (once). Run from the repository root.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,6 +30,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
 quiet() { grep -v "^[WI][0-9]\{4\} "; }  # absl/XLA info and warning lines
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 BUILT=0
+[ -n "${SKIP_BUILD:-}" ] && BUILT=1  # the package and binaries are installed already
 
 machine() {
   step "machine"
@@ -85,18 +88,20 @@ sanitize() {
   build
   # Racecheck of the setmaxnreg kernels runs a build without setmaxnreg (racecheck stalls
   # at random cases when warps reallocate registers), importable from its own directory.
-  step "build without setmaxnreg, for racecheck"
-  CUDAFLAGS=-DSAMOYEDS_NO_SETMAXNREG SAMOYEDS_CUDA=ON python3 -m pip install --no-build-isolation \
-    --no-deps --target /tmp/sj_no_setmaxnreg --config-settings=cmake.define.SAMOYEDS_CUDA_ARCHS=90a \
-    "$REPO" > "$OUT/build_racecheck.log" 2>&1 || { tail -20 "$OUT/build_racecheck.log"; exit 1; }
+  local runs=${SANITIZE_RUNS:-"auto:0 hopper:0 stream:0 stream:8 warp:8"}
+  if [[ " $runs" == *" auto:"* || " $runs" == *" hopper:"* ]]; then
+    step "build without setmaxnreg, for racecheck of the prefill kernel"
+    CUDAFLAGS=-DSAMOYEDS_NO_SETMAXNREG SAMOYEDS_CUDA=ON python3 -m pip install --no-build-isolation \
+      --no-deps --target /tmp/sj_no_setmaxnreg --config-settings=cmake.define.SAMOYEDS_CUDA_ARCHS=90a \
+      "$REPO" > "$OUT/build_racecheck.log" 2>&1 || { tail -20 "$OUT/build_racecheck.log"; exit 1; }
+  fi
   step "compute-sanitizer"
   export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
-  local runs=${SANITIZE_RUNS:-"auto:0 hopper:0 stream:0 stream:8 warp:8"}
   for run in $runs; do
     local kern=${run%%:*} splits=${run##*:}
     for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
       local path=""
-      [ $tool = racecheck ] && path=/tmp/sj_no_setmaxnreg
+      [ $tool = racecheck ] && [ -d /tmp/sj_no_setmaxnreg ] && path=/tmp/sj_no_setmaxnreg
       echo "--- $kern splits=$splits $tool" >> "$OUT/sanitizer.log"
       (cd /tmp && PYTHONPATH=$path timeout ${SANITIZE_TIMEOUT:-150} compute-sanitizer --tool $tool \
         --kernel-name kns=RaggedDot --error-exitcode 9 \
@@ -184,10 +189,28 @@ multi() {
   grep "failures" "$OUT/multi.log" | tail -1 >> "$OUT/summary.txt"
 }
 
+full() {
+  build
+  kernels
+  local self="$REPO/scripts/gpu_check.sh"
+  SKIP_BUILD=1 bash "$self" tests > "$OUT/tests.out" 2>&1 &
+  local tests_pid=$!
+  SKIP_BUILD=1 bash "$self" sanitize > "$OUT/sanitize.out" 2>&1
+  wait $tests_pid
+  tail -12 "$OUT/tests.out"
+  serving
+}
+
+# The device returns at most 8 files: everything but the summary goes into one archive.
+pack() {
+  (cd "$OUT" && tar czf /tmp/logs.tgz --exclude=summary.txt --exclude=logs.tgz . && mv /tmp/logs.tgz "$OUT/" \
+    && find . -maxdepth 1 -type f ! -name summary.txt ! -name logs.tgz -delete)
+}
+
 machine
 for mode in "$@"; do
   case $mode in
-    build|tests|sanitize|stress|soak|kernels|profile|serving|layer|multi) $mode ;;
+    build|tests|sanitize|stress|soak|kernels|profile|serving|layer|multi|full|pack) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done

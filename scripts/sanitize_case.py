@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import samoyeds_jax as sj
+from samoyeds_jax._util import parse_nv
 from samoyeds_jax.format import SUPPORTED_NV
 
 opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
@@ -21,7 +22,7 @@ args = [a for a in sys.argv[1:] if a != "-v" and not a.startswith("--")]
 VERBOSE = "-v" in sys.argv[1:]
 # Every call of the run uses the forced kernel (the context is left at exit).
 sj.ops.force_kernel(opts.get("kernel", "auto"), int(opts.get("splits", 0))).__enter__()
-CONFIGS = [tuple(map(int, a.split(":"))) for a in args] or list(SUPPORTED_NV)
+CONFIGS = [parse_nv(a) for a in args] or list(SUPPORTED_NV)
 unknown = [nv for nv in CONFIGS if nv not in SUPPORTED_NV]
 if unknown:
     sys.exit(f"unsupported N:V {unknown}; expected some of {list(SUPPORTED_NV)}")
