@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import samoyeds_jax as sj
-from helpers import BASE_SEED, dense_layer, f64, rand, rel_err, seed_for, sparse_weight, tol
+from helpers import (BASE_SEED, collectives, dense_layer, f64, rand, rel_err, seed_for,
+                     sparse_weight, tol, weight_gathers)
 from samoyeds_jax import layout
 from samoyeds_jax import sharding as sh
 from samoyeds_jax.moe import expert_ffn
@@ -83,33 +83,6 @@ def grad_x(fn, x):
 def _loss_grad(f):
     """d/dx of sum(f(x, ...)^2) (float32), jitted; the weights are arguments."""
     return jax.jit(jax.grad(lambda x, *a: jnp.sum(f(x, *a).astype(jnp.float32) ** 2)))
-
-
-# --- reading compiled HLO -----------------------------------------------------------------
-
-_COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-reduce|all-to-all|collective-permute|"
-                         r"reduce-scatter)(?:-start)?\(")
-_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-
-
-def collectives(hlo: str) -> dict[str, int]:
-    """How many collectives of each kind a compiled HLO text holds (async ones once)."""
-    out: dict[str, int] = {}
-    for _, op in _COLLECTIVE.findall(hlo):
-        out[op] = out.get(op, 0) + 1
-    return out
-
-
-def weight_gathers(hlo: str) -> list[str]:
-    """The all-gathers that move weights: results of rank >= 3 (the SparseWeight leaves
-    and dense expert weights; the layer's activations and routing arrays are at most 2-D)
-    or of the index / metadata dtypes."""
-    found = []
-    for shape, op in _COLLECTIVE.findall(hlo):
-        if op == "all-gather" and any(dt in ("u8", "u32") or len(dims.split(",")) >= 3
-                                      for dt, dims in _ARRAY.findall(shape)):
-            found.append(shape)
-    return found
 
 
 @contextlib.contextmanager
