@@ -70,8 +70,9 @@ import jax.numpy as jnp
 from jax._src import dispatch as _jax_dispatch  # the set of primitives lowered with devices
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
+from jax.extend.mlir import ir
+from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import mlir
-from jax._src.lib.mlir.dialects import hlo
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -204,11 +205,12 @@ def _weight_spec(pl: PartitionPlan, transpose: bool, ndim: int) -> P:
 # --- the per-device computation ------------------------------------------------------------
 
 def _local_groups(gs: jax.Array, pl: PartitionPlan, rows_local: int, experts_local: int,
-                  num_rows: int):
+                  num_rows: int | None):
     """This device's group sizes and the offset of its experts' rows in its row window.
 
     Returns ``(group_sizes [El], offset)``; offset is None when the window starts with
-    this device's first expert (no experts axis).
+    this device's first expert (no experts axis). With ``num_rows`` (the rows of the
+    whole call), bad routing is passed on to the kernel's checks.
     """
     ends = jnp.cumsum(gs)
     starts = ends - gs
@@ -220,11 +222,14 @@ def _local_groups(gs: jax.Array, pl: PartitionPlan, rows_local: int, experts_loc
     a = jnp.clip(starts - lo, 0, rows_local)
     b = jnp.clip(ends - lo, 0, rows_local)
     local = (b - a).astype(jnp.int32)
+    offset = a[0] if pl.experts else None
+    if num_rows is None:
+        return local, offset
     # Bad routing makes every per-device call fail on the CPU handler, as the whole call
     # would (the message names this device's sizes).
     first_size = jnp.where((gs < 0).any(), -1,
                            jnp.where(jnp.sum(gs) > num_rows, rows_local + 1, local[0]))
-    return local.at[0].set(first_size), (a[0] if pl.experts else None)
+    return local.at[0].set(first_size), offset
 
 
 def _reduce(y: jax.Array, pl: PartitionPlan) -> jax.Array:
@@ -262,12 +267,11 @@ def _product_fn(pl: PartitionPlan, config: SparsityConfig, has_sel: bool, glu: s
     return local
 
 
-def _transpose_fn(pl: PartitionPlan, config: SparsityConfig, num_rows: int, rows_local: int):
+def _transpose_fn(pl: PartitionPlan, config: SparsityConfig, rows_local: int):
     def local(ct, values, indices, metadata, gs):
         el = values.shape[0]
         if pl.rows or pl.experts:
-            gs, shift = _local_groups(gs, pl, rows_local, el, num_rows)
-            gs = jnp.maximum(gs, 0)  # no handler here to refuse bad routing
+            gs, shift = _local_groups(gs, pl, rows_local, el, None)
         else:
             shift = None
         if shift is not None:
@@ -328,7 +332,7 @@ def _transpose_partition(config, mesh, arg_shapes, result_shape):
     rep = NamedSharding(mesh, P())
     ct_s = NamedSharding(mesh, _spec(pl.rows, pl.contract))
     out = NamedSharding(mesh, _spec(pl.rows, pl.out))
-    fn = _transpose_fn(pl, config, r, r // mesh_size(mesh, pl.rows))
+    fn = _transpose_fn(pl, config, r // mesh_size(mesh, pl.rows))
     return mesh, fn, out, (ct_s, w, w, w, rep)
 
 
@@ -368,7 +372,7 @@ class _Rule:
 
 
 def _shape(t: Any) -> tuple[int, ...]:
-    from jax._src.lib.mlir import ir  # the rule callback receives MLIR types
+    """The shape of an MLIR tensor type (what the rule callback receives)."""
     return tuple(ir.RankedTensorType(t).shape)
 
 
