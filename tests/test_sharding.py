@@ -219,6 +219,20 @@ def test_tensor_parallel_layer(mesh_name, how, part, check_grad, tp_layer):
         assert collectives(hlo) == want, f"{msg}: {collectives(hlo)}, expected {want}"
 
 
+def test_stacked_layout_is_the_same_layer(tp_layer):
+    """The stacked gate_up passes the layout checks, decodes to the same dense twin and
+    gives the same layer, bit for bit; concat_gate_up undoes stack_gate_up."""
+    cfg, params = tp_layer["cfg"], tp_layer["params"]
+    stacked = {**params, "gate_up": layout.stack_gate_up(params["gate_up"])}
+    np.testing.assert_array_equal(f64(sj.moe(stacked, tp_layer["x"], cfg)),
+                                  f64(tp_layer["ref"]))
+    for key, val in sj.decode_moe(stacked, cfg).items():
+        np.testing.assert_array_equal(f64(val), f64(tp_layer["twin"][key]), err_msg=key)
+    back = layout.concat_gate_up(stacked["gate_up"])
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params["gate_up"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_plain_jit_expert_parallel_is_exact(tp_layer):
     """jax.jit(sj.moe) on expert-sharded parameters: each device runs its experts' rows,
     the partial outputs meet in an all-reduce of exact zeros: bit-identical."""
@@ -451,6 +465,26 @@ def test_primitive_partitions_under_jit(name, part, prim_inputs):
     assert collectives(hlo) == want, f"{msg}: {collectives(hlo)}, expected {want}"
     assert not weight_gathers(g_hlo), f"{msg}: grad gathers weights {weight_gathers(g_hlo)}"
     assert "samoyeds_ragged_dot" in hlo and "CustomSPMDPartitioning" not in hlo, msg
+
+
+def test_stacked_gate_up_is_the_same_product(prim_inputs):
+    """On one device the stacked [E, 2, K, F] weight is the [E, K, 2F] one: the same fused
+    GLU bit for bit (jit and vmap), gradients equal up to float32 summation order (two
+    half-width transposes instead of one), refused without a GLU."""
+    x, gs, sel = prim_inputs["x"], prim_inputs["gs"], prim_inputs["sel"]
+
+    def f(x, w):
+        return sj.ragged_dot(x, w, gs, sel, glu="silu")
+
+    y3, y4 = jax.jit(f)(x, prim_inputs[W3]), jax.jit(f)(x, prim_inputs[W4])
+    np.testing.assert_array_equal(f64(y4), f64(y3))
+    xb = jnp.stack([x, -x])
+    np.testing.assert_array_equal(f64(jax.vmap(f, (0, None))(xb, prim_inputs[W4])),
+                                  f64(jax.vmap(f, (0, None))(xb, prim_inputs[W3])))
+    g3, g4 = (_loss_grad(f)(x, prim_inputs[w]) for w in (W3, W4))
+    assert rel_err(g4, g3) <= TOL, f"grad relative error {rel_err(g4, g3):.3g}"
+    with pytest.raises(ValueError, match=r"\[E, K, M\]"):
+        sj.ragged_dot(x, prim_inputs[W4], gs, sel)
 
 
 def test_vmap_and_dot_under_jit_split_along_m(prim_inputs, seed):
