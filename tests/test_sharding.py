@@ -1,15 +1,22 @@
-"""samoyeds_jax.sharding: the data/expert-parallel layer against the single-device layer.
+"""samoyeds_jax.sharding and samoyeds_jax.partitioning: the layer and the product on a
+mesh against one device.
 
 Runs on 8 virtual CPU devices (conftest adds ``--xla_force_host_platform_device_count=8``
 to XLA_FLAGS before jax starts); skipped when fewer than 8 CPU devices exist.
 
-Reference: ``sj.moe`` (and ``jax.vmap(sj.ragged_dot)``) on one device, same parameters,
-same tokens. Routing is made uneven on purpose: a constant feature that one router
-column loves makes one expert take every token's first choice, and two router columns
-that hate it leave those experts empty. The sharded layer runs the same per-row kernels
-on the same rows, so on CPU it matches bit for bit (measured: max error 0); the bound
-allows float32 accumulation-order differences (``reordered`` of tests/helpers.py, bf16).
-Gradients w.r.t. x differ by bf16 rounding of partial sums (``sharded_grad``).
+Reference: ``sj.moe`` (and ``sj.ragged_dot``, ``jax.vmap(sj.ragged_dot)``) on one device,
+same parameters, same tokens. Routing is made uneven on purpose: a constant feature that
+one router column loves makes one expert take every token's first choice, and two router
+columns that hate it leave those experts empty. Data and expert parallelism run the same
+per-row kernels on the same rows, so on CPU they match bit for bit (measured: max error
+0; some tests assert exact equality, the others allow float32 accumulation-order
+differences, ``reordered`` of tests/helpers.py). Tensor parallelism and any K split round
+each device's partial product before the sum (``k_split``). Gradients w.r.t. x differ by
+bf16 rounding of partial sums (``sharded_grad``).
+
+Plain jax.jit on sharded operands (the primitive's partitioning rule) is checked in its
+compiled HLO: the collectives each layout needs and no all-gather of a weight, under
+Shardy and, for one case of each kind, GSPMD.
 """
 
 from __future__ import annotations
