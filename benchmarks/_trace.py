@@ -104,18 +104,19 @@ def time_by_category(ops, runs: int = 1, categories: dict[str, str] | None = Non
     return {k: v / n / runs for k, v in total.items()}, len(devices)
 
 
-def time_per_call(fn, args, calls: int, reps: int, logdir: str | None = None
-                  ) -> tuple[float, float | None, dict[str, float]]:
+def time_per_call(fn, args, calls: int, reps: int, logdir: str | None = None,
+                  trace: bool = True) -> tuple[float, float | None, dict[str, float]]:
     """Time a program that makes `calls` calls: (median wall seconds per call, device
-    seconds per call from a trace or None off-GPU, device microseconds per kernel name per
-    program). Compiles and warms up first."""
+    seconds per call from a trace or None off-GPU or with trace=False, device microseconds
+    per kernel name per program). Compiles and warms up first."""
     import time
 
     import numpy as np
 
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
-    dev_us, per_kernel = device_time_us(fn, args, runs=5, logdir=logdir)
+    dev_us, per_kernel = (device_time_us(fn, args, runs=5, logdir=logdir) if trace
+                          else (None, {}))
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """Kernel benchmark: sj.dot / sj.ragged_dot against XLA's dense paths, same run, same inputs.
 
   python benchmarks/bench_kernel.py --preset=mixtral-8x7b --tokens=16,4096
+  python benchmarks/bench_kernel.py --shape=1024x4096 --tokens=16,256 --repeat=5   # CPU
 
 Cases per token count T:
   single  one expert, T tokens: sj.dot vs jnp.dot on the decoded dense weight;
@@ -12,11 +13,19 @@ single case) back to back, so neither launch overhead nor a warm L2 flatters any
 the median over `--reps` programs is divided by `--rotate`.
 Printed: time, dense-equivalent TFLOP/s (2*R*K*M / t) and GB/s of the bytes each path
 actually reads and writes.
+
+On a GPU the time is device time from a profiler trace; on the CPU (the C++ handler) it is
+the wall clock of the blocked-on program, which is the device time there. `--shape=KxM`
+replaces the preset's projection shape, and `--repeat=N` measures every path N times in
+turn (sparse, then its baselines) and prints the median with the spread (min..max) of the
+speedup, for machines whose other load moves single measurements.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import platform
 import sys
 
 import jax
@@ -42,6 +51,9 @@ _cli.define_dtype_flag()
 flags.DEFINE_list("cases", ["single", "grouped"], "which cases")
 flags.DEFINE_integer("rotate", 4, "distinct input sets per timed program")
 flags.DEFINE_integer("reps", 20, "timed programs (median)")
+flags.DEFINE_string("shape", "", "KxM: this weight shape instead of the preset's --proj")
+flags.DEFINE_integer("repeat", 1, "measure every path this many times in turn; report the "
+                     "median and the spread of the speedup")
 flags.DEFINE_string("json_out", "", "write results as JSON here")
 flags.DEFINE_string("csv_out", "", "write the result rows as CSV here")
 flags.DEFINE_string("plot", "", "write the speedup plot (PNG) here; needs matplotlib")
@@ -52,7 +64,9 @@ flags.DEFINE_string("profile_dir", "", "write a jax.profiler trace of one timed 
 def _time(fn, args, name: str = "") -> tuple[float, float | None]:
     """(wall seconds per call, device seconds per call or None off-GPU)."""
     logdir = os.path.join(FLAGS.profile_dir, name) if FLAGS.profile_dir else None
-    wall, dev, per_kernel = time_per_call(fn, args, FLAGS.rotate, FLAGS.reps, logdir)
+    # A trace gives device time on a GPU only; on the CPU the wall clock is the device time.
+    trace = jax.default_backend() == "gpu" or bool(FLAGS.profile_dir)
+    wall, dev, per_kernel = time_per_call(fn, args, FLAGS.rotate, FLAGS.reps, logdir, trace)
     if per_kernel and FLAGS.profile_dir:
         top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:4]
         print(f"  [{name}] device us per program: " + "; ".join(f"{k}={v:.0f}" for k, v in top))
@@ -68,6 +82,55 @@ def _nbytes(*arrays) -> int:
     return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
 
 
+def _cpu_note(dev) -> str:
+    """On the CPU: the processor and the threads the handler may use."""
+    if dev.platform != "cpu":
+        return ""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh
+                          if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    threads = os.environ.get("SAMOYEDS_CPU_THREADS", "XLA's pool")
+    return f", {model}, {os.cpu_count()} CPUs, SAMOYEDS_CPU_THREADS={threads}"
+
+
+def _rate(v: float) -> str:
+    """8 characters; three decimals for the small rates of a CPU."""
+    return f"{v:8.1f}" if v >= 10 else f"{v:8.3f}"
+
+
+def _median_rows(samples: list[dict]) -> list[dict]:
+    """One row per (case, T, path) in first-seen order: the median over repeats of every
+    number, with the spread of ms."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in samples:
+        groups.setdefault((r["case"], r["tokens"], r["path"]), []).append(r)
+    rows = []
+    for (case, t, path), rs in groups.items():
+        row = dict(case=case, tokens=t, path=path, timer=rs[0]["timer"], repeats=len(rs))
+        for key in ("ms", "wall_ms", "tflops", "gbs"):
+            row[key] = float(np.median([r[key] for r in rs]))
+        row["ms_min"], row["ms_max"] = min(r["ms"] for r in rs), max(r["ms"] for r in rs)
+        rows.append(row)
+    return rows
+
+
+def _best_speedups(samples: list[dict], case: str, tokens: int) -> list[float]:
+    """Per repeat: the best baseline's ms over samoyeds' ms, for one case and T."""
+    out = []
+    for rep in sorted({r["repeat"] for r in samples}):
+        mine = [r for r in samples
+                if (r["case"], r["tokens"], r["repeat"]) == (case, tokens, rep)]
+        ours = [r["ms"] for r in mine if r["path"] == "samoyeds"]
+        base = [r["ms"] for r in mine if r["path"] != "samoyeds"]
+        if ours and base:
+            out.append(min(base) / ours[0])
+    return out
+
+
 def main(argv):
     del argv
     _report.check_plot_flag(FLAGS.plot)
@@ -77,27 +140,33 @@ def main(argv):
     cfg = _cli.sparsity_from_flags()
     dtype = jnp.dtype(FLAGS.dtype)
     rng = np.random.default_rng(0)
+    if FLAGS.shape:
+        try:
+            k, m = (int(a) for a in FLAGS.shape.lower().split("x"))
+        except ValueError:
+            raise app.UsageError(f"--shape must look like KxM, got {FLAGS.shape!r}") from None
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; "
-          f"preset {FLAGS.preset} {FLAGS.proj}: K={k} M={m} E={experts} top-{top_k}; "
-          f"{cfg.n}:{cfg.v} L={cfg.sub_row} {dtype.name}")
+    print(f"device: {dev.device_kind} ({dev.platform}){_cpu_note(dev)}; jax {jax.__version__}; "
+          f"preset {FLAGS.preset} {FLAGS.shape or FLAGS.proj}: K={k} M={m} E={experts} "
+          f"top-{top_k}; {cfg.n}:{cfg.v} L={cfg.sub_row} {dtype.name}")
     n_w = max(FLAGS.rotate, experts)
     w = jnp.asarray(rng.standard_normal((n_w, k, m), np.float32) / np.sqrt(k), dtype)
     sw = sj.encode(sj.prune(w, cfg), cfg)
     wd = sj.decode(sw)  # the dense baselines run on the same (pruned) weights
     del w
-    rows = []
+    samples = []  # one row per path, T and repeat
 
     def record(case, t_tokens, name, times, r, bytes_moved):
         # Device time when a trace has it (GPU), else wall clock.
         wall, dev = times
         secs = dev if dev is not None else wall
         flops = 2.0 * r * k * m
-        rows.append(dict(case=case, tokens=t_tokens, path=name, ms=secs * 1e3,
-                         wall_ms=wall * 1e3, timer="device" if dev is not None else "wall",
-                         tflops=flops / secs / 1e12, gbs=bytes_moved / secs / 1e9))
+        samples.append(dict(case=case, tokens=t_tokens, path=name, ms=secs * 1e3,
+                            wall_ms=wall * 1e3, timer="device" if dev is not None else "wall",
+                            tflops=flops / secs / 1e12, gbs=bytes_moved / secs / 1e9,
+                            repeat=rep))
 
-    for t in map(int, FLAGS.tokens):
+    for rep, t in itertools.product(range(FLAGS.repeat), map(int, FLAGS.tokens)):
         xs = [jnp.asarray(rng.standard_normal((t, k)), dtype) for _ in range(FLAGS.rotate)]
         if "single" in FLAGS.cases:
             ours = _unrolled(sj.dot)
@@ -143,15 +212,22 @@ def main(argv):
                    r,
                    _nbytes(wde) + 2 * x_bytes + out_bytes)
 
+    rows = _median_rows(samples)
+    spread = FLAGS.repeat > 1
     print(f"\n{'case':8} {'T':>6} {'path':20} {'ms':>9} {'wall ms':>9} {'TFLOP/s':>8} "
-          f"{'GB/s':>8} {'speedup':>8}   (ms: {rows[0]['timer'] if rows else ''} time per call)")
+          f"{'GB/s':>8} {'speedup':>8}" + (f" {'min..max':>13}" if spread else "") +
+          f"   (ms: {rows[0]['timer'] if rows else ''} time per call"
+          + (f", median of {FLAGS.repeat} repeats)" if spread else ")"))
     for row in rows:
-        base = [b for b in rows if b["case"] == row["case"] and b["tokens"] == row["tokens"]
-                and b["path"] != "samoyeds"]
-        best = min(b["ms"] for b in base) if base else row["ms"]
-        sp = f"{best / row['ms']:.2f}x" if row["path"] == "samoyeds" else ""
+        sp, rng_sp = "", ""
+        if row["path"] == "samoyeds":
+            per_rep = _best_speedups(samples, row["case"], row["tokens"])
+            if per_rep:
+                sp = f"{float(np.median(per_rep)):.2f}x"
+                rng_sp = f"{min(per_rep):.2f}..{max(per_rep):.2f}x"
         print(f"{row['case']:8} {row['tokens']:>6} {row['path']:20} {row['ms']:9.4f} "
-              f"{row['wall_ms']:9.4f} {row['tflops']:8.1f} {row['gbs']:8.0f} {sp:>8}")
+              f"{row['wall_ms']:9.4f} {_rate(row['tflops'])} {_rate(row['gbs'])} {sp:>8}"
+              + (f" {rng_sp:>13}" if spread else ""))
     # Speedup of samoyeds over each dense path, per case and T (JSON "speedup", the plot).
     speed = _report.speedups(rows, ("case", "tokens"), "samoyeds",
                              ("xla_dense_dot", "xla_ragged_dot", "xla_batched_einsum"))
@@ -163,7 +239,8 @@ def main(argv):
     if FLAGS.json_out:
         _report.write_json(FLAGS.json_out, dict(
             device=dev.device_kind, preset=FLAGS.preset, proj=FLAGS.proj, k=k, m=m,
-            config=FLAGS.nv, sub_row=FLAGS.sub_row, dtype=dtype.name), rows, speedup=speed)
+            config=FLAGS.nv, sub_row=FLAGS.sub_row, dtype=dtype.name), rows, speedup=speed,
+            **({"samples": samples} if spread else {}))
     if FLAGS.csv_out:
         _report.write_csv(FLAGS.csv_out, rows, dict(device=dev.device_kind,
                                                     preset=FLAGS.preset, proj=FLAGS.proj,

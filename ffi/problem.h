@@ -150,4 +150,45 @@ inline ffi::Error CheckProblem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& va
   return ffi::Error::Success();
 }
 
+// The format's validity rule on the stored arrays of the experts that own rows (the only
+// ones a call reads): every sub-row index below V and the N indices of each block
+// increasing; every metadata nibble an ordered 2:4 pair (first < second). The kernels,
+// samoyeds_jax.decode and the gradient agree on weights that keep it; the sparse tensor
+// cores leave other metadata undefined. Python checks weights where they enter; the CPU
+// handler also refuses, on every call, a weight that breaks the rule (the CUDA handler
+// cannot report it without a host sync).
+inline ffi::Error CheckPattern(const ffi::Buffer<ffi::U8>& indices,
+                               const ffi::Buffer<ffi::U32>& metadata,
+                               const ffi::Buffer<ffi::S32>& group_sizes, const Problem& p) {
+  const int64_t windows = p.k / p.sub_row, words = p.k / kMetaColsPerWord;
+  const int32_t* gs = group_sizes.typed_data();
+  for (int64_t e = 0; e < p.experts; ++e) {
+    if (gs[e] <= 0) continue;
+    const uint8_t* ie = indices.typed_data() + e * p.kept_rows * windows;
+    for (int64_t i = 0; i < p.kept_rows * windows; ++i) {
+      const int64_t row = i / windows;
+      const bool high = ie[i] >= p.v, repeated = row % p.n != 0 && ie[i] <= ie[i - windows];
+      if (high || repeated)
+        return Bad("indices value " + std::to_string(ie[i]) + " at expert " +
+                   std::to_string(e) + ", kept row " + std::to_string(row) + ", window " +
+                   std::to_string(i % windows) +
+                   (high ? " is not below V=" + std::to_string(p.v)
+                         : std::string(" does not increase over the previous kept row of "
+                                       "its block")));
+    }
+    // Per nibble, (high | 4) - low - 1 is in [0, 6] (no borrow between nibbles) and has
+    // bit 2 set exactly when high > low; the hardware order moves whole nibbles.
+    const uint32_t* me = metadata.typed_data() + e * p.kept_rows * words;
+    for (int64_t i = 0; i < p.kept_rows * words; ++i) {
+      const uint32_t lo = me[i] & 0x33333333u, hi = (me[i] >> 2) & 0x33333333u;
+      if ((((hi | 0x44444444u) - lo - 0x11111111u) & 0x44444444u) != 0x44444444u)
+        return Bad("metadata word of expert " + std::to_string(e) + ", row " +
+                   std::to_string(i / words) + ", column " + std::to_string(i % words) +
+                   " (hardware order) holds a 2:4 group whose two positions are not "
+                   "increasing");
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace samoyeds

@@ -19,6 +19,7 @@ bytes of each, and the median time per call after warmup (``block_until_ready``)
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -62,6 +63,18 @@ def _time(fn, *args, reps: int) -> float:
         jax.block_until_ready(fn(*args))
         samples.append(time.perf_counter() - t0)
     return float(np.median(samples))
+
+
+def _timing_note(dev) -> str:
+    """What a CPU time is: the wall clock of whole jitted calls, which on the CPU is the
+    device time, and the threads the sparse kernel ran on."""
+    if dev.platform != "cpu":
+        return ""
+    cap = os.environ.get("SAMOYEDS_CPU_THREADS")
+    threads = (f"SAMOYEDS_CPU_THREADS={cap}" if cap
+               else f"XLA's CPU threads, {os.cpu_count()} CPUs")
+    return (f"; each the wall clock of one jitted call to block_until_ready, after 2 warm-up "
+            f"calls; the sparse kernel on {threads}")
 
 
 def _errors(y, ref) -> tuple[float, float]:
@@ -109,7 +122,8 @@ def main(argv):
         dtype = jnp.dtype(FLAGS.dtype)
         label = f"preset {preset}"
         if backend == "cpu" and preset != "tiny":
-            print("note: the CPU handler is a plain C++ loop; large presets take a while on CPU")
+            print("note: large presets take minutes on CPU (pruning and encoding on the host, "
+                  "then the dense layers)")
     sp = cfg.sparsity
     print(f"samoyeds_jax demo: {label} (d_model={cfg.d_model} d_ff={cfg.d_ff} "
           f"E={cfg.num_experts} top-{cfg.top_k} router={cfg.router}"
@@ -160,7 +174,7 @@ def main(argv):
              else "; tokens are random normals, not the model's hidden states.")
           + "\nsparse vs dense twin: "
           f"{speed:.2f}x the speed on {dev.platform} ({tokens} tokens, median of "
-          f"{FLAGS.reps} calls).")
+          f"{FLAGS.reps} calls{_timing_note(dev)}).")
 
 
 if __name__ == "__main__":

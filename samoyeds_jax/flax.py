@@ -23,6 +23,7 @@ Orbax round trip::
     abstract = nnx.eval_shape(lambda: SparseMoE.empty(cfg, jnp.bfloat16))
     graphdef, abstract_state = nnx.split(abstract)
     model = nnx.merge(graphdef, ocp.StandardCheckpointer().restore(path, abstract_state))
+    model.validate()        # restored arrays come from a file: check their format once
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from flax import nnx
 
 from samoyeds_jax import layout
 from samoyeds_jax.format import SPARSE_PARTS as _PARTS
-from samoyeds_jax.format import SparseWeight, encode
+from samoyeds_jax.format import SparseWeight, _check_pattern, encode, validate
 from samoyeds_jax.moe import (
     MoEConfig, _check_dense, _check_sparse, init_dense_moe, moe, moe_dense, sparsify_moe)
 
@@ -71,8 +72,21 @@ def _join(dense: dict, sparse: dict, cfg: MoEConfig) -> dict:
     """The inverse of :func:`_split`: the params dict of :func:`samoyeds_jax.moe`."""
     out = dict(dense)
     for key in _SPARSE_KEYS:
-        out[key] = SparseWeight(*(sparse[f"{key}_{part}"] for part in _PARTS), cfg.sparsity)
+        # Checked where the arrays entered the module (_check_params), not on every call.
+        out[key] = SparseWeight.unchecked(*(sparse[f"{key}_{part}"] for part in _PARTS),
+                                          cfg.sparsity)
     return out
+
+
+def _check_params(params: Any, cfg: MoEConfig) -> None:
+    """The layout's keys and shapes, and every encoded weight's format
+    (:func:`samoyeds_jax.validate`, on the arrays whose values exist): the module's
+    kernels then never see a weight that ``decode`` and the gradient would read otherwise.
+    Runs once, where parameters enter a module, not in ``__call__``."""
+    _check_sparse(params, cfg)
+    for key in _SPARSE_KEYS:
+        sw = params[key]
+        _check_pattern(sw, f"params[{key!r}]", known_only=True)
 
 
 def _refuse_traced(key: Any, where: str) -> None:
@@ -90,8 +104,9 @@ def _placeholder_params(cfg: MoEConfig, dtype: Any) -> dict:
 
     def zero_sw(e, k, m):
         sw = encode(np.zeros((k, m), dtype), cfg.sparsity)
-        return SparseWeight(*(jnp.broadcast_to(getattr(sw, p), (e, *getattr(sw, p).shape))
-                              for p in _PARTS), cfg.sparsity)
+        return SparseWeight.unchecked(
+            *(jnp.broadcast_to(getattr(sw, p), (e, *getattr(sw, p).shape)) for p in _PARTS),
+            cfg.sparsity)
 
     return {p.key: zero_sw(*p.shape(cfg)) if p.sparse else jnp.zeros(p.shape(cfg), dtype)
             for p in layout.params(cfg, sparse=True)}
@@ -123,7 +138,7 @@ class SparseMoE(nnx.Module):
             key = rngs.params()
             _refuse_traced(key, "SparseMoE(cfg, rngs)")
             params = sparsify_moe(init_dense_moe(key, cfg, dtype), cfg, progress=progress)
-        _check_sparse(params, cfg)
+        _check_params(params, cfg)
         self.cfg = cfg
         dense, sparse = _split(params, cfg)
         for name, value in dense.items():
@@ -147,6 +162,17 @@ class SparseMoE(nnx.Module):
         """A module with zero weights of the right shapes: an orbax restore target (cheap;
         works under ``nnx.eval_shape``)."""
         return cls(cfg, params=_placeholder_params(cfg, dtype))
+
+    def validate(self) -> "SparseMoE":
+        """Check the encoded weights (:func:`samoyeds_jax.validate`) and return the module.
+
+        The constructor checks its ``params``; call this after filling a module by other
+        means, e.g. ``nnx.merge`` of a state restored by orbax (the state's arrays come
+        from a file)."""
+        params = self.params()
+        for key in _SPARSE_KEYS:
+            validate(params[key], key)
+        return self
 
     def params(self) -> dict:
         """The parameter dict of :func:`samoyeds_jax.moe` (SparseWeights rebuilt)."""
@@ -251,6 +277,6 @@ class SparseMoELinen(nn.Module):
     def variables_from_sparse(params: dict, cfg: MoEConfig) -> dict:
         """``{"params": ..., "sparse": ...}`` for ``apply``, from ``sj.sparsify_moe``
         output."""
-        _check_sparse(params, cfg)
+        _check_params(params, cfg)
         dense, sparse = _split(params, cfg)
         return {"params": dense, "sparse": sparse}

@@ -179,20 +179,41 @@ class SparseWeight:
     Shapes (``Mk = M * N / V``): values ``[..., Mk, K/2]`` (bf16 or fp16), indices
     ``[..., Mk, K/L]`` uint8, metadata ``[..., Mk, K/32]`` uint32 (hardware order).
     ``shape`` is the logical dense ``(..., K, M)``.
+
+    Built by hand, a SparseWeight is checked here (:func:`validate`): dtypes and shapes
+    always, the sub-row indices and metadata as well when their values are known (numpy
+    or concrete jax arrays; not tracers under jit, whose values do not exist yet). Raises
+    ValueError naming the first bad place. The library's own weights (``encode``,
+    ``load_checkpoint``, pytree unflattening) are built by :meth:`unchecked`.
     """
 
     def __init__(self, values: Any, indices: Any, metadata: Any, config: SparsityConfig):
+        if not isinstance(config, SparsityConfig):
+            raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
         self.values = values
         self.indices = indices
         self.metadata = metadata
         self.config = config
+        _check_layout(self, "sw")
+        _check_pattern(self, "sw", known_only=True)
+
+    @classmethod
+    def unchecked(cls, values: Any, indices: Any, metadata: Any,
+                  config: SparsityConfig) -> "SparseWeight":
+        """A SparseWeight without the constructor's check: for arrays that are valid by
+        construction (``encode``'s output, slices or copies of a checked weight). The
+        kernels must only ever see valid weights (docs/bad_inputs.md)."""
+        sw = cls.__new__(cls)
+        sw.values, sw.indices, sw.metadata, sw.config = values, indices, metadata, config
+        return sw
 
     def tree_flatten(self):
         return (self.values, self.indices, self.metadata), self.config
 
     @classmethod
     def tree_unflatten(cls, config, children):
-        return cls(*children, config)
+        # Leaves of a flattened weight (or placeholders of tree utilities): no check.
+        return cls.unchecked(*children, config)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -217,7 +238,8 @@ class SparseWeight:
         """Index the leading (e.g. expert) axes: ``sw[e]`` is expert e's weight."""
         if self.ndim <= 2:
             raise IndexError("SparseWeight without leading axes cannot be indexed")
-        return SparseWeight(self.values[i], self.indices[i], self.metadata[i], self.config)
+        return SparseWeight.unchecked(self.values[i], self.indices[i], self.metadata[i],
+                                      self.config)
 
     def __repr__(self):
         c = self.config
@@ -293,15 +315,16 @@ def encode(wp: Any, cfg: SparsityConfig) -> SparseWeight:
     indices = kept.reshape(-1, mk, nw).astype(INDICES_DTYPE)  # kept row r = b*N + j
     shapes = cfg.encoded_shapes(k, m, lead)
     arrays = {"values": values, "indices": indices, "metadata": swap_metadata(words)}
-    return SparseWeight(*(jnp.asarray(arrays[p].reshape(shapes[p])) for p in SPARSE_PARTS),
-                        cfg)
+    return SparseWeight.unchecked(
+        *(jnp.asarray(arrays[p].reshape(shapes[p])) for p in SPARSE_PARTS), cfg)
 
 
 def decode(sw: SparseWeight) -> jax.Array:
     """The dense weight ``[..., K, M]`` of a SparseWeight (jit-able, differentiable).
 
-    Tampered metadata cannot index out of bounds (positions stay inside their group);
-    indices are taken modulo V.
+    On a valid weight (:func:`validate`) this is exactly what the kernels multiply by.
+    Arrays that break the rule cannot make it index out of bounds (positions stay inside
+    their group, indices are taken modulo V), but the kernels are not bound to agree.
     """
     if not isinstance(sw, SparseWeight):
         raise TypeError(f"sw must be a SparseWeight, got {type(sw).__name__}")
@@ -335,20 +358,36 @@ def _decode(sw: SparseWeight) -> jax.Array:
 def validate(sw: SparseWeight, name: str = "sw") -> SparseWeight:
     """Refuse a SparseWeight whose arrays :func:`encode` could not have produced.
 
-    Host-side (reads the arrays back); for weights that come from outside, e.g. a loaded
-    checkpoint. Checks dtypes and shapes against ``sw.config``, sub-row indices below V and
-    increasing within each block, and every metadata nibble an ordered 2:4 pair
-    (first < second). Raises ValueError naming the array and the first bad place; returns
-    ``sw`` unchanged. (The kernels stay in bounds even on unchecked arrays: positions are
-    2-bit, indices are taken modulo V on the GPU and refused on the CPU.)
+    The format's one validity rule, shared by the kernels, :func:`decode` and the gradient:
+    dtypes and shapes match ``sw.config``; every sub-row index is below V and the N
+    indices of each block are increasing; every metadata nibble is an ordered 2:4 pair
+    (first position < second). On such a weight the kernels, ``decode`` and the gradient
+    agree; other arrays are refused where they enter (the SparseWeight constructor, the
+    flax modules, ``load_checkpoint``), since the sparse tensor cores leave other metadata
+    undefined.
+
+    Reads the arrays' values (a vectorised pass over indices and metadata, on the arrays'
+    device; never over ``values``), so it needs concrete arrays, not tracers under jit.
+    Raises ValueError naming the array and the first bad place; returns ``sw`` unchanged.
     """
     if not isinstance(sw, SparseWeight):
         raise TypeError(f"{name} must be a SparseWeight, got {type(sw).__name__}")
+    _check_layout(sw, name)
+    _check_pattern(sw, name, known_only=False)
+    return sw
+
+
+def _check_layout(sw: SparseWeight, name: str) -> None:
+    """Dtypes and shapes of the three arrays against ``sw.config`` (no values read).
+    Skipped for leaves that are not arrays (tree utilities' placeholders)."""
     cfg = sw.config
-    vals, idx, meta = (np.asarray(a) for a in (sw.values, sw.indices, sw.metadata))
-    if vals.ndim < 2 or jnp.dtype(vals.dtype) not in SUPPORTED_DTYPES:
+    parts = (sw.values, sw.indices, sw.metadata)
+    if not all(hasattr(a, "shape") and hasattr(a, "dtype") for a in parts):
+        return
+    vals = sw.values
+    if len(vals.shape) < 2 or jnp.dtype(vals.dtype) not in SUPPORTED_DTYPES:
         raise ValueError(f"{name}.values must be bfloat16/float16 [..., Mk, K/2], got "
-                         f"{vals.dtype}{list(vals.shape)}")
+                         f"{jnp.dtype(vals.dtype).name}{list(vals.shape)}")
     *lead, mk, half_k = vals.shape
     k = half_k * KEPT_PER_GROUP
     if mk % ROW_TILE or mk % cfg.n or k % cfg.sub_row:
@@ -356,27 +395,109 @@ def validate(sw: SparseWeight, name: str = "sw") -> SparseWeight:
                          f"{ROW_TILE} and of N={cfg.n}, K=2*{half_k} a multiple of "
                          f"sub_row={cfg.sub_row}")
     want = cfg.encoded_shapes(k, mk // cfg.n * cfg.v, tuple(lead))
-    for part, arr, dt in (("indices", idx, INDICES_DTYPE), ("metadata", meta, METADATA_DTYPE)):
-        if arr.dtype != dt or arr.shape != want[part]:
+    for part, arr, dt in (("indices", sw.indices, INDICES_DTYPE),
+                          ("metadata", sw.metadata, METADATA_DTYPE)):
+        if jnp.dtype(arr.dtype) != dt or tuple(arr.shape) != want[part]:
             raise ValueError(f"{name}.{part} must be {dt.name}{list(want[part])}, got "
-                             f"{arr.dtype}{list(arr.shape)}")
-    if (idx >= cfg.v).any():
-        at = tuple(int(i) for i in np.argwhere(idx >= cfg.v)[0])
-        raise ValueError(f"{name}.indices{list(at)} = {idx[at]} is not below V={cfg.v}")
-    blocks = idx.reshape(*lead, mk // cfg.n, cfg.n, -1)
-    if cfg.n > 1 and not (np.diff(blocks.astype(np.int16), axis=-2) > 0).all():
-        at = tuple(int(i) for i in np.argwhere(np.diff(blocks.astype(np.int16), axis=-2) <= 0)[0])
-        raise ValueError(f"{name}.indices: the N={cfg.n} sub-row indices of block "
-                         f"{list(at[:-2])} in window {at[-1]} are not distinct and increasing")
-    canon = swap_metadata(meta)
-    groups = META_COLS_PER_WORD // GROUP_WIDTH
-    shifts = np.arange(groups, dtype=np.uint32) * META_BITS_PER_GROUP
-    nib = (canon[..., None] >> shifts) & np.uint32(0xF)
-    bad = (nib & 3) >= (nib >> 2)
-    if bad.any():
-        at = tuple(int(i) for i in np.argwhere(bad)[0])
-        col = at[-2] * META_COLS_PER_WORD + at[-1] * GROUP_WIDTH
-        raise ValueError(f"{name}.metadata: kept row {list(at[:-2])}, columns {col}..{col + 3} "
-                         f"hold positions ({int(nib[at] & 3)}, {int(nib[at] >> 2)}); a 2:4 "
-                         f"group needs two increasing positions")
-    return sw
+                             f"{jnp.dtype(arr.dtype).name}{list(arr.shape)}")
+
+
+def _known(a: Any) -> bool:
+    """An array whose values exist: numpy, or a jax array that is not a tracer."""
+    return isinstance(a, np.ndarray) or (isinstance(a, jax.Array)
+                                         and not isinstance(a, jax.core.Tracer))
+
+
+# Every 2-bit field of a metadata word, read as the low (first) and high (second) position
+# of its nibble: a nibble is ordered when high > low. (high | 4) - low - 1 is in [0, 6]
+# per nibble (no borrow between nibbles), and its bit 2 is set exactly when high > low.
+# The hardware order swaps whole 16-bit halves, so the check needs no unswap.
+_LOW_FIELDS, _NIBBLE_BIT2, _NIBBLE_ONES = 0x33333333, 0x44444444, 0x11111111
+
+
+def _ordered_pairs(meta: Any, xp: Any) -> Any:
+    """``[...]`` bool per metadata word: all of its nibbles are ordered 2:4 pairs."""
+    lo = meta & xp.uint32(_LOW_FIELDS)
+    hi = (meta >> xp.uint32(2)) & xp.uint32(_LOW_FIELDS)
+    d = (hi | xp.uint32(_NIBBLE_BIT2)) - lo - xp.uint32(_NIBBLE_ONES)
+    return (d & xp.uint32(_NIBBLE_BIT2)) == xp.uint32(_NIBBLE_BIT2)
+
+
+def _increasing_indices(idx: Any, n: int, v: int, xp: Any) -> Any:
+    """``[...]`` bool per (block, window): the N sub-row indices are below V, increasing."""
+    blocks = idx.reshape(*idx.shape[:-2], idx.shape[-2] // n, n, idx.shape[-1])
+    ok = (blocks < v).all(axis=-2)
+    if n > 1:
+        ok &= (blocks[..., 1:, :] > blocks[..., :-1, :]).all(axis=-2)
+    return ok
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _pattern_ok_on_device(idx: jax.Array, meta: jax.Array, n: int, v: int) -> jax.Array:
+    return _increasing_indices(idx, n, v, jnp).all() & _ordered_pairs(meta, jnp).all()
+
+
+def _on_host(a: Any) -> bool:
+    return isinstance(a, np.ndarray) or all(d.platform == "cpu" for d in a.devices())
+
+
+def _check_pattern(sw: SparseWeight, name: str, known_only: bool) -> None:
+    """The value checks of :func:`validate`: one vectorised pass where the arrays live
+    (numpy on the host, one jitted reduction on an accelerator); the place is located on
+    the host only when something is wrong. ``known_only`` skips arrays whose values do
+    not exist yet (tracers) instead of refusing them."""
+    cfg = sw.config
+    idx, meta = sw.indices, sw.metadata
+    known = [_known(a) for a in (idx, meta)]
+    if not all(known):
+        if known_only:
+            idx = idx if known[0] else None
+            meta = meta if known[1] else None
+        else:
+            raise TypeError(f"{name}: validate reads the arrays' values; call it on "
+                            f"concrete arrays (not under jax.jit / vmap / grad)")
+    if idx is not None and meta is not None and not (_on_host(idx) and _on_host(meta)):
+        if bool(_pattern_ok_on_device(idx, meta, cfg.n, cfg.v)):
+            return
+    elif all(a is None or _pattern_ok_host(a, part, cfg)
+             for a, part in ((idx, "indices"), (meta, "metadata"))):
+        return
+    _locate_bad_pattern(None if idx is None else np.asarray(idx),
+                        None if meta is None else np.asarray(meta), cfg, name)
+
+
+def _pattern_ok_host(a: Any, part: str, cfg: SparsityConfig) -> bool:
+    a = np.asarray(a)
+    if part == "indices":
+        return bool(_increasing_indices(a, cfg.n, cfg.v, np).all())
+    return bool(_ordered_pairs(a, np).all())
+
+
+def _locate_bad_pattern(idx: np.ndarray | None, meta: np.ndarray | None,
+                        cfg: SparsityConfig, name: str) -> None:
+    """Raise ValueError naming the first bad index or metadata nibble."""
+    if idx is not None:
+        if (idx >= cfg.v).any():
+            at = tuple(int(i) for i in np.argwhere(idx >= cfg.v)[0])
+            raise ValueError(f"{name}.indices{list(at)} = {idx[at]} is not below V={cfg.v}")
+        blocks = idx.reshape(*idx.shape[:-2], idx.shape[-2] // cfg.n, cfg.n, -1)
+        step = np.diff(blocks.astype(np.int16), axis=-2)
+        if (step <= 0).any():
+            at = tuple(int(i) for i in np.argwhere(step <= 0)[0])
+            raise ValueError(f"{name}.indices: the N={cfg.n} sub-row indices of block "
+                             f"{list(at[:-2])} in window {at[-1]} are not distinct and "
+                             f"increasing")
+    if meta is not None:
+        canon = swap_metadata(meta)
+        groups = META_COLS_PER_WORD // GROUP_WIDTH
+        shifts = np.arange(groups, dtype=np.uint32) * META_BITS_PER_GROUP
+        nib = (canon[..., None] >> shifts) & np.uint32(0xF)
+        bad = (nib & 3) >= (nib >> 2)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            col = at[-2] * META_COLS_PER_WORD + at[-1] * GROUP_WIDTH
+            raise ValueError(f"{name}.metadata: kept row {list(at[:-2])}, columns "
+                             f"{col}..{col + 3} hold positions ({int(nib[at] & 3)}, "
+                             f"{int(nib[at] >> 2)}); a 2:4 group needs two increasing "
+                             f"positions")
+    raise AssertionError(f"{name}: the pattern check failed but no bad place was found")

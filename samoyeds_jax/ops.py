@@ -28,6 +28,8 @@ from samoyeds_jax.format import (
     SparsityConfig, decode)
 
 TARGET = "samoyeds_ragged_dot"
+# The kernels' sizes, offsets and routing entries are int32.
+_INT32 = np.iinfo(np.int32)
 
 for _name, _capsule in _samoyeds.cpu_targets().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
@@ -200,45 +202,88 @@ def _at_front(a, d, size):
     return jnp.moveaxis(a, d, 0)
 
 
+def _clip_sizes(gs: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """The kernels' in-bounds reading of group sizes ``gs [..., E]`` for ``rows`` output
+    rows (ffi/cuda/schedule.cuh, FindWork): a negative size counts as 0 and each range is
+    clipped to the rows left. Returns ``(start, end) [..., E]`` int32, ``end <= rows``.
+
+    Overflow-free for any int32 sizes: the running end saturates at ``rows`` < 2**31, so
+    each partial sum is below 2**32 in uint32.
+    """
+    c = jnp.clip(gs, 0, rows).astype(jnp.uint32)
+    end = jax.lax.associative_scan(lambda a, b: jnp.minimum(a + b, jnp.uint32(rows)), c,
+                                   axis=-1).astype(jnp.int32)
+    start = jnp.concatenate([jnp.zeros_like(end[..., :1]), end[..., :-1]], axis=-1)
+    return start, end
+
+
+def _refused_sizes(gs: jax.Array, rows: int) -> jax.Array:
+    """``[...]`` bool: the CPU handler refuses these group sizes ``[..., E]`` (a negative
+    size, or a sum past ``rows``), computed without summing (no overflow)."""
+    start, _ = _clip_sizes(gs, rows)
+    return jnp.any((gs < 0) | (gs > rows - start), axis=-1)
+
+
 def _batch(args, dims, *, config: SparsityConfig, has_sel: bool, glu: str = "",
            kernel: KernelChoice = _AUTO):
+    """vmap: the batched call is the loop of unbatched calls, refusals included.
+
+    A batched weight runs one call per member. Otherwise the batch is folded into one call
+    over the members' rows, sorted by expert. Each member keeps its own contract there:
+    its rows are placed by its own group sizes read as the CUDA kernels read them (negative
+    counts as 0, ranges clipped to its R rows), and a ``sel`` entry outside its own
+    ``[0, T)`` becomes -1, outside every member's tokens (the CPU handler refuses it; the
+    CUDA kernels read it as a zero row, as for the member alone). When a member's group
+    sizes are ones the CPU handler refuses, one extra row with sel -1 joins expert 0's
+    group, so the folded call is refused too (on CUDA that row is zero and dropped).
+    """
     x, values, indices, metadata, sel, gs = args
     xd, vd, idd, md, sd, gd = dims
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if any(d is not None for d in (vd, idd, md)):
-        # A batched weight: one call per weight (rare: scan slices stacked layers instead).
+    t = x.shape[0] if xd is None else x.shape[1 if xd == 0 else 0]          # member's T
+    r = (sel.shape[1 if sd == 0 else 0] if has_sel else t)                 # member's R
+    folded_t = t if xd is None else size * t
+    if any(d is not None for d in (vd, idd, md)) or max(folded_t, size * r + 1) > _INT32.max:
+        # One call per member: a batched weight (rare: scan slices stacked layers instead),
+        # or a batch whose folded rows or tokens would not fit the kernels' int32 sizes.
         moved = [_at_front(a, d, size) for a, d in zip(args, dims)]
         out = jax.lax.map(
             lambda a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel, glu=glu,
                                         kernel=kernel),
             tuple(moved))
         return out, 0
-    # Fold the batch into rows: one call over B*R rows whose order is sorted by
-    # (expert, batch), then un-permute. Exact, one launch.
     e = values.shape[0]
-    gs = _at_front(gs, gd, size)                        # [B, E]
+    gs = _at_front(gs, gd, size)                              # [B, E]
     if xd is None:
-        x_flat, t, offs = x, x.shape[0], jnp.zeros((size, 1), jnp.int32)
+        x_flat, tok_off = x, jnp.zeros((size, 1), jnp.int32)
     else:
-        xb = _at_front(x, xd, size)                    # [B, T, K]
-        t = xb.shape[1]
-        x_flat = xb.reshape(size * t, xb.shape[2])
-        offs = (jnp.arange(size, dtype=jnp.int32) * t)[:, None]
+        xb = _at_front(x, xd, size)                           # [B, T, K]
+        x_flat = xb.reshape(folded_t, xb.shape[2])
+        tok_off = (jnp.arange(size, dtype=jnp.int32) * t)[:, None]
     if has_sel:
-        src = _at_front(sel, sd, size) + offs         # [B, R]
+        s = _at_front(sel, sd, size)                          # [B, R]
     else:
-        src = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (size, t)) + offs
-    r = src.shape[1]
-    ends = jnp.cumsum(gs, axis=1)
+        s = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (size, t))
+    # A member's token outside its own [0, T) is -1 in the folded call, never another
+    # member's token (the offset sum is only kept where it cannot overflow).
+    src = jnp.where((s >= 0) & (s < t), s + tok_off, -1)
+    _, end = _clip_sizes(gs, r)
     row = jnp.arange(r, dtype=jnp.int32)
-    expert = (row[None, :, None] >= ends[:, None, :]).sum(-1).astype(jnp.int32)  # [B, R]
-    key = expert * size + jnp.arange(size, dtype=jnp.int32)[:, None]
-    perm = jnp.argsort(key.reshape(-1), stable=True)
-    # Group sizes counted from the rows that exist (sizes past R are clipped to R).
-    gs_all = jnp.zeros((e + 1,), jnp.int32).at[expert.reshape(-1)].add(1)[:e]
-    y = ragged_dot_p.bind(x_flat, values, indices, metadata, src.reshape(-1)[perm], gs_all,
+    expert = jax.vmap(lambda en: jnp.searchsorted(en, row, side="right"))(end)  # [B, R], E: none
+    expert = expert.astype(jnp.int32).reshape(-1)
+    gs_all = jnp.zeros((e + 1,), jnp.int32).at[expert].add(1)[:e]
+    # The extra row: first and in expert 0's group when a member's sizes are refused,
+    # else last and in no group (never read).
+    refused = jnp.any(_refused_sizes(gs, r)) if e else jnp.zeros((), bool)
+    key = jnp.concatenate([expert, jnp.where(refused, -1, e + 1)[None]])
+    perm = jnp.argsort(key, stable=True)                      # by expert, then member, row
+    if e:
+        gs_all = gs_all.at[0].add(refused.astype(jnp.int32))
+    folded_sel = jnp.concatenate([src.reshape(-1), jnp.full((1,), -1, jnp.int32)])[perm]
+    y = ragged_dot_p.bind(x_flat, values, indices, metadata, folded_sel, gs_all,
                           config=config, has_sel=True, glu=glu, kernel=kernel)
-    return y[inverse_permutation(perm)].reshape(size, r, y.shape[-1]), 0
+    y = y[inverse_permutation(perm)][:size * r]
+    return y.reshape(size, r, y.shape[-1]), 0
 
 
 batching.primitive_batchers[ragged_dot_p] = _batch
@@ -292,8 +337,11 @@ def _transpose(ct, x, values, indices, metadata, sel, gs, *, config: SparsityCon
         return (ad.Zero(x.aval), None, None, None, None, None)
     dxr = ragged_dot_t_p.bind(ct, values, indices, metadata, gs, config=config)  # [R, K]
     if has_sel:
+        # A sel entry outside [0, T) reads a zero row (CUDA): it receives no gradient. An
+        # explicit bound, since .at[] would wrap a negative index around to the last tokens.
         t = x.aval.shape[0]
-        dx = jnp.zeros((t, dxr.shape[1]), jnp.float32).at[sel].add(dxr, mode="drop")
+        dst = jnp.where((sel >= 0) & (sel < t), sel, t)
+        dx = jnp.zeros((t, dxr.shape[1]), jnp.float32).at[dst].add(dxr, mode="drop")
     else:
         dx = dxr
     return (dx.astype(x.aval.dtype), None, None, None, None, None)
@@ -310,10 +358,13 @@ ragged_dot_t_p = Primitive(TARGET + "_transpose")
 
 
 def _t_dense(ct, values, indices, metadata, gs, *, config: SparsityConfig):
-    w = decode(SparseWeight(values, indices, metadata, config))          # [E, K, M]
-    dxr = jax.lax.ragged_dot(ct, jnp.swapaxes(w, -1, -2), gs,
+    w = decode(SparseWeight.unchecked(values, indices, metadata, config))  # [E, K, M]
+    # The group sizes as the forward kernels read them (bad ones: CUDA's in-bounds meaning;
+    # the CPU forward refuses them).
+    start, end = _clip_sizes(gs, ct.shape[0])
+    dxr = jax.lax.ragged_dot(ct, jnp.swapaxes(w, -1, -2), end - start,
                              preferred_element_type=jnp.float32)          # [R, K]
-    valid = jnp.arange(ct.shape[0]) < jnp.sum(gs)
+    valid = jnp.arange(ct.shape[0]) < (end[-1] if gs.shape[0] else 0)
     return jnp.where(valid[:, None], dxr, 0.0)
 
 
@@ -374,6 +425,47 @@ def _check_sw(sw: Any, expert_axis: bool, glu: str | None = None) -> None:
             f", got shape {sw.shape}")
 
 
+def _fits_int32(dtype: np.dtype) -> bool:
+    info = np.iinfo(dtype)
+    return info.min >= _INT32.min and info.max <= _INT32.max
+
+
+def _routing_array(a: Any, name: str) -> Any:
+    """A routing array (``group_sizes``, ``sel``) as int32, checked rather than cast.
+
+    int32 passes as it is. Another integer dtype is converted only when its values are
+    known to fit: always for a dtype no wider than int32 (int8, uint16, ...), and for a
+    wider one (int64, uint32, ...) only on concrete values, each checked; traced (under
+    jit, vmap, grad) a wider dtype is refused at trace time, since its values are not
+    known. Other dtypes pass unchanged for the shape rule to name.
+    """
+    if not isinstance(a, jax.Array):             # jax.Array includes tracers
+        a = np.asarray(a)
+        if a.dtype == object:                    # e.g. Python ints past int64
+            raise TypeError(f"{name} must be an int32 array, got values of no integer "
+                            f"dtype ({a.reshape(-1)[:3].tolist()}...)")
+    dtype = np.dtype(a.dtype)
+    if dtype == np.int32 or not np.issubdtype(dtype, np.integer):
+        return jnp.asarray(a)                    # the shape rule names a wrong dtype
+    if _fits_int32(dtype):
+        return jnp.asarray(a).astype(jnp.int32)
+    if isinstance(a, jax.core.Tracer):
+        raise TypeError(
+            f"{name} is a traced {dtype.name} array: its values are not known here (under "
+            f"jit, vmap or grad), so they cannot be checked to fit int32; pass int32 "
+            f"(e.g. {name}.astype(jnp.int32) where the values are known to fit)")
+    host = np.asarray(a)
+    outside = host > _INT32.max
+    if dtype.kind == "i":
+        outside |= host < _INT32.min
+    if outside.any():
+        at = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(f"{name}{list(at)} = {int(host[at])} does not fit int32 ({name} "
+                         f"must be int32; a {dtype.name} array is accepted only when every "
+                         f"value fits)")
+    return jnp.asarray(host.astype(np.int32))
+
+
 def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
                sel: jax.Array | None = None, *, glu: str | None = None) -> jax.Array:
     """Grouped matmul with a sparse expert weight, mirroring ``jax.lax.ragged_dot``.
@@ -400,15 +492,11 @@ def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
     """
     _check_sw(sw, expert_axis=True, glu=glu)
     x = jnp.asarray(x)
-    group_sizes = jnp.asarray(group_sizes)
-    if group_sizes.dtype != jnp.int32 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        group_sizes = group_sizes.astype(jnp.int32)
+    group_sizes = _routing_array(group_sizes, "group_sizes")
     if sel is None:
         sel_arr, has_sel = jnp.zeros((0,), jnp.int32), False
     else:
-        sel_arr, has_sel = jnp.asarray(sel), True
-        if sel_arr.dtype != jnp.int32 and jnp.issubdtype(sel_arr.dtype, jnp.integer):
-            sel_arr = sel_arr.astype(jnp.int32)
+        sel_arr, has_sel = _routing_array(sel, "sel"), True
     if glu is not None and glu not in GLU_CODES:
         raise ValueError(f"glu={glu!r} must be one of {sorted(GLU_CODES)} or None")
     return ragged_dot_p.bind(x, sw.values, sw.indices, sw.metadata, sel_arr, group_sizes,
@@ -432,7 +520,8 @@ def dot(x: jax.Array, sw: SparseWeight, *, glu: str | None = None) -> jax.Array:
         raise ValueError(f"x must be [..., K] with K={sw.shape[0]}, got shape {x.shape}")
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
-    expert = SparseWeight(sw.values[None], sw.indices[None], sw.metadata[None], sw.config)
+    expert = SparseWeight.unchecked(sw.values[None], sw.indices[None], sw.metadata[None],
+                                  sw.config)
     y = ragged_dot(rows, expert, jnp.full((1,), rows.shape[0], jnp.int32), glu=glu)
     return y.reshape(*lead, y.shape[-1])
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the CPU handlers with AddressSanitizer + UBSan and runs the CPU tests that reach
-# them (format, ops, ffi). CI-optional: ./scripts/asan_check.sh [pytest args]
+# them (format, ops, ffi, cpu). CI-optional: ./scripts/asan_check.sh [pytest args]
 # Python and jaxlib are not instrumented, so the ASan runtime is preloaded and leak
 # checking is off (the interpreter's own allocations would drown the report).
 set -euo pipefail
@@ -16,4 +16,4 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 cd tests
-PYTHONPATH="$SITE" python -m pytest -q -p no:cacheprovider test_format.py test_ops.py test_ffi.py "$@"
+PYTHONPATH="$SITE" python -m pytest -q -p no:cacheprovider test_format.py test_ops.py test_ffi.py test_cpu.py "$@"

@@ -1,7 +1,8 @@
 """CPU smoke tests of the benchmark suite: bench_stack.py and bench_memory.py end to end on
-the `tiny` preset (JSON, CSV and, when matplotlib is installed, the PNG), plus the pieces
-they rest on: the abstract/random encoded layers against sj.sparsify_moe, the memory
-search against brute force, and the report helpers.
+the `tiny` preset (JSON, CSV and, when matplotlib is installed, the PNG), bench_kernel.py's
+CPU mode (--shape, --repeat), plus the pieces they rest on: the abstract/random encoded
+layers against sj.sparsify_moe, the memory search against brute force, and the report
+helpers.
 
 The scripts live in benchmarks/ (not a package) and are imported from there; both share
 their common absl flags through benchmarks/_stack.py, so one process can import both.
@@ -14,6 +15,7 @@ import csv
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -48,6 +50,9 @@ def run_main():
 
     yield run
     FLAGS.unparse_flags()
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 
 
 def _signature(tree) -> tuple:
@@ -246,3 +251,24 @@ def test_plot_speedup_png(tmp_path):
             for x, s in pts]
     _report.plot_speedup(recs, str(tmp_path / "p.png"), "title")
     assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_kernel_cpu_mode(tmp_path):
+    """--shape and --repeat end to end; in a subprocess, as bench_kernel.py's flags share
+    their names with _stack's."""
+    out = tmp_path / "kernel.json"
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "bench_kernel.py"), "--shape=128x64",
+           "--tokens=8", "--rotate=1", "--reps=2", "--repeat=2", f"--json_out={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "min..max" in res.stdout and "K=128 M=64" in res.stdout, res.stdout
+    data = json.loads(out.read_text())
+    assert (data["k"], data["m"]) == (128, 64)
+    paths = ["samoyeds", "xla_dense_dot", "samoyeds", "xla_ragged_dot", "xla_batched_einsum"]
+    assert [r["path"] for r in data["rows"]] == paths
+    assert [r["repeat"] for r in data["samples"]] == [0] * 5 + [1] * 5
+    for r in data["rows"]:
+        assert r["repeats"] == 2 and r["ms_min"] <= r["ms"] <= r["ms_max"]
+    assert {(r["case"], r["baseline"]) for r in data["speedup"]} == {
+        ("single", "xla_dense_dot"), ("grouped", "xla_ragged_dot"),
+        ("grouped", "xla_batched_einsum")}

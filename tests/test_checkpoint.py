@@ -299,7 +299,7 @@ def test_bad_input_fails_clearly_and_leaves_nothing(case, tmp_path, rng, capsys)
     outdir.mkdir()
     args = ["--input", str(src), "--output", str(outdir / "o.safetensors"),
             *ARGS]
-    assert ck.main(args + extra) == 1
+    assert ck.main(args + extra) == 2
     err = capsys.readouterr().err
     assert "samoyeds-convert: error:" in err and msg in err, err
     assert os.listdir(outdir) == []
@@ -309,7 +309,7 @@ def test_shapes_breaking_the_format(tmp_path, rng, capsys):
     tensors = hf_checkpoint("mixtral", rng, BF16, layers=1, d=48)
     src = write_model(tmp_path, tensors, hf_config("mixtral"))
     out = tmp_path / "o.safetensors"
-    assert ck.main(["--input", str(src), "--output", str(out), *ARGS]) == 1
+    assert ck.main(["--input", str(src), "--output", str(out), *ARGS]) == 2
     err = capsys.readouterr().err
     assert "d_model=48" in err and "multiple of" in err, err
     assert not out.exists()
@@ -320,24 +320,24 @@ def test_output_exists_and_sharded_problems(tmp_path, rng, capsys):
     src = write_model(tmp_path, tensors, hf_config("mixtral"), shards=2)
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")
-    assert ck.main(["--input", str(src), "--output", str(out), *ARGS]) == 1
+    assert ck.main(["--input", str(src), "--output", str(out), *ARGS]) == 2
     assert "already exists" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
     # An index that points at a missing shard, and one that names a tensor not in its shard.
     index = json.loads((src / "model.safetensors.index.json").read_text())
     (src / "model-00002-of-00002.safetensors").rename(src / "moved.safetensors")
     new = tmp_path / "new.safetensors"
-    assert ck.main(["--input", str(src), "--output", str(new), *ARGS]) == 1
+    assert ck.main(["--input", str(src), "--output", str(new), *ARGS]) == 2
     assert "model-00002-of-00002.safetensors' (holding" in capsys.readouterr().err
     (src / "moved.safetensors").rename(src / "model-00002-of-00002.safetensors")
     index["weight_map"]["model.ghost.weight"] = "model-00001-of-00002.safetensors"
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     assert ck.main(["--input", str(src / "model.safetensors.index.json"), "--output",
-                    str(new), *ARGS]) == 1
+                    str(new), *ARGS]) == 2
     assert "'model.ghost.weight' is not in shard" in capsys.readouterr().err
-    assert ck.main(["--input", str(tmp_path / "nope"), "--output", str(new), *ARGS]) == 1
+    assert ck.main(["--input", str(tmp_path / "nope"), "--output", str(new), *ARGS]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert ck.main(["--input", str(src), "--output", str(tmp_path / "no" / "o"), *ARGS]) == 1
+    assert ck.main(["--input", str(src), "--output", str(tmp_path / "no" / "o"), *ARGS]) == 2
     assert "output directory" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["model", "o.safetensors"]
 

@@ -205,3 +205,25 @@ def test_handler_ignores_sel_past_the_groups(rng, seed):
     b["sel"] = b["sel"].at[used:].set(-7)
     y = call(b)
     assert (np.asarray(y, np.float32)[used:] == 0).all(), f"seed={seed}"
+
+
+@pytest.mark.parametrize("case", ["indices_not_increasing", "metadata_unordered"])
+def test_handler_refuses_weights_breaking_the_format(case, rng, seed):
+    """The CPU handler refuses, on every call, what sj.validate refuses (here for a weight
+    whose arrays never went through a check): the kernel never computes a product that
+    sj.decode and the gradient would read differently."""
+    b, _ = _buffers(rng, has_sel=True)
+    e, r, w = int(rng.integers(0, E)), int(rng.integers(0, 16)) * 2, int(rng.integers(0, 2))
+    if case == "indices_not_increasing":      # 2:4: kept rows 2b, 2b+1 share a block
+        sw = sparse_weight(rng, sj.SparsityConfig(2, 4, 128), DT, (E, K, M))
+        b.update(values=sw.values, indices=sw.indices, metadata=sw.metadata, n=2, v=4)
+        b["indices"] = b["indices"].at[e, r + 1, w].set(b["indices"][e, r, w])
+        words = (f"indices value {int(b['indices'][e, r, w])} at expert {e}, kept row "
+                 f"{r + 1}, window {w} does not increase over the previous kept row")
+    else:
+        word = int(b["metadata"][e, r, w])
+        b["metadata"] = b["metadata"].at[e, r, w].set((word & ~0xF00) | 0xA00)  # (2, 2)
+        words = (f"metadata word of expert {e}, row {r}, column {w} (hardware order) holds "
+                 f"a 2:4 group whose two positions are not increasing")
+    print(f"seed={seed} expecting: {words}")
+    expect_refusal(b, words)

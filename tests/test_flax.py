@@ -197,3 +197,26 @@ def test_linen_block_under_jit(rng, seed):
     assert set(variables) == {"params", "sparse"}
     y = jax.jit(model.apply)(variables, x)
     assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
+
+
+def test_modules_refuse_weights_breaking_the_format(rng, seed):
+    """Encoded arrays from outside a module (params, linen variables, a restored state) are
+    checked once where they enter; the module's calls never see a weight that sj.decode and
+    the gradient would read differently."""
+    params = SparseMoE(CFG, nnx.Rngs(int(rng.integers(2**31)))).params()
+    leaves, treedef = jax.tree_util.tree_flatten(params["gate_up"])
+    meta = np.asarray(leaves[2]).copy()
+    meta[1, 7, 0] = (meta[1, 7, 0] & ~np.uint32(0xF)) | np.uint32(0x5)   # positions (1, 1)
+    bad = dict(params, gate_up=jax.tree_util.tree_unflatten(
+        treedef, [leaves[0], leaves[1], jnp.asarray(meta)]))
+    with pytest.raises(ValueError, match=r"params\['gate_up'\].metadata: kept row \[1, "):
+        SparseMoE(CFG, params=bad)
+    with pytest.raises(ValueError, match=r"params\['gate_up'\].metadata"):
+        SparseMoELinen.variables_from_sparse(bad, CFG)
+    # A state filled in by other means (e.g. an orbax restore): model.validate().
+    model = SparseMoE(CFG, params=params)
+    assert model.validate() is model
+    graphdef, state = nnx.split(model)
+    state["gate_up_indices"][...] = state["gate_up_indices"][...].at[0, 3, 1].set(7)
+    with pytest.raises(ValueError, match=r"gate_up.indices\[0, 3, 1\] = 7 is not below V=2"):
+        nnx.merge(graphdef, state).validate()

@@ -19,7 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import samoyeds_jax as sj
-from helpers import DTYPES, rand, sparse_weight
+from helpers import DTYPES, f64, rand, rel_err, sparse_weight, tol
 from samoyeds_jax import _samoyeds
 from samoyeds_jax import format as F
 
@@ -473,3 +473,91 @@ def test_validate_accepts_encoded_and_refuses_tampering(nv, rng):
         sj.validate(sj.SparseWeight(sw.values, sw.indices, meta, cfg))
     with pytest.raises(ValueError, match=r"sw\.metadata must be uint32"):
         sj.validate(sj.SparseWeight(sw.values, sw.indices, np.asarray(sw.metadata)[..., :1], cfg))
+
+
+# --- one validity rule: kernel, decode and gradient agree, or the weight is refused -----
+
+def _tampered(sw, part, flat, value):
+    """``sw`` with one element of ``part`` set, rebuilt through the pytree (no check)."""
+    leaves, treedef = jax.tree_util.tree_flatten(sw)
+    i = sj.format.SPARSE_PARTS.index(part)
+    a = np.asarray(leaves[i]).copy()
+    a.reshape(-1)[flat] = value
+    leaves[i] = jnp.asarray(a)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def test_sparse_weight_built_by_hand_is_checked(rng):
+    cfg = sj.SparsityConfig(2, 4, 32)
+    sw = sparse_weight(rng, cfg, jnp.bfloat16, (2, 64, cfg.m_multiple))
+    vals, idx, meta = sw.values, np.asarray(sw.indices), np.asarray(sw.metadata)
+    assert sj.SparseWeight(vals, idx, meta, cfg).shape == sw.shape       # numpy parts
+    bad_idx = idx.copy()
+    bad_idx[1, 3, 0] = bad_idx[1, 2, 0]           # the block's two sub-rows coincide
+    with pytest.raises(ValueError, match="not distinct and increasing"):
+        sj.SparseWeight(vals, bad_idx, meta, cfg)
+    with pytest.raises(ValueError, match=r"sw\.indices\[0, 0, 1\] = 9 is not below V=4"):
+        sj.SparseWeight(vals, jnp.asarray(idx).at[0, 0, 1].set(9), meta, cfg)
+    bad_meta = meta.copy()
+    bad_meta[0, 4, 1] = (bad_meta[0, 4, 1] & ~np.uint32(0xF0)) | np.uint32(0x20)  # (0, 0)
+    with pytest.raises(ValueError, match="two increasing positions"):
+        sj.SparseWeight(vals, idx, jnp.asarray(bad_meta), cfg)
+    with pytest.raises(ValueError, match=r"sw\.metadata must be uint32"):
+        sj.SparseWeight(vals, idx, meta.astype(np.int32), cfg)
+    with pytest.raises(TypeError, match="config must be a SparsityConfig"):
+        sj.SparseWeight(vals, idx, meta, (2, 4, 32))
+    # Traced parts (values unknown) get the dtype and shape checks only.
+    jax.jit(lambda i: sj.SparseWeight(vals, i, meta, cfg).indices)(bad_idx)
+    with pytest.raises(ValueError, match=r"sw\.indices must be uint8"):
+        jax.jit(lambda i: sj.SparseWeight(vals, i, meta, cfg))(idx.astype(np.int32))
+    with pytest.raises(TypeError, match="call it on concrete arrays"):
+        jax.jit(lambda i: sj.validate(sj.SparseWeight(vals, i, meta, cfg)))(idx)
+
+
+@pytest.mark.parametrize("nv", [(1, 2), (2, 4)])
+def test_kernel_decode_and_gradient_agree_or_refuse(nv, rng, seed):
+    """Arrays tampered one element at a time, reaching the kernel without the
+    constructor's check (a pytree rebuilt under jit): the CPU handler refuses exactly the
+    weights sj.validate refuses, and on every weight it accepts its product and the
+    gradient equal the float64 product on sj.decode's dense weight."""
+    cfg = sj.SparsityConfig(*nv, sub_row=32)
+    e, k, m = 2, 64, cfg.m_multiple
+    sw = sparse_weight(rng, cfg, jnp.bfloat16, (e, k, m))
+    x = rand(rng, (6, k), jnp.bfloat16)
+    gs = jnp.asarray([3, 3], jnp.int32)
+    ct = rand(rng, (6, m), jnp.float32)
+    f = jax.jit(lambda x, sw: sj.ragged_dot(x, sw, gs))
+    g = jax.jit(jax.grad(lambda x, sw: jnp.sum(f(x, sw).astype(jnp.float32) * ct)))
+    accepted = refused = 0
+    for trial in range(24):
+        part = ("indices", "metadata")[trial % 2]
+        size = int(np.prod(getattr(sw, part).shape))
+        if part == "indices":
+            value = int(rng.integers(0, 2 * cfg.v))
+        elif trial % 4 == 1:                  # any word (almost never 8 ordered pairs)
+            value = int(rng.integers(0, 2**32, dtype=np.uint64))
+        else:                                 # 8 ordered pairs: another valid weight
+            pairs = [a | b << 2 for a in range(4) for b in range(a + 1, 4)]
+            value = sum(pairs[int(rng.integers(0, 6))] << 4 * g for g in range(8))
+        bad = _tampered(sw, part, int(rng.integers(0, size)), value)
+        msg = f"seed={seed} trial {trial}: {part} = {value:#x}"
+        try:
+            sj.validate(bad)
+            valid = True
+        except ValueError:
+            valid = False
+        try:
+            y = np.asarray(f(x, bad), np.float64)
+        except (jax.errors.JaxRuntimeError, ValueError) as err:
+            assert "INVALID_ARGUMENT" in str(err), msg
+            assert not valid, f"{msg}: the kernel refused a valid weight"
+            refused += 1
+            continue
+        assert valid, f"{msg}: the kernel accepted a weight sj.validate refuses"
+        accepted += 1
+        w64 = np.asarray(decode_jit(bad), np.float64)
+        ref = np.concatenate([f64(x[:3]) @ w64[0], f64(x[3:]) @ w64[1]])
+        assert rel_err(y, ref) <= tol("product", jnp.bfloat16), msg
+        dref = np.concatenate([f64(ct[:3]) @ w64[0].T, f64(ct[3:]) @ w64[1].T])
+        assert rel_err(g(x, bad), dref) <= tol("product_row", jnp.bfloat16), msg
+    assert refused > 0 and accepted > 0, f"seed={seed}: {refused} refused, {accepted} accepted"

@@ -386,16 +386,202 @@ def test_vmap_nested_and_jitted(rng, seed):
                       f"seed={seed} batch {i},{j} gs={gs[j].tolist()}")
 
 
-def test_vmap_clips_group_sizes_to_the_rows(rng, seed):
-    """Under vmap, sum(group_sizes) > R is clipped to the R rows that exist."""
-    dtype = jnp.float16
-    sw = make_sw(rng, sj.SparsityConfig(1, 4, 64), dtype)
-    b, rows, tokens = 2, 12, 10
+# Routings that one batch member's unbatched call refuses on the CPU: (what, the member's
+# group sizes for E=4 experts and R=12 rows, the sel entry to plant and where, or None).
+BAD_MEMBER_ROUTING = {
+    "sel_T": ([3, 2, 4, 1], (5, "T")),               # the next member's first token
+    "sel_minus_1": ([3, 2, 4, 1], (0, -1)),          # the previous member's last token
+    "sel_huge": ([3, 2, 4, 1], (9, 2**31 - 1)),      # overflows sel + member offset
+    "negative_size": ([3, -2, 4, 1], None),
+    "size_past_rows": ([3, 2, 4, 9], None),          # sum 18 > R
+    "size_near_2_31": ([3, 2**31 - 1, 4, 2**31 - 1], None),   # the int32 sum wraps
+}
+
+
+def cuda_meaning(x, w64, gs, sel, rows):
+    """What the CUDA kernels compute for any routing (docs/bad_inputs.md): a negative size
+    counts as 0, each range is clipped to the rows left, a sel entry outside [0, T) reads
+    a zero row. float64 ``[rows, M]``."""
+    x64 = f64(x)
+    out = np.zeros((rows, w64.shape[-1]))
+    start = 0
+    for e, g in enumerate(np.asarray(gs).tolist()):
+        size = min(max(g, 0), rows - start)
+        for r in range(start, start + size):
+            t = r if sel is None else int(sel[r])
+            if 0 <= t < x64.shape[0]:
+                out[r] = x64[t] @ w64[e]
+        start += size
+    return out
+
+
+def eval_with_cuda_meaning(fn, *args):
+    """``fn(*args)`` with every sparse product computed as the CUDA kernels would
+    (:func:`cuda_meaning`): the vmap rule's folded call runs as the GPU would run it."""
+    from jax.extend.core import Literal
+    from samoyeds_jax.ops import ragged_dot_p
+
+    closed = jax.make_jaxpr(fn)(*args)
+
+    def product(x, values, indices, metadata, sel, gs, *, config, has_sel, glu, kernel):
+        assert not glu
+        w64 = f64(decode_jit(sj.SparseWeight.tree_unflatten(config, (values, indices,
+                                                                    metadata))))
+        rows = sel.shape[0] if has_sel else x.shape[0]
+        y = cuda_meaning(x, w64, gs, np.asarray(sel) if has_sel else None, rows)
+        return jnp.asarray(y, x.dtype)
+
+    env = dict(zip(closed.jaxpr.constvars, closed.consts))
+    env.update(zip(closed.jaxpr.invars, jax.tree_util.tree_leaves(args)))
+    read = lambda v: v.val if isinstance(v, Literal) else env[v]
+    for eqn in closed.jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        if eqn.primitive is ragged_dot_p:
+            outs = [product(*ins, **eqn.params)]
+        else:
+            outs = eqn.primitive.bind(*ins, **eqn.params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in closed.jaxpr.outvars]
+
+
+def _bad_member_inputs(case, rng, x_batched):
+    dtype = jnp.bfloat16
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 32), dtype)
+    b, rows, tokens = 3, 12, 7
+    x = rand(rng, (b, tokens, K) if x_batched else (tokens, K), dtype)
+    sel = np.asarray(rng.integers(0, tokens, (b, rows)), np.int32)
+    gs = np.stack([random_partition(rng, E, rows - 2) for _ in range(b)])
+    sizes, plant = BAD_MEMBER_ROUTING[case]
+    gs[1] = np.asarray(sizes, np.int64).astype(np.int32)
+    if plant is not None:
+        sel[1, plant[0]] = tokens if plant[1] == "T" else plant[1]
+    return sw, x, jnp.asarray(gs), jnp.asarray(sel), rows
+
+
+@pytest.mark.parametrize("x_batched", [False, True], ids=["x_shared", "x_batched"])
+def test_vmap_refuses_what_a_member_refuses(x_batched, rng, seed):
+    """A member's bad routing (checked against its own T and R) is refused under vmap as
+    the member's own call refuses it, eager and jitted, on the CPU handler."""
+    refused = (jax.errors.JaxRuntimeError, ValueError)
+    one = jax.jit(lambda x, sw, g, s: sj.ragged_dot(x, sw, g, s))
+    batched = jax.jit(jax.vmap(lambda x, sw, g, s: sj.ragged_dot(x, sw, g, s),
+                               (0 if x_batched else None, None, 0, 0)))
+    for i, case in enumerate(BAD_MEMBER_ROUTING):
+        sw, x, gs, sel, rows = _bad_member_inputs(case, rng, x_batched)
+        msg = f"seed={seed} {case}"
+        with pytest.raises(refused, match="INVALID_ARGUMENT"):
+            jax.block_until_ready(one(x[1] if x_batched else x, sw, gs[1], sel[1]))
+        with pytest.raises(refused, match="INVALID_ARGUMENT"):
+            jax.block_until_ready(batched(x, sw, gs, sel))
+            pytest.fail(f"{msg}: jit(vmap) accepted it")
+        if i == 0:
+            with pytest.raises(refused, match="INVALID_ARGUMENT"):
+                jax.block_until_ready(jax.vmap(lambda x, g, s: sj.ragged_dot(x, sw, g, s),
+                                               (0 if x_batched else None, 0, 0))(x, gs, sel))
+        # The well-routed members, batched, still give their own results exactly.
+        ok = jnp.asarray([0, 2])
+        y = batched(x[ok] if x_batched else x, sw, gs[ok], sel[ok])
+        for j, m in enumerate([0, 2]):
+            np.testing.assert_array_equal(
+                np.asarray(y[j]), np.asarray(one(x[m] if x_batched else x, sw, gs[m], sel[m])),
+                err_msg=msg)
+
+
+@pytest.mark.parametrize("x_batched", [False, True], ids=["x_shared", "x_batched"])
+@pytest.mark.parametrize("case", list(BAD_MEMBER_ROUTING))
+def test_vmap_keeps_each_members_cuda_meaning(case, x_batched, rng, seed):
+    """Where the CUDA kernels cannot refuse, the vmap rule's folded call gives every
+    member exactly its own call's meaning: no member reads another member's tokens or
+    rows (checked by running the folded call as the GPU would, on the CPU)."""
+    sw, x, gs, sel, rows = _bad_member_inputs(case, rng, x_batched)
+    f = jax.vmap(lambda x, g, s: sj.ragged_dot(x, sw, g, s), (0 if x_batched else None, 0, 0))
+    (y,) = eval_with_cuda_meaning(f, x, gs, sel)
+    w64 = dense64(sw)
+    for m in range(gs.shape[0]):
+        want = cuda_meaning(x[m] if x_batched else x, w64, gs[m], np.asarray(sel[m]), rows)
+        np.testing.assert_array_equal(np.asarray(y[m]), np.asarray(want.astype(jnp.bfloat16)),
+                                      err_msg=f"seed={seed} member {m} gs={gs[m].tolist()}")
+
+
+def test_transpose_of_bad_routing_stays_in_bounds(rng, seed):
+    """The gradient w.r.t. x shares the CUDA meaning of bad routing: a sel entry outside
+    [0, T) (a zero row) receives nothing, never a token at the other end; negative or
+    oversized group sizes are read as the kernels read them. linear_transpose runs only
+    the transpose rule (no forward that the CPU would refuse)."""
+    dtype = jnp.bfloat16
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 64), dtype)
+    rows, tokens = 14, 9
     x = rand(rng, (tokens, K), dtype)
-    sel = jnp.asarray(rng.integers(0, tokens, (b, rows)), jnp.int32)
-    gs = jnp.asarray([[5, 0, 4, 9], [20, 3, 0, 1]], jnp.int32)
-    check_vmapped(rd, (x, sw, gs, sel), (None, None, 0, 0), b, dtype, f"seed={seed}",
-                  clip=True)
+    sel = np.asarray(rng.integers(0, tokens, rows), np.int32)
+    sel[[1, 4]] = [-1, tokens]
+    ct = rand(rng, (rows, M), dtype)
+    w64 = dense64(sw)
+    for gs in ([4, -3, 6, 2], [5, 2**31 - 1, 3, 1], [3, 3, 3, 3]):
+        gs = jnp.asarray(gs, jnp.int32)
+        f = lambda x: sj.ragged_dot(x, sw, gs, jnp.asarray(sel))
+        (dx,) = jax.linear_transpose(f, x)(ct)
+        want = np.zeros((tokens, K))
+        start = 0
+        for e, g in enumerate(np.asarray(gs).tolist()):
+            size = min(max(g, 0), rows - start)
+            for r in range(start, start + size):
+                if 0 <= sel[r] < tokens:
+                    want[sel[r]] += w64[e] @ f64(ct[r])
+            start += size
+        err = rel_err(dx, want)
+        assert err <= tol("product_row", dtype), f"seed={seed} gs={gs.tolist()}: {err:.3g}"
+        assert not np.asarray(dx, np.float64)[np.abs(want).sum(-1) == 0].any(), \
+            f"seed={seed} gs={gs.tolist()}: gradient reached a token no valid row reads"
+
+
+# --- routing arrays: any integer dtype whose values fit int32, checked -----------------
+
+def test_routing_arrays_of_other_integer_dtypes(rng, seed):
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 128), jnp.bfloat16)
+    x = rand(rng, (10, K), jnp.bfloat16)
+    gs32 = jnp.asarray([3, 0, 4, 2], jnp.int32)
+    sel32 = jnp.asarray(rng.integers(0, 10, 12), jnp.int32)
+    want = np.asarray(sj.ragged_dot(x, sw, gs32, sel32))
+    for dt in (np.int64, np.uint64, np.uint32, np.int16, np.uint8):
+        got = sj.ragged_dot(x, sw, np.asarray(gs32).astype(dt), np.asarray(sel32).astype(dt))
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{np.dtype(dt).name}")
+    np.testing.assert_array_equal(
+        np.asarray(sj.ragged_dot(x, sw, [3, 0, 4, 2], np.asarray(sel32).tolist())), want)
+    # Values that do not fit int32 are refused, never wrapped ([2**32 + 3, ...] is not 3).
+    for bad, name, where in (
+            (np.asarray([2**32 + 3, 0, 4, 2], np.int64), "group_sizes", "[0] = 4294967299"),
+            (np.asarray([3, 0, -2**31 - 1, 2], np.int64), "group_sizes", "[2] = -2147483649"),
+            (np.asarray([3, 0, 4, 2**31], np.uint32), "group_sizes", "[3] = 2147483648")):
+        with pytest.raises(ValueError, match=re.escape(f"{name}{where} does not fit int32")):
+            sj.ragged_dot(x, sw, bad, sel32)
+    big_sel = np.asarray(sel32).astype(np.uint64)
+    big_sel[5] = 2**32 + 1
+    with pytest.raises(ValueError, match=re.escape("sel[5] = 4294967297 does not fit int32")):
+        sj.ragged_dot(x, sw, gs32, big_sel)
+    with pytest.raises(TypeError, match="group_sizes must be an int32 array"):
+        sj.ragged_dot(x, sw, [2**70, 0, 4, 2], sel32)
+
+
+def test_routing_arrays_under_jit(rng, seed):
+    """Traced, a dtype no wider than int32 is converted exactly; a wider one is refused at
+    trace time (its values are unknown), naming the argument."""
+    sw = make_sw(rng, sj.SparsityConfig(1, 2, 128), jnp.bfloat16)
+    x = rand(rng, (10, K), jnp.bfloat16)
+    gs = jnp.asarray([3, 0, 4, 2], jnp.int32)
+    sel = jnp.asarray(rng.integers(0, 10, 12), jnp.int32)
+    want = np.asarray(sj.ragged_dot(x, sw, gs, sel))
+    f = jax.jit(lambda g, s: sj.ragged_dot(x, sw, g, s))
+    np.testing.assert_array_equal(np.asarray(f(gs.astype(jnp.uint8), sel.astype(jnp.int16))),
+                                  want)
+    with pytest.raises(TypeError, match="sel is a traced uint32 array"):
+        f(gs, sel.astype(jnp.uint32))
+    with pytest.raises(TypeError, match="group_sizes is a traced uint32 array"):
+        jax.vmap(lambda g: sj.ragged_dot(x, sw, g, sel))(gs[None].astype(jnp.uint32))
+    with jax.enable_x64(True):
+        with pytest.raises(TypeError, match="group_sizes is a traced int64 array"):
+            f(gs.astype(jnp.int64), sel)
+        np.testing.assert_array_equal(np.asarray(f(gs, sel)), want)
 
 
 def test_vmap_dot(rng, seed):

@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <iterator>
 
@@ -28,6 +29,24 @@ inline bool DeviceIsHopper() {
   return HopperKernelBuilt() && dev.major == 9 && dev.minor == 0;
 }
 
+// The automatic choice on sm_90a, from the H200 measurements in BENCHMARKS.md: the
+// serving kernel up to 16 routed rows per expert (it beat the warp-level kernel at every
+// such shape measured); past that the prefill kernel where its blocks alone fill the GPU
+// (many experts, or many M tiles) or from kHopperMinRowsPerExpert rows per expert (its
+// 128-row activation tiles reuse each weight tile over more rows: 1 expert x 256 rows,
+// up 27.6 us against 62 us), else the serving kernel, whose K splits fill the SMs that
+// the prefill kernel's few tiles leave idle (1 expert x 64 rows, down: 40.7 against
+// 79.7 us).
+template <int V>
+bool UseStreamFor(const Args& a) {
+  if (a.rows <= kStreamNarrowMaxRowsPerExpert * a.experts) return true;
+  if (UseHopperFor(a)) return false;
+  using Cfg = HopperCfgFor<V>;
+  const int64_t row_tiles = std::max<int64_t>((a.rows + Cfg::kBN - 1) / Cfg::kBN,
+                                              std::min(a.experts, a.rows));
+  return row_tiles * MTiles<Cfg::kBM>(a) < CurrentDevice().sms;
+}
+
 template <typename T, int N, int V>
 cudaError_t LaunchBest(cudaStream_t stream, const Args& a, KernelChoice kernel) {
   const bool hopper = DeviceIsHopper();
@@ -35,7 +54,7 @@ cudaError_t LaunchBest(cudaStream_t stream, const Args& a, KernelChoice kernel) 
     return cudaErrorNotSupported;
   if (kernel == KernelChoice::kAuto) {
     kernel = !hopper           ? KernelChoice::kWarp
-             : UseStreamFor(a) ? KernelChoice::kStream
+             : UseStreamFor<V>(a) ? KernelChoice::kStream
                                : KernelChoice::kHopper;
   }
   if (kernel == KernelChoice::kStream) return LaunchStream<T, N, V>(stream, a);

@@ -21,15 +21,21 @@ sparse dtype (``--dtype auto``: the checkpoint's bfloat16/float16, else bfloat16
 (``sj.prune``; or ``sj.calibrate_moe`` when ``--calibration`` has inputs for the layer)
 and encoded as ``sj.sparsify_moe`` does.
 
+Every input file is untrusted: it is read through the one
+:class:`~samoyeds_jax.checkpoint.safetensors_io.Reader`, which refuses a malformed or
+hostile file with a :class:`ConversionError` naming it (and the tensor).
+
 **Output** (one safetensors file, written to a temporary file in the output directory and
-renamed at the end; on any error nothing is left behind; an existing output is refused):
+renamed at the end; on any error or SIGINT/SIGTERM/SIGHUP nothing is left behind; an
+existing output is refused):
 
 * ``model.layers.{i}.moe.gate_up.{values,indices,metadata}``: SparseWeight
   ``[E, d, 2f]`` of ``concat([gate, up], -1)`` (exactly ``sj.sparsify_moe``'s gate_up);
 * ``model.layers.{i}.moe.down.{values,indices,metadata}``: SparseWeight ``[E, f, d]``;
 * every other tensor (router, shared experts, attention, norms, embeddings, dense MLPs,
   ...) byte for byte under its original name and layout;
-* file metadata: ``format = "samoyeds_jax.moe"``, ``format_version = "1"`` and
+* file metadata: ``format = "samoyeds_jax.moe"``, ``format_version = "2"``,
+  ``checksums`` (sha256 of every tensor and of the header) and
   ``samoyeds`` = a JSON string with ``sparsity`` (n, v, sub_row), ``dtype``, ``source``
   (naming, input, config.json fields), ``moe`` (num_experts, top_k, d_model, d_ff,
   router, activation, num_shared_experts, d_ff_shared, shared_expert_gate),
@@ -39,7 +45,8 @@ renamed at the end; on any error nothing is left behind; an existing output is r
 **Calibration file** (``--calibration``): see :mod:`~samoyeds_jax.checkpoint.calibration`.
 
 **Loading**: :func:`load_checkpoint` returns the per-layer parameter dicts of
-``sj.moe`` (``sj.sparsify_moe``'s layout), the config and the other tensors.
+``sj.moe`` (``sj.sparsify_moe``'s layout), the config and the other tensors, after
+verifying the checksums (``verify=False`` skips them).
 
 Modules, one job each: ``safetensors_io`` (the one reader of input files and the one
 writer), ``hf`` (input discovery, namings, config.json), ``calibration``, ``converter``,

@@ -6,6 +6,7 @@ process and the demo's global flags never meet these.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Sequence
 
@@ -42,9 +43,15 @@ def _flags() -> flags.FlagValues:
     return fv
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split("\n"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``samoyeds-convert`` entry point (argv without the program name; default
-    ``sys.argv[1:]``); returns the exit status: 0 done, 1 conversion error, 2 usage error."""
+    ``sys.argv[1:]``); returns the exit status: 0 done; 2 refused (the input, the output or
+    the usage; one line on stderr, nothing written); 1 an internal error (a bug; one line);
+    128 + N stopped by signal N (SIGINT, SIGTERM, SIGHUP; nothing written)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     fv = _flags()
     if {"-h", "--help", "-help", "--helpfull"} & set(argv):
@@ -62,7 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         convert(fv.input, fv.output, pattern=fv.nv, sub_row=fv.sub_row,
                 calibration=fv.calibration, top_k=fv.top_k, dtype=fv.dtype, damp=fv.damp,
                 block=fv.block, progress=not fv.quiet, verbose=not fv.quiet)
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"{PROG}: stopped by {signal.Signals(signum).name}; nothing was written",
+              file=sys.stderr)
+        return 128 + signum
     except (ValueError, TypeError, OSError) as err:  # ConversionError is a ValueError
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 -- a bug, still reported in one line
+        print(f"{PROG}: internal error: {type(err).__name__}: {_one_line(err)}",
+              file=sys.stderr)
         return 1
     return 0

@@ -23,11 +23,11 @@ from samoyeds_jax._util import progress as _progress
 from samoyeds_jax.calibrate import calibrate_moe
 from samoyeds_jax.checkpoint import hf
 from samoyeds_jax.checkpoint.calibration import Calibration
-from samoyeds_jax.checkpoint.publish import atomic_output, check_output
+from samoyeds_jax.checkpoint.publish import atomic_output, check_output, stop_on_signals
 from samoyeds_jax.checkpoint.safetensors_io import NP_TO_ST, ST_DTYPES, Entry, Reader, Writer
 from samoyeds_jax.checkpoint.safetensors_io import nbytes as _nbytes
 from samoyeds_jax.checkpoint.schema import (
-    FORMAT, FORMAT_VERSION, SPARSE_PARTS, ConversionError, layer_prefix)
+    CHECKSUMS, FORMAT, FORMAT_VERSION, SPARSE_PARTS, ConversionError, layer_prefix)
 from samoyeds_jax.checkpoint.summary import print_summary
 from samoyeds_jax.config import MoEConfig
 from samoyeds_jax.format import INDICES_DTYPE, METADATA_DTYPE, SparsityConfig
@@ -55,16 +55,21 @@ def convert(input_path: str, output_path: str, pattern: str = "1:2", sub_row: in
     Returns:
       a summary dict (layers, bytes before/after, seconds, per-layer calibration reports).
     Raises:
-      ConversionError (a ValueError) with a clear message; nothing is left behind.
+      ConversionError (a ValueError) with a clear message naming the file (and the
+      tensor); nothing is left behind. SIGINT, SIGTERM and SIGHUP (in the main thread)
+      stop the conversion with :class:`~samoyeds_jax.checkpoint.publish.Interrupted` (a
+      KeyboardInterrupt), the partial output removed.
     """
+    with stop_on_signals():
+        return _convert(input_path, output_path, pattern, sub_row, calibration, top_k, dtype,
+                        damp, block, progress, verbose)
+
+
+def _convert(input_path, output_path, pattern, sub_row, calibration, top_k, dtype, damp,
+             block, progress, verbose) -> dict:
     import ml_dtypes
 
     t0 = time.perf_counter()
-    try:
-        import safetensors  # noqa: F401
-    except ImportError:
-        raise ConversionError("samoyeds-convert needs safetensors: "
-                              "pip install 'samoyeds_jax[convert]'") from None
     output_path = os.fspath(output_path)
     check_output(output_path)
     try:
@@ -88,7 +93,7 @@ def convert(input_path: str, output_path: str, pattern: str = "1:2", sub_row: in
         moe_info = hf.moe_info(plan, hf_cfg, top_k)
         try:  # the format's shape rules, with a message naming the layer's shapes
             cfg = MoEConfig(**{**moe_info, "top_k": moe_info["top_k"] or 1}, sparsity=sp)
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise ConversionError(f"{plan.layers[0].experts['gate'][0]} (d_model="
                                   f"{plan.d_model}, d_ff={plan.d_ff}): {err}") from None
         calib = None
@@ -113,7 +118,8 @@ def convert(input_path: str, output_path: str, pattern: str = "1:2", sub_row: in
                                   for name in copied],
                         {"format": FORMAT, "format_version": FORMAT_VERSION,
                          "samoyeds": _metadata(plan, hf_cfg, moe_info, sp, dtype, calib,
-                                               entries, input_path)})
+                                               entries, input_path)},
+                        checksums=CHECKSUMS)
 
         reports: dict[int, dict] = {}
         bar = _progress(progress, len(plan.layers) + 1, "samoyeds-convert", "layer")
@@ -132,7 +138,7 @@ def convert(input_path: str, output_path: str, pattern: str = "1:2", sub_row: in
                     del arrays
                     bar.update(1)
                 for name in copied:
-                    writer.copy(name, reader.chunks(entries[name]))
+                    writer.copy(name, reader.chunks(entries[name], name))
                 bar.update(1)
                 writer.finish()
         finally:
@@ -189,6 +195,13 @@ def _metadata(plan: hf.Plan, hf_cfg: dict, moe_info: dict, sp: SparsityConfig, d
     })
 
 
+def _finite(w: np.ndarray, entry: Entry, name: str) -> np.ndarray:
+    """An expert weight, refused when it holds NaN or infinity (nothing to prune by)."""
+    if not np.isfinite(w.astype(np.float32)).all():
+        raise ConversionError(f"{entry.file}: tensor {name!r} holds NaN or infinite values")
+    return w
+
+
 def _convert_layer(layer: hf.Layer, entries: dict[str, Entry], reader: Reader,
                    cfg: MoEConfig, vdtype: np.dtype, calib: Calibration | None, damp: float,
                    block: int | None) -> tuple[dict[str, Any], dict | None]:
@@ -197,8 +210,8 @@ def _convert_layer(layer: hf.Layer, entries: dict[str, Entry], reader: Reader,
     dense = {}
     for key in EXPERT_KEYS:
         # torch [out, in] -> ours [in, out], stacked over experts.
-        dense[key] = np.stack([reader.tensor(entries[n], n).T for n in layer.experts[key]]
-                              ).astype(vdtype)
+        dense[key] = np.stack([_finite(reader.tensor(entries[n], n), entries[n], n).T
+                               for n in layer.experts[key]]).astype(vdtype)
     x = calib.get(layer.index) if calib is not None else None
     report = None
     if x is not None:

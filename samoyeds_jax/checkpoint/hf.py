@@ -16,7 +16,6 @@ Recognised namings (torch ``Linear`` layout ``[out, in]``):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -27,8 +26,12 @@ from samoyeds_jax.checkpoint.schema import ConversionError
 from samoyeds_jax.layout import SHARED_GATE_KEY
 
 _MIXTRAL_EXPERT = re.compile(
-    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(.+)$")
-_MLP_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")
+    r"^model\.layers\.([0-9]+)\.block_sparse_moe\.experts\.([0-9]+)\.(.+)$", re.S)
+_MLP_EXPERT = re.compile(r"^model\.layers\.([0-9]+)\.mlp\.experts\.([0-9]+)\.(.+)$", re.S)
+_LAYER = re.compile(r"^model\.layers\.([0-9]+)\.")
+# Layer and expert numbers in tensor names: canonical decimals (no leading zeros, which
+# would make two names one) below this bound, checked before anything is sized by them.
+MAX_NAME_NUMBER = 1 << 20
 _NAMINGS = {
     # naming: (expert regex, {our key: projection name}, router name, shared prefixes)
     "mixtral": (_MIXTRAL_EXPERT, {"gate": "w1.weight", "up": "w3.weight",
@@ -46,7 +49,7 @@ _SHARED_GATE = "model.layers.{i}.mlp.shared_expert_gate.weight"
 
 # --- input discovery ----------------------------------------------------------------
 
-def _resolve_input(path: str) -> tuple[list[str], str | None, str]:
+def _resolve_input(path: str, reader: Reader) -> tuple[list[str], str | None, str]:
     """(safetensors files, index json or None, directory of config.json)."""
     if not os.path.exists(path):
         raise ConversionError(f"input {path!r} does not exist")
@@ -60,8 +63,8 @@ def _resolve_input(path: str) -> tuple[list[str], str | None, str]:
         if len(idx) > 1:
             raise ConversionError(f"input directory {path!r} holds several index files "
                                   f"{idx}; pass the one to use as --input")
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.endswith(".safetensors"))
+        files = sorted(reader.member(path, f, f"input directory {path!r}")
+                       for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise ConversionError(f"input directory {path!r} has no *.safetensors files")
         return files, None, path
@@ -71,19 +74,23 @@ def _resolve_input(path: str) -> tuple[list[str], str | None, str]:
 
 
 def index_source(path: str, reader: Reader) -> tuple[dict[str, Entry], str]:
-    """All tensors of the input (name -> entry) and the directory to look for config.json."""
-    files, index, cfg_dir = _resolve_input(path)
+    """All tensors of the input (name -> entry) and the directory to look for config.json.
+
+    An index's ``weight_map`` must map tensor names to shard file names inside the index's
+    directory (:meth:`Reader.member`)."""
+    files, index, cfg_dir = _resolve_input(path, reader)
     entries: dict[str, Entry] = {}
     if index is not None:
-        try:
-            weight_map = reader.json(index)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ConversionError(f"{index}: not a safetensors index (needs a "
-                                  f"'weight_map'): {err}") from None
+        doc = reader.json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index}: not a safetensors index (needs a non-empty "
+                                  f"'weight_map' object of tensor name -> shard file)")
         base = os.path.dirname(os.path.abspath(index))
         by_file: dict[str, list[str]] = {}
         for name, fname in weight_map.items():
-            by_file.setdefault(os.path.join(base, fname), []).append(name)
+            shard = reader.member(base, fname, f"{index}: tensor {name!r}")
+            by_file.setdefault(shard, []).append(name)
         for fpath, names in sorted(by_file.items()):
             if not os.path.isfile(fpath):
                 raise ConversionError(f"{index}: shard {os.path.basename(fpath)!r} (holding "
@@ -149,10 +156,11 @@ def detect(entries: dict[str, Entry]) -> Plan:
     for name in found[naming]:
         i, j, rest = rx.match(name).groups()
         if rest not in proj_key:
-            raise ConversionError(f"unsupported expert tensor {name!r} (expected only "
+            raise ConversionError(f"unsupported expert tensor {name[:200]!r} (expected only "
                                   f"{', '.join(sorted(proj.values()))}; quantized or "
                                   f"biased experts are not supported)")
-        by_layer.setdefault(int(i), {}).setdefault(int(j), {})[proj_key[rest]] = name
+        i, j = _number(i, "layer", name), _number(j, "expert", name)
+        by_layer.setdefault(i, {}).setdefault(j, {})[proj_key[rest]] = name
     layers = []
     shapes = set()
     shared_dims = set()
@@ -161,7 +169,9 @@ def detect(entries: dict[str, Entry]) -> Plan:
     for i in sorted(by_layer):
         experts = by_layer[i]
         e = max(experts) + 1
-        missing = [j for j in range(e) if j not in experts]
+        # Ids are distinct, so when the largest is past the count one of 0..count is
+        # missing: look no further than that (never as far as a hostile id).
+        missing = [j for j in range(min(e, len(experts) + 1)) if j not in experts][:8]
         if missing:
             raise ConversionError(f"layer {i}: experts {missing} are missing (found experts "
                                   f"up to {e - 1})")
@@ -179,14 +189,16 @@ def detect(entries: dict[str, Entry]) -> Plan:
             for key, want in (("gate", (f_, d_)), ("up", (f_, d_)), ("down", (d_, f_))):
                 got = entries[lists[key][j]]
                 if got.shape != want:
-                    raise ConversionError(f"{lists[key][j]}: shape {list(got.shape)}, expected "
-                                          f"{list(want)} (like {lists['gate'][0]})")
+                    raise ConversionError(f"{_at(entries, lists[key][j])}: shape "
+                                          f"{list(got.shape)}, expected {list(want)} (like "
+                                          f"{lists['gate'][0]})")
                 dtypes.add(got.dtype)
         router = router_fmt.format(i=i)
         if router not in entries:
             raise ConversionError(f"layer {i}: router tensor {router!r} is missing")
         if entries[router].shape != (e, d_):
-            raise ConversionError(f"{router}: shape {list(entries[router].shape)}, expected "
+            raise ConversionError(f"{_at(entries, router)}: shape "
+                                  f"{list(entries[router].shape)}, expected "
                                   f"[num_experts={e}, d_model={d_}]")
         shared = {}
         for fmt in shared_fmts:
@@ -203,15 +215,15 @@ def detect(entries: dict[str, Entry]) -> Plan:
             for key, want in (("shared_gate", (fs, d_)), ("shared_up", (fs, d_)),
                               ("shared_down", (d_, fs))):
                 if entries[shared[key]].shape != want:
-                    raise ConversionError(f"{shared[key]}: shape "
+                    raise ConversionError(f"{_at(entries, shared[key])}: shape "
                                           f"{list(entries[shared[key]].shape)}, expected "
                                           f"{list(want)}")
             shared_dims.add(fs)
             sg = _SHARED_GATE.format(i=i)
             if sg in entries:
                 if entries[sg].shape != (1, d_):
-                    raise ConversionError(f"{sg}: shape {list(entries[sg].shape)}, expected "
-                                          f"[1, {d_}]")
+                    raise ConversionError(f"{_at(entries, sg)}: shape "
+                                          f"{list(entries[sg].shape)}, expected [1, {d_}]")
                 shared[SHARED_GATE_KEY] = sg
         else:
             shared_dims.add(0)
@@ -230,29 +242,57 @@ def detect(entries: dict[str, Entry]) -> Plan:
     return Plan(naming, layers, e, d_, f_, shared_dims.pop(), has_gate.pop(), dtypes.pop())
 
 
+def _number(text: str, what: str, name: str) -> int:
+    """A layer or expert number of tensor ``name``: canonical and bounded."""
+    if len(text) > len(str(MAX_NAME_NUMBER)) or (len(text) > 1 and text[0] == "0") or \
+            int(text) >= MAX_NAME_NUMBER:
+        raise ConversionError(f"tensor {name[:200]!r}: {what} number {text[:20]!r} must be "
+                              f"a decimal below {MAX_NAME_NUMBER} without leading zeros")
+    return int(text)
+
+
 def _expert_name(naming: str, i: int, j: int, pname: str) -> str:
     if naming == "mixtral":
         return f"model.layers.{i}.block_sparse_moe.experts.{j}.{pname}"
     return f"model.layers.{i}.mlp.experts.{j}.{pname}"
 
 
+def _at(entries: dict[str, Entry], name: str) -> str:
+    """``file: tensor`` for messages about an input tensor."""
+    return f"{entries[name].file}: {name}"
+
+
 def _shape2(entries, name) -> tuple[int, int]:
     shape = entries[name].shape
     if len(shape) != 2:
-        raise ConversionError(f"{name}: expected a 2-D weight, got shape {list(shape)}")
+        raise ConversionError(f"{_at(entries, name)}: expected a 2-D weight, got shape "
+                              f"{list(shape)}")
     return shape
 
 
+# The config.json fields the converter reads, and the JSON types each may have.
+_FIELD_TYPES = {"num_experts_per_tok": int, "num_hidden_layers": int, "n_shared_experts": int,
+                "norm_topk_prob": bool, "scoring_func": str, "hidden_act": str}
+
+
 def read_config(cfg_dir: str, reader: Reader) -> dict:
-    """``config.json`` in cfg_dir ({} when there is none)."""
-    path = os.path.join(cfg_dir, "config.json")
-    if not os.path.isfile(path):
+    """``config.json`` in cfg_dir ({} when there is none); ConversionError naming the
+    field when a field the converter reads has the wrong JSON type."""
+    if not os.path.lexists(os.path.join(cfg_dir, "config.json")):
         return {}
-    try:
-        cfg = reader.json(path)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConversionError(f"{path}: cannot read: {err}") from None
-    return cfg if isinstance(cfg, dict) else {}
+    path = reader.member(cfg_dir, "config.json", cfg_dir)
+    cfg = reader.json(path)
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: must be a JSON object")
+    for key, typ in _FIELD_TYPES.items():
+        val = cfg.get(key)
+        ok = val is None or (isinstance(val, typ) and
+                             (typ is bool or not isinstance(val, bool)))
+        if not ok or (typ is int and val is not None and not 0 <= val < MAX_NAME_NUMBER):
+            kind = ("a non-negative int" if typ is int else
+                    {bool: "a boolean", str: "a string"}[typ])
+            raise ConversionError(f"{path}: {key} must be {kind}, got {str(val)[:40]!r}")
+    return cfg
 
 
 CONFIG_FIELDS = ("model_type", "architectures", "num_hidden_layers", "hidden_size",
@@ -301,6 +341,6 @@ def moe_info(plan: Plan, hf: dict, top_k: int | None) -> dict:
 def layer_numbers(entries) -> Iterator[int]:
     """The i of every ``model.layers.{i}.`` tensor name."""
     for name in entries:
-        m = re.match(r"^model\.layers\.(\d+)\.", name)
+        m = _LAYER.match(name)
         if m:
-            yield int(m.group(1))
+            yield _number(m.group(1), "layer", name)

@@ -7,9 +7,13 @@ from samoyeds_jax.config import MoEConfig
 from samoyeds_jax.format import SPARSE_PARTS, SparsityConfig
 
 FORMAT = "samoyeds_jax.moe"
-FORMAT_VERSION = "1"
-__all__ = ["FORMAT", "FORMAT_VERSION", "SPARSE_PARTS", "ConversionError", "layer_prefix",
-           "moe_config"]
+# Version 2 records checksums (metadata key CHECKSUMS); version 1 files, written before,
+# load only unverified (load_checkpoint(..., verify=False)).
+FORMAT_VERSION = "2"
+UNVERIFIABLE_VERSIONS = ("1",)
+CHECKSUMS = "checksums"
+__all__ = ["CHECKSUMS", "FORMAT", "FORMAT_VERSION", "SPARSE_PARTS", "UNVERIFIABLE_VERSIONS",
+           "ConversionError", "layer_prefix", "moe_config"]
 
 
 class ConversionError(ValueError):

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/device.cuh"
 #include "cuda/tile.cuh"
@@ -69,23 +70,19 @@ template <int V, int Consumers, int BN, int BlocksPerSm>
 using StreamCfgOf =
     StreamCfg<V, Consumers, BN, StreamStages<Consumers, BN, BlocksPerSm>(), BlocksPerSm>;
 // The narrow block (up to 16 routed rows per expert): 64 kept rows x 16 routed rows, two
-// blocks per SM, a 7-deep ring; its activation tile is small, so one consumer warpgroup
-// per block costs little L2 traffic. The wide block: 128 kept rows x 64 routed rows (32
-// when V = 4, whose four accumulator sets would not fit the registers), one block per
-// SM; the activation tile is re-read per M tile, so two warpgroups share it.
+// blocks per SM, a 7-deep ring. The wide block: 64 kept rows x 64 routed rows, two blocks
+// per SM, for V <= 2; on the H200 it beat 128 x 64 blocks (two consumer warpgroups, one
+// block per SM) in every case measured (1 expert 1:2, 64 rows: up 22.5 vs 33.1 us, down
+// 40.7 vs 63.3 us; 8 experts x 32 rows: 244 vs 377 us). V = 4 keeps 128 x 32 blocks, one
+// per SM: four accumulator sets of 64 routed rows would not fit two blocks' registers.
 template <int V>
 using StreamNarrowCfg = StreamCfgOf<V, 1, 16, 2>;
 template <int V>
-using StreamWideCfg = StreamCfgOf<V, 2, (V == 4 ? 32 : 64), 1>;
+using StreamWideCfg =
+    std::conditional_t<V == 4, StreamCfgOf<V, 2, 32, 1>, StreamCfgOf<V, 1, 64, 2>>;
 
-// Mean routed rows per expert up to which the serving kernel runs (above it the prefill
-// kernel's wider tiles reuse each weight tile over more rows), and up to which its
-// narrow block is used.
-constexpr int64_t kStreamMaxRowsPerExpert = 256;
+// Mean routed rows per expert up to which the narrow block is used.
 constexpr int64_t kStreamNarrowMaxRowsPerExpert = 16;
-inline bool UseStreamFor(const Args& a) {
-  return a.rows <= kStreamMaxRowsPerExpert * a.experts;
-}
 
 // K splits: the fewest that let the busy tiles fill every block slot of the GPU, while
 // each split keeps at least kStreamMinStagesPerSplit K stages. The blocks of one tile's
