@@ -1,5 +1,5 @@
 """Small helpers shared across the package: the "N:V" parser, ranking along an axis, the
-inverse permutation, and the optional progress bar."""
+inverse permutation, mesh-axis names and sizes, and the optional progress bar."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _NV = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
 
@@ -37,6 +38,26 @@ def rank(score: jax.Array) -> jax.Array:
 def inverse_permutation(perm: jax.Array) -> jax.Array:
     """``inv`` with ``inv[perm[i]] = i`` (``perm [N]`` a permutation), in perm's dtype."""
     return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+def mesh_axes(entry: Any) -> tuple[str, ...]:
+    """The mesh axis names of an axis argument or PartitionSpec entry: None -> (), a name
+    -> (name,), a tuple of names as it is."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def mesh_size(mesh: Any, entry: Any) -> int:
+    """How many devices the mesh axes of ``entry`` span together (1 for none)."""
+    return int(np.prod([mesh.shape[a] for a in mesh_axes(entry)], dtype=np.int64))
+
+
+def spec_entry(names: tuple[str, ...]) -> Any:
+    """A PartitionSpec entry splitting one array axis over ``names`` (None: replicated)."""
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else tuple(names)
 
 
 class _NoBar:

@@ -4,9 +4,10 @@ is dense or encoded (a SparseWeight), and whether it carries the expert axis.
 Two layouts hold the same router and shared experts (dense, replicated): the dense layout
 (``init_dense_moe``; input of ``moe_dense``) with the routed experts ``gate``, ``up``,
 ``down``, and the sparse layout (``sparsify_moe``; input of ``moe``) with the SparseWeights
-``gate_up`` (``concat([gate, up], -1)``) and ``down``. The tables below are the only
-statement of the keys and shapes; the parameter checks of :mod:`samoyeds_jax.moe`, the
-sharding specs, the flax modules and the checkpoint converter and loader read them.
+``gate_up`` (``concat([gate, up], -1)``; or stacked ``[E, 2, d, f]``, the form tensor
+parallelism splits) and ``down``. The tables below are the only statement of the keys and
+shapes; the parameter checks of :mod:`samoyeds_jax.moe`, the sharding specs, the flax
+modules and the checkpoint converter and loader read them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _SIZES: dict[str, Callable[[Any], int]] = {
     "2*d_ff": lambda c: 2 * c.d_ff,
     "d_ff_shared": lambda c: c.d_ff_shared,
     "1": lambda c: 1,
+    "2": lambda c: 2,
 }
 
 
@@ -73,6 +75,10 @@ SPARSE_EXPERTS = (
     Param("gate_up", ("num_experts", "d_model", "2*d_ff"), sparse=True, expert_sharded=True),
     Param("down", ("num_experts", "d_ff", "d_model"), sparse=True, expert_sharded=True),
 )
+# The same gate_up with gate and up stacked ([:, 0] gate, [:, 1] up): splitting its d_ff
+# axis keeps each shard's gate and up columns together (tensor parallelism, sharding.py).
+GATE_UP_STACKED = Param("gate_up", ("num_experts", "2", "d_model", "d_ff"), sparse=True,
+                        expert_sharded=True)
 SHARED = (
     Param("shared_gate", ("d_model", "d_ff_shared"), needs="has_shared"),
     Param("shared_up", ("d_model", "d_ff_shared"), needs="has_shared"),
@@ -117,6 +123,8 @@ def check(params_: Any, cfg: MoEConfig, sparse: bool) -> None:
         _expect(params_, p, cfg)
     for p in experts(sparse):
         val = params_.get(p.key)
+        if p.key == GATE_UP_STACKED.key and getattr(val, "ndim", 0) == len(GATE_UP_STACKED.dims):
+            p = GATE_UP_STACKED
         if p.sparse and not isinstance(val, SparseWeight):
             raise TypeError(f"params[{p.key!r}] must be a {p.describe()} (from "
                             f"sj.sparsify_moe), got {type(val).__name__}; for dense "
@@ -136,3 +144,21 @@ def _expect(params_: dict, p: Param, cfg: MoEConfig) -> None:
     if got != shape:
         raise ValueError(f"params[{p.key!r}] must be {p.describe()} {list(shape)}, got "
                          f"{list(got)}")
+
+
+def stack_gate_up(sw: SparseWeight) -> SparseWeight:
+    """``gate_up`` ``[E, d, 2f]`` (``concat([gate, up], -1)``) as ``[E, 2, d, f]`` (gate
+    and up stacked): the same stored arrays, each ``[E, Mk, .]`` viewed as
+    ``[E, 2, Mk/2, .]`` (gate's kept rows come first). Already stacked: unchanged."""
+    if sw.ndim == len(GATE_UP_STACKED.dims):
+        return sw
+    return SparseWeight(*(a.reshape(a.shape[0], 2, a.shape[1] // 2, a.shape[2])
+                          for a in (sw.values, sw.indices, sw.metadata)), sw.config)
+
+
+def concat_gate_up(sw: SparseWeight) -> SparseWeight:
+    """The inverse of :func:`stack_gate_up` (``[E, 2, d, f]`` -> ``[E, d, 2f]``)."""
+    if sw.ndim != len(GATE_UP_STACKED.dims):
+        return sw
+    return SparseWeight(*(a.reshape(a.shape[0], 2 * a.shape[2], a.shape[3])
+                          for a in (sw.values, sw.indices, sw.metadata)), sw.config)

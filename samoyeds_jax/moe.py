@@ -207,7 +207,7 @@ def decode_moe(sparse: dict, cfg: MoEConfig) -> dict:
     """
     _check_sparse(sparse, cfg)
     out = {k: v for k, v in sparse.items() if k not in layout.SPARSE_EXPERT_KEYS}
-    gu = _decode_jit(sparse["gate_up"])
+    gu = _decode_jit(layout.concat_gate_up(sparse["gate_up"]))
     out["gate"], out["up"] = gu[..., :cfg.d_ff], gu[..., cfg.d_ff:]
     out["down"] = _decode_jit(sparse["down"])
     return out

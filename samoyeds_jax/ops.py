@@ -2,7 +2,9 @@
 
 One primitive, ``samoyeds_ragged_dot``, backs :func:`dot` and :func:`ragged_dot`. It is
 the only place that knows about platforms: ``cpu`` lowers to the C++ handler, ``cuda``
-to the CUDA handler (both XLA FFI custom calls from the ``_samoyeds`` module).
+to the CUDA handler (both XLA FFI custom calls from the ``_samoyeds`` module). Under jit
+the lowering goes through the partitioning rule beside it
+(:mod:`samoyeds_jax.partitioning`): one such call per device on sharded operands.
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ def _glu_act(g: jax.Array, glu: str) -> jax.Array:
     return jax.nn.gelu(g, approximate=False)
 
 
+def _merged_halves(a: jax.core.ShapedArray) -> jax.core.ShapedArray:
+    """``[E, 2, r, c]`` (gate and up stacked) as the ``[E, 2r, c]`` it views (the stacked
+    form keeps each half's rows on the device of its columns when F is split)."""
+    if a.ndim != 4:
+        return a
+    return jax.core.ShapedArray((a.shape[0], 2 * a.shape[2], a.shape[3]), a.dtype)
+
+
 def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: SparsityConfig,
                    has_sel: bool, glu: str = "", kernel: KernelChoice = _AUTO):
     """Shape/dtype rules; every message names the argument and what was expected."""
@@ -106,9 +116,11 @@ def _abstract_eval(x, values, indices, metadata, sel, group_sizes, *, config: Sp
         raise ValueError(f"x must be 2-D [T, K] (rows by in_features), got {_shape_str(x)}")
     if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be bfloat16 or float16, got {jnp.dtype(x.dtype).name}")
+    if values.ndim == 4 and values.shape[1] == 2:
+        values, indices, metadata = (_merged_halves(a) for a in (values, indices, metadata))
     if values.ndim != 3:
-        raise ValueError(f"sw must have an expert axis [E, K, M]; its values are "
-                         f"{_shape_str(values)}, expected [E, Mk, K/2]")
+        raise ValueError(f"sw must have an expert axis [E, K, M] (or [E, 2, K, F]); "
+                         f"its values are {_shape_str(values)}, expected [E, Mk, K/2]")
     if values.dtype != x.dtype:
         raise TypeError(f"x dtype {jnp.dtype(x.dtype).name} must match the weight dtype "
                         f"{jnp.dtype(values.dtype).name}")
@@ -292,19 +304,24 @@ def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool, glu: str =
     if type(tv) is not ad.Zero:
         raise TypeError(_NO_WEIGHT_GRAD)
     if glu:
-        # Differentiated through the unfused product: y = act(g) * u of gu = x @ W, whose
-        # tangent is linear in x (the GLU's derivative is elementwise on gu).
-        gu = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel, glu="", kernel=kernel)
-        f = gu.shape[-1] // 2
-        g, u = gu[:, :f].astype(jnp.float32), gu[:, f:].astype(jnp.float32)
+        # Differentiated through the unfused product: y = act(g) * u of [g | u] = x @ W,
+        # whose tangent is linear in x (the GLU's derivative is elementwise on g and u).
+        def gate_up(a):
+            if values.ndim == 4:  # gate and up stacked: one product per half
+                return tuple(ragged_dot_p.bind(
+                    a, values[:, h], indices[:, h], metadata[:, h], sel, gs, config=config,
+                    has_sel=has_sel, glu="", kernel=kernel).astype(jnp.float32) for h in (0, 1))
+            gu = ragged_dot_p.bind(a, values, indices, metadata, sel, gs, config=config,
+                                   has_sel=has_sel, glu="", kernel=kernel).astype(jnp.float32)
+            return gu[:, :gu.shape[-1] // 2], gu[:, gu.shape[-1] // 2:]
+
+        g, u = gate_up(x)
         act, dact = jax.jvp(lambda z: _glu_act(z, glu), (g,), (jnp.ones_like(g),))
-        y = (act * u).astype(gu.dtype)
+        y = (act * u).astype(x.dtype)
         if type(tx) is ad.Zero:
             return y, ad.Zero.from_primal_value(y)
-        dgu = ragged_dot_p.bind(tx, values, indices, metadata, sel, gs, config=config,
-                                has_sel=has_sel, glu="", kernel=kernel).astype(jnp.float32)
-        dy = dact * u * dgu[:, :f] + act * dgu[:, f:]
-        return y, dy.astype(gu.dtype)
+        dg, du = gate_up(tx)
+        return y, (dact * u * dg + act * du).astype(x.dtype)
     y = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel, glu="", kernel=kernel)
     if type(tx) is ad.Zero:
         return y, ad.Zero.from_primal_value(y)
@@ -396,10 +413,12 @@ ad.primitive_transposes[ragged_dot_t_p] = _t_transpose
 
 # --- public API ------------------------------------------------------------------------
 
-def _check_sw(sw: Any, expert_axis: bool) -> None:
+def _check_sw(sw: Any, expert_axis: bool, glu: str | None = None) -> None:
     if not isinstance(sw, SparseWeight):
         raise TypeError(f"sw must be a SparseWeight (from sj.encode), got {type(sw).__name__}")
     want = 3 if expert_axis else 2
+    if expert_axis and sw.ndim == 4 and sw.shape[1] == 2 and glu:
+        return  # [E, 2, K, F]: gate and up stacked
     if sw.ndim != want:
         raise ValueError(
             f"sw must be {'[E, K, M] (with an expert axis)' if expert_axis else '[K, M] (no expert axis)'}"
@@ -454,7 +473,10 @@ def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
     Args:
       x: ``[R, K]`` rows already grouped by expert (``sel=None``), or ``[T, K]`` tokens
         gathered through ``sel``; bfloat16 or float16, the weight's dtype.
-      sw: SparseWeight ``[E, K, M]``.
+      sw: SparseWeight ``[E, K, M]``; with ``glu`` also ``[E, 2, K, F]``: gate and up
+        stacked (``sw[:, 0]`` gate, ``sw[:, 1]`` up), the same product as their
+        ``[E, K, 2F]`` concatenation, in the form whose F axis can be sharded
+        (:mod:`samoyeds_jax.partitioning`).
       group_sizes: int32 ``[E]`` on the device (never read on the host): expert e owns
         rows ``offset[e] <= r < offset[e+1]`` (exclusive cumsum).
       sel: optional int32 ``[R]``: output row r uses token ``x[sel[r]]`` (SEL, the
@@ -468,7 +490,7 @@ def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
       ``[R, M]`` (``[R, M/2]`` with ``glu``) in x's dtype, rows in SEL order; rows at or
       past ``sum(group_sizes)`` are zero. Accumulation is float32.
     """
-    _check_sw(sw, expert_axis=True)
+    _check_sw(sw, expert_axis=True, glu=glu)
     x = jnp.asarray(x)
     group_sizes = _routing_array(group_sizes, "group_sizes")
     if sel is None:
@@ -502,3 +524,8 @@ def dot(x: jax.Array, sw: SparseWeight, *, glu: str | None = None) -> jax.Array:
                                   sw.config)
     y = ragged_dot(rows, expert, jnp.full((1,), rows.shape[0], jnp.int32), glu=glu)
     return y.reshape(*lead, y.shape[-1])
+
+
+# Under jit both primitives lower through their partitioning rule (one call per device on
+# sharded operands; the kernel itself on one device).
+from samoyeds_jax import partitioning as _partitioning  # noqa: E402,F401

@@ -1,16 +1,25 @@
-"""Past one device: data- and expert-parallel sharding of the sparse MoE layer.
+"""Past one device: data-, expert- and tensor-parallel sharding of the sparse MoE layer.
 
-The ``samoyeds_ragged_dot`` primitive is an XLA custom call, and XLA's SPMD partitioner
-cannot see inside one: under a plain ``jax.jit`` with sharded inputs it replicates the
-operands of the call (all-gathers ``x`` and the weights onto every device). This module
-partitions by hand with :func:`jax.shard_map`, so every custom call sees only its
-device's rows and experts, and all communication is explicit.
+Two ways to run the layer on a mesh, on the same placed parameters (:func:`shard_params`):
+
+* ``jax.jit(sj.moe)(params, x, cfg)``: the custom call partitions itself under the
+  partitioner (:mod:`samoyeds_jax.partitioning`): expert-split weights run each device's
+  experts and meet in an all-reduce, d_ff-split weights run each device's columns and
+  rows with one all-reduce after ``down``. Routing stays the single-device program, so
+  tokens split over a data axis are gathered for the global dispatch (activations, never
+  weights). Pass the placed parameters as arguments of the jitted function: arrays a
+  jitted function closes over are baked in as constants, outside the partitioned program.
+* :func:`moe_sharded`: the layer partitioned by hand with :func:`jax.shard_map`, so every
+  call sees only its device's tokens, experts and d_ff slice and all communication is
+  explicit (nothing for pure data parallel, all-to-alls for expert parallel, one
+  all-reduce after combine for tensor parallel): the form for data parallelism.
 
 Mesh and layout
 ---------------
-A mesh with a *data* axis ``D`` (``data_axis``; a name, a tuple of names, or ``None``) and
-an *expert* axis ``X`` (``expert_axis``; a name or ``None``). Meshes ``8x1`` (pure data
-parallel), ``2x4`` (both) and ``1x8`` (pure expert parallel) are all the same code.
+A mesh with a *data* axis ``D`` (``data_axis``; a name, a tuple of names, or ``None``), an
+*expert* axis ``X`` (``expert_axis``; a name or ``None``) and a *tensor* axis ``M``
+(``tensor_axis``; names or ``None``). Meshes ``8x1`` (pure data parallel), ``2x4`` (both)
+and ``1x8`` (pure expert parallel), with or without a tensor axis, are all the same code.
 
 * **Tokens** (the flattened leading axes of ``x [..., d]``) are sharded over
   ``(data_axis, expert_axis)`` jointly: every device owns ``T / (D*X)`` tokens, as in
@@ -23,9 +32,21 @@ parallel), ``2x4`` (both) and ``1x8`` (pure expert parallel) are all the same co
   are sharded along E over ``expert_axis`` (``E`` must divide by ``X``): device ``j`` of
   the expert axis owns experts ``[j*E/X, (j+1)*E/X)``. Every leaf of a SparseWeight has E
   as its leading axis, so ``P(expert_axis)`` on each leaf shards it.
+* **Tensor parallel** (``tensor_axis``): every routed expert's d_ff is split over it, as
+  vLLM and TensorRT-LLM serve Mixtral: ``gate_up`` by columns, ``down`` by rows. The
+  fused GLU needs each shard's gate columns and up columns on the same device, so
+  ``gate_up`` is held stacked, ``[E, 2, d, f]`` (``gate_up[:, 0]`` gate, ``[:, 1]`` up;
+  :func:`samoyeds_jax.layout.stack_gate_up`, a reshape of the stored arrays), and split
+  along f: each device computes ``act(x @ gate_j) * (x @ up_j)`` for its f slice in one
+  fused call, then its partial ``down`` product; the partial outputs are summed once per
+  layer (after combine in :func:`moe_sharded`, in float32: ``[T, d]`` rather than
+  ``[T*k, d]``; after ``down`` under plain jit). f must split into multiples of the
+  format's ``m_multiple`` (gate_up) and ``sub_row`` (down). Tokens are replicated over
+  the tensor axis.
 * **Router and shared experts** are replicated (they are small and every token needs
-  them). :func:`param_specs` gives these rules; :func:`shard_params` places a parameter
-  dict with them.
+  them; with a tensor axis every device computes the shared experts whole).
+  :func:`param_specs` gives these rules; :func:`shard_params` places a parameter dict
+  with them.
 
 Expert parallel forward (inside ``shard_map``, per device; ``Tl`` local tokens, ``k``
 choices, ``El = E/X`` local experts, ``C`` rows per (source, destination) pair)::
@@ -74,10 +95,13 @@ Guarantees and limits
 ---------------------
 * No all-gather: the compiled HLO of :func:`moe_sharded` and :func:`ragged_dot_sharded`
   contains no ``all-gather`` of tokens or weights (tests read
-  ``jax.jit(...).lower(...).compile().as_text()``). The forward pass of the layer has
-  no all-reduce either: pure data parallel has no collective at all, expert parallel
-  has three ``all-to-all``\\ s (rows, their local expert ids, results back);
+  ``jax.jit(...).lower(...).compile().as_text()``). Pure data parallel has no collective
+  at all, expert parallel has three ``all-to-all``\\ s (rows, their local expert ids,
+  results back), tensor parallel one ``all-reduce`` (float32 ``[T_local, d]``);
   ``return_stats`` adds two small ``all-reduce``\\ s.
+* Numerics: data and expert parallel give the single-device result bit for bit on CPU
+  (the same per-row sums); tensor parallel rounds each device's partial ``down`` output
+  to the compute dtype before the float32 sum (tests/helpers.TOL["k_split"]).
 * Memory: drop-free buffers hold ``X * T_local * k`` rows per device (send, receive, and
   the expert FFN's ``[rows, 2f]`` intermediate); with many expert shards or large token
   counts set ``capacity_factor`` (e.g. 2) and watch ``stats["dropped"]``.
@@ -109,6 +133,9 @@ from jax.sharding import PartitionSpec as P
 
 from samoyeds_jax import layout
 from samoyeds_jax._util import inverse_permutation
+from samoyeds_jax._util import mesh_axes as _names
+from samoyeds_jax._util import mesh_size as _size
+from samoyeds_jax._util import spec_entry as _spec_entry
 from samoyeds_jax.format import SparseWeight
 from samoyeds_jax.moe import (
     MoEConfig, combine, dispatch, expert_ffn, expert_ffn_dense, route, shared_experts)
@@ -117,20 +144,12 @@ from samoyeds_jax.ops import ragged_dot
 __all__ = ["moe_sharded", "param_specs", "ragged_dot_sharded", "shard_params"]
 
 # Parameter entries with a leading expert axis E (sparse: gate_up/down; dense: gate/up/down).
-EXPERT_PARAM_KEYS = layout.EXPERT_SHARDED_KEYS
+EXPERT_PARAM_KEYS = layout.EXPERT_SHARDED_KEYS  # old name, kept
 
 AxisSpec = Any  # str | tuple[str, ...] | None
 
 
 # --- mesh helpers ------------------------------------------------------------------------
-
-def _names(axis: AxisSpec) -> tuple[str, ...]:
-    if axis is None:
-        return ()
-    if isinstance(axis, str):
-        return (axis,)
-    return tuple(axis)
-
 
 def _check_axes(mesh: Any, **axes: AxisSpec) -> None:
     if not isinstance(mesh, Mesh):
@@ -144,17 +163,6 @@ def _check_axes(mesh: Any, **axes: AxisSpec) -> None:
             if name in seen:
                 raise ValueError(f"mesh axis {name!r} is used twice ({axes})")
             seen.append(name)
-
-
-def _size(mesh: Mesh, axis: AxisSpec) -> int:
-    return int(np.prod([mesh.shape[n] for n in _names(axis)], dtype=np.int64))
-
-
-def _spec_entry(names: tuple[str, ...]):
-    """A PartitionSpec entry for one array axis sharded over ``names`` (None: replicated)."""
-    if not names:
-        return None
-    return names[0] if len(names) == 1 else names
 
 
 def _all_explicit(mesh: Mesh, names: Sequence[str]) -> bool:
@@ -174,39 +182,120 @@ def _reshard(tree: Any, specs: Any, mesh: Mesh, names: Sequence[str]) -> Any:
 
 # --- parameter placement -----------------------------------------------------------------
 
-def param_specs(params: dict, expert_axis: AxisSpec = "expert") -> dict:
+def _layout_param(key: str, val: Any) -> layout.Param | None:
+    """The routed-expert entry of :mod:`samoyeds_jax.layout` that ``params[key]`` is, or
+    None (router, shared experts: replicated)."""
+    if isinstance(val, SparseWeight):
+        if key == layout.GATE_UP_STACKED.key and val.ndim == len(layout.GATE_UP_STACKED.dims):
+            return layout.GATE_UP_STACKED
+        table = layout.SPARSE_EXPERTS
+    else:
+        table = layout.DENSE_EXPERTS
+    return next((p for p in table if p.key == key), None)
+
+
+def _param_spec(p: layout.Param, ex: Any, tp: Any) -> P:
+    """E over the expert axis, d_ff over the tensor axis. A SparseWeight's leaves hold its
+    logical ``[..., K, M]`` as ``[..., kept rows (M), K-derived]``: the last two swap."""
+    if tp is not None and "2*d_ff" in p.dims:
+        raise ValueError(
+            f"tensor parallelism splits d_ff of a gate_up whose gate and up are stacked "
+            f"({layout.GATE_UP_STACKED.describe()}); its [gate | up] form would give shards "
+            f"of gate or up alone: use shard_params (it stacks) or "
+            f"samoyeds_jax.layout.stack_gate_up")
+    entries = [ex if d == "num_experts" else tp if d == "d_ff" else None for d in p.dims]
+    if p.sparse:
+        entries[-2:] = entries[-1], entries[-2]
+    while entries and entries[-1] is None:
+        entries.pop()
+    return P(*entries)
+
+
+def param_specs(params: dict, expert_axis: AxisSpec = "expert",
+                tensor_axis: AxisSpec = None) -> dict:
     """The PartitionSpec pytree of an MoE parameter dict.
 
-    Routed expert weights (``gate_up``/``down`` SparseWeights, or dense ``gate``/``up``/
-    ``down`` ``[E, ...]`` arrays) get ``P(expert_axis)`` on every leaf (E leads each
-    leaf); the router, shared experts and anything else get ``P()`` (replicated).
+    Routed experts (``gate_up``/``down`` SparseWeights, or dense ``gate``/``up``/``down``)
+    are split along E over ``expert_axis`` and, with ``tensor_axis``, along d_ff over it:
+    dense ``gate``/``up`` ``[E, d, f]`` by columns and ``down`` ``[E, f, d]`` by rows; a
+    sparse ``gate_up`` must then be stacked (``[E, 2, d, f]``, gate and up of a shard
+    together) and ``down``'s leaves are split along their K-derived axis. The router,
+    the shared experts and anything else get ``P()`` (replicated).
     """
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict, got {type(params).__name__}")
     ex = _spec_entry(_names(expert_axis))
+    tp = _spec_entry(_names(tensor_axis))
     out = {}
     for key, val in params.items():
-        spec = P(ex) if key in EXPERT_PARAM_KEYS else P()
+        p = _layout_param(key, val)
+        spec = P() if p is None else _param_spec(p, ex, tp)
         out[key] = jax.tree.map(lambda _: spec, val)
     return out
 
 
-def shard_params(params: dict, mesh: Mesh, *, expert_axis: AxisSpec = "expert") -> dict:
+def _check_divisible(params: dict, mesh: Mesh, expert_axis: AxisSpec,
+                     tensor_axis: AxisSpec) -> None:
+    """E must split over the expert axis; d_ff over the tensor axis into whole format tiles
+    (a sparse gate_up half: ``m_multiple`` columns; a sparse down: ``sub_row`` rows)."""
+    n_ep, n_tp = _size(mesh, expert_axis), _size(mesh, tensor_axis)
+    for key, val in params.items():
+        p = _layout_param(key, val)
+        if p is None:
+            continue
+        shape = val.shape
+        e = shape[p.dims.index("num_experts")]
+        if e % n_ep:
+            raise ValueError(f"params[{key!r}] has {e} experts, not divisible by the "
+                             f"expert axis {expert_axis!r} of size {n_ep}")
+        if n_tp == 1:
+            continue
+        f = shape[p.dims.index("d_ff" if "d_ff" in p.dims else "2*d_ff")]
+        f //= 2 if "2*d_ff" in p.dims else 1
+        unit, why = 1, ""
+        if isinstance(val, SparseWeight) and p.dims[-1] != "d_model":   # gate_up: columns
+            unit, why = val.config.m_multiple, " (the format's m_multiple)"
+        elif isinstance(val, SparseWeight):                               # down: K rows
+            unit, why = val.config.sub_row, " (the format's sub_row)"
+        if f % (n_tp * unit):
+            raise ValueError(f"params[{key!r}]: d_ff={f} does not split over the tensor axis "
+                             f"{tensor_axis!r} of size {n_tp} into shards of a multiple of "
+                             f"{unit}{why}")
+
+
+def _stacked(params: dict, tensor_axis: AxisSpec) -> dict:
+    """``params`` with a sparse gate_up stacked when tensor parallelism splits it."""
+    gu = params.get(layout.GATE_UP_STACKED.key)
+    if not _names(tensor_axis) or not isinstance(gu, SparseWeight):
+        return params
+    return {**params, layout.GATE_UP_STACKED.key: layout.stack_gate_up(gu)}
+
+
+def shard_params(params: dict, mesh: Mesh, *, expert_axis: AxisSpec = "expert",
+                 tensor_axis: AxisSpec = None) -> dict:
     """``params`` placed on ``mesh`` with :func:`param_specs` (``jax.device_put`` with
-    ``NamedSharding``). The number of experts must divide by the expert axis' size.
+    ``NamedSharding``).
+
+    Args:
+      params: an MoE parameter dict (sparse or dense).
+      mesh: the mesh.
+      expert_axis: mesh axis (or axes) splitting E; ``num_experts`` must divide by its
+        size. None: experts replicated.
+      tensor_axis: mesh axis (or axes) splitting d_ff (tensor parallelism), or None. A
+        sparse ``gate_up`` is returned stacked (``[E, 2, d, f]``,
+        :func:`samoyeds_jax.layout.stack_gate_up`); d_ff must split into shards of a
+        multiple of the format's ``m_multiple`` (gate_up) and ``sub_row`` (down).
+    Returns:
+      the placed dict; usable by ``jax.jit(sj.moe)`` (the custom call partitions itself,
+      :mod:`samoyeds_jax.partitioning`) and by :func:`moe_sharded`.
 
     Multi-host: every process passes the same (host or fully replicated) values; each
-    process then holds only its devices' experts.
+    process then holds only its devices' shards.
     """
-    _check_axes(mesh, expert_axis=expert_axis)
-    n_ep = _size(mesh, expert_axis)
-    for key in EXPERT_PARAM_KEYS:
-        if key in params:
-            e = jax.tree.leaves(params[key])[0].shape[0]
-            if e % n_ep:
-                raise ValueError(f"params[{key!r}] has {e} experts, not divisible by the "
-                                 f"expert axis {expert_axis!r} of size {n_ep}")
-    specs = param_specs(params, expert_axis)
+    _check_axes(mesh, expert_axis=expert_axis, tensor_axis=tensor_axis)
+    _check_divisible(params, mesh, expert_axis, tensor_axis)
+    params = _stacked(params, tensor_axis)
+    specs = param_specs(params, expert_axis, tensor_axis)
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                              is_leaf=lambda s: isinstance(s, P))
     return jax.device_put(params, shardings)
@@ -241,8 +330,11 @@ def _compute_dtype(params: dict, kind: str):
 
 
 def _moe_body(params, x, valid, *, cfg: MoEConfig, kind: str, n_ep: int, capacity: int,
-              expert_axis: str | None, token_axes: tuple[str, ...], stats: bool):
-    """One device's share of the layer: x [Tl, d] local tokens, valid [Tl] bool or None."""
+              expert_axis: str | None, token_axes: tuple[str, ...],
+              tensor_axes: tuple[str, ...], stats: bool):
+    """One device's share of the layer: x [Tl, d] local tokens, valid [Tl] bool or None;
+    with tensor axes, the experts' d_ff slice of this device (a partial sum until the
+    all-reduce after combine)."""
     e, k, d = cfg.num_experts, cfg.top_k, cfg.d_model
     el = e // n_ep
     tl = x.shape[0]
@@ -287,6 +379,9 @@ def _moe_body(params, x, valid, *, cfg: MoEConfig, kind: str, n_ep: int, capacit
             if ok is not None:
                 n_drop = n_drop & ok
             dropped = n_drop.sum(dtype=jnp.int32)
+    if tensor_axes:
+        with jax.named_scope("combine"):  # the d_ff slices' partial sums: one all-reduce
+            out = jax.lax.psum(out, tensor_axes)
     if cfg.has_shared:
         out = out + shared_experts(params, x, cfg)
     out = out.astype(x.dtype)
@@ -309,11 +404,14 @@ def _capacity(pairs: int, n_ep: int, capacity_factor: float | None) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "data_axis", "expert_axis",
-                                             "capacity_factor", "return_stats"))
+                                             "tensor_axis", "capacity_factor",
+                                             "return_stats"))
 def moe_sharded(params: dict, x: jax.Array, cfg: MoEConfig, mesh: Mesh, *,
                 data_axis: AxisSpec = "data", expert_axis: AxisSpec = "expert",
-                capacity_factor: float | None = None, return_stats: bool = False):
-    """The MoE layer (:func:`samoyeds_jax.moe`) data- and expert-parallel over ``mesh``.
+                tensor_axis: AxisSpec = None, capacity_factor: float | None = None,
+                return_stats: bool = False):
+    """The MoE layer (:func:`samoyeds_jax.moe`) data-, expert- and tensor-parallel over
+    ``mesh``.
 
     Args:
       params: from ``sj.sparsify_moe`` (sparse experts) or dense (``gate``/``up``/``down``,
@@ -326,6 +424,9 @@ def moe_sharded(params: dict, x: jax.Array, cfg: MoEConfig, mesh: Mesh, *,
       data_axis: mesh axis name(s) of data parallelism, or None.
       expert_axis: mesh axis name of expert parallelism, or None (experts replicated).
         ``cfg.num_experts`` must divide by its size.
+      tensor_axis: mesh axis name(s) of tensor parallelism, or None: every expert's d_ff
+        split over it (:func:`shard_params`' layout; tokens are replicated over it), the
+        partial outputs summed by one all-reduce after combine.
       capacity_factor: None (default) is drop-free. Otherwise the rows each device sends
         to each expert-axis peer are capped at ``ceil(c * T_local * k / X)``; see the
         module docstring.
@@ -335,7 +436,7 @@ def moe_sharded(params: dict, x: jax.Array, cfg: MoEConfig, mesh: Mesh, *,
       ``[..., d_model]`` in x's dtype (and the stats dict with ``return_stats``). Equal to
       ``sj.moe(params, x, cfg)`` up to float32 accumulation order when nothing is dropped.
     """
-    _check_axes(mesh, data_axis=data_axis, expert_axis=expert_axis)
+    _check_axes(mesh, data_axis=data_axis, expert_axis=expert_axis, tensor_axis=tensor_axis)
     if len(_names(expert_axis)) > 1:
         raise ValueError(f"expert_axis must be one mesh axis name or None, got {expert_axis!r}")
     kind = _expert_kind(params, cfg)
@@ -345,6 +446,8 @@ def moe_sharded(params: dict, x: jax.Array, cfg: MoEConfig, mesh: Mesh, *,
     if cfg.num_experts % n_ep:
         raise ValueError(f"cfg.num_experts={cfg.num_experts} is not divisible by the expert "
                          f"axis {expert_axis!r} of size {n_ep}")
+    _check_divisible(params, mesh, expert_axis, tensor_axis)
+    params = _stacked(params, tensor_axis)
     token_axes = _names(data_axis) + _names(expert_axis)
     n_tok = _size(mesh, token_axes)
     lead = x.shape[:-1]
@@ -358,15 +461,16 @@ def moe_sharded(params: dict, x: jax.Array, cfg: MoEConfig, mesh: Mesh, *,
         valid = jnp.arange(t_pad) < t
     capacity = _capacity((t_pad // n_tok) * cfg.top_k, n_ep, capacity_factor)
 
-    pspecs = param_specs(params, expert_axis)
-    used = token_axes
+    pspecs = param_specs(params, expert_axis, tensor_axis)
+    used = token_axes + _names(tensor_axis)
     params = _reshard(params, pspecs, mesh, used)
     x2 = _reshard(x2, tok_spec, mesh, used)
     if valid is not None:
         valid = _reshard(valid, tok_spec, mesh, used)
     ex_name = _names(expert_axis)[0] if n_ep > 1 else None
     body = functools.partial(_moe_body, cfg=cfg, kind=kind, n_ep=n_ep, capacity=capacity,
-                             expert_axis=ex_name, token_axes=token_axes, stats=return_stats)
+                             expert_axis=ex_name, token_axes=token_axes,
+                             tensor_axes=_names(tensor_axis), stats=return_stats)
     out_specs = (tok_spec, P(), P()) if return_stats else tok_spec
     res = jax.shard_map(body, mesh=mesh, in_specs=(pspecs, tok_spec,
                                                    None if valid is None else tok_spec),
