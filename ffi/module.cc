@@ -12,6 +12,8 @@
 namespace nb = nanobind;
 
 extern "C" XLA_FFI_Error* SamoyedsRaggedDotCpu(XLA_FFI_CallFrame*);
+extern "C" XLA_FFI_Error* SamoyedsRaggedDotDxCpu(XLA_FFI_CallFrame*);
+extern "C" XLA_FFI_Error* SamoyedsRaggedDotDvaluesCpu(XLA_FFI_CallFrame*);
 #ifdef SAMOYEDS_WITH_CUDA
 extern "C" XLA_FFI_Error* SamoyedsRaggedDotCuda(XLA_FFI_CallFrame*);
 #endif
@@ -46,6 +48,8 @@ NB_MODULE(_samoyeds, m) {
   m.def("cpu_targets", []() {
     nb::dict d;
     d["samoyeds_ragged_dot"] = Capsule(SamoyedsRaggedDotCpu);
+    d["samoyeds_ragged_dot_dx"] = Capsule(SamoyedsRaggedDotDxCpu);
+    d["samoyeds_ragged_dot_dvalues"] = Capsule(SamoyedsRaggedDotDvaluesCpu);
     return d;
   });
   m.def("cuda_targets", []() {

@@ -1,15 +1,26 @@
 """Flax modules for the sparse MoE layer (needs flax; ``import samoyeds_jax`` does not).
 
 * :class:`SparseMoE` (``flax.nnx``): the router and the shared experts are ``nnx.Param``
-  (trainable); the encoded routed experts are :class:`SparseParam` variables (not
-  ``nnx.Param``, so ``nnx.grad``/optimizers leave them alone), one per array:
-  ``gate_up_values``, ``gate_up_indices``, ``gate_up_metadata``, ``down_values``, ... The
-  state is a plain pytree of arrays, so ``nnx.split``/``nnx.merge``, ``nnx.jit`` and orbax
-  work unchanged.
+  (trainable); the encoded routed experts are one variable per array: the kept values
+  ``gate_up_values``, ``down_values`` are :class:`SparseValues` (an ``nnx.Param``:
+  trainable with the pattern fixed, see :mod:`samoyeds_jax.backward`), the pattern
+  ``gate_up_indices``, ``gate_up_metadata``, ``down_indices``, ``down_metadata`` are
+  :class:`SparseParam` (not ``nnx.Param``, so ``nnx.grad``/optimizers leave them alone).
+  The state is a plain pytree of arrays, so ``nnx.split``/``nnx.merge``, ``nnx.jit`` and
+  orbax work unchanged. Fine-tuning (``param_dtype=jnp.float32`` keeps float32 master
+  values, rounded to the encoded dtype in every call)::
+
+      model = SparseMoE.from_dense(dense, cfg, param_dtype=jnp.float32)
+      opt = nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)
+      grads = nnx.grad(loss_fn)(model)           # router, shared experts, kept values
+      opt.update(model, grads)
+
+  To train the router alone, ``wrt=nnx.All(nnx.Param, nnx.Not(SparseValues))``.
 * :class:`DenseMoE` (``flax.nnx``): the dense twin (``sj.moe_dense``) with the same
   parameter names as the dense dict; ``.to_sparse()`` swaps it for a :class:`SparseMoE`.
 * :class:`SparseMoELinen` (``flax.linen``): router/shared experts in ``"params"``, the
-  encoded arrays in the ``"sparse"`` collection.
+  encoded arrays in the ``"sparse"`` collection (``jax.grad`` w.r.t. its ``*_values``
+  entries works like w.r.t. any SparseWeight's values).
 
 Encoding runs on the host (``sj.sparsify_moe``), so modules that draw random weights must
 be built eagerly: not under ``jax.jit``/``nnx.jit``/``eval_shape``. For an abstract module
@@ -42,13 +53,19 @@ from samoyeds_jax.format import SparseWeight, _check_pattern, encode, validate
 from samoyeds_jax.moe import (
     MoEConfig, _check_dense, _check_sparse, init_dense_moe, moe, moe_dense, sparsify_moe)
 
-__all__ = ["DenseMoE", "SparseMoE", "SparseMoELinen", "SparseParam"]
+__all__ = ["DenseMoE", "SparseMoE", "SparseMoELinen", "SparseParam", "SparseValues"]
 
 _SPARSE_KEYS = layout.SPARSE_EXPERT_KEYS
 
 
 class SparseParam(nnx.Variable):
-    """One array of an encoded (SparseWeight) expert weight; not trainable."""
+    """One array of an encoded expert weight's pattern (sub-row indices, metadata); not
+    trainable."""
+
+
+class SparseValues(nnx.Param):
+    """The kept values of an encoded expert weight: trainable (an ``nnx.Param``) with the
+    pattern fixed."""
 
 
 def _dense_names(cfg: MoEConfig) -> list[str]:
@@ -122,13 +139,16 @@ class SparseMoE(nnx.Module):
       dtype: parameter dtype (bfloat16 or float16).
       params: ready sparse parameters (``sj.sparsify_moe`` output) instead of random ones.
       progress: tqdm progress bar while encoding.
+      param_dtype: dtype of the kept values held by the module (default: the encoded
+        dtype). ``jnp.float32`` keeps float32 master values for training; every call
+        rounds them to the encoded dtype, which the kernels read.
 
     ``__call__(x [..., d_model]) -> [..., d_model]`` in x's dtype.
     """
 
     def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs | None = None, *,
                  dtype: Any = jnp.bfloat16, params: dict | None = None,
-                 progress: bool = False):
+                 progress: bool = False, param_dtype: Any = None):
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         if params is None:
@@ -140,28 +160,37 @@ class SparseMoE(nnx.Module):
             params = sparsify_moe(init_dense_moe(key, cfg, dtype), cfg, progress=progress)
         _check_params(params, cfg)
         self.cfg = cfg
+        # The dtype the kernels read (the module may hold the values in another).
+        self.dtype = jnp.dtype(params[_SPARSE_KEYS[0]].dtype)
         dense, sparse = _split(params, cfg)
         for name, value in dense.items():
             setattr(self, name, nnx.Param(value))
         for name, value in sparse.items():
-            setattr(self, name, SparseParam(value))
+            if name.endswith("_values"):
+                value = value if param_dtype is None else value.astype(param_dtype)
+                setattr(self, name, SparseValues(value))
+            else:
+                setattr(self, name, SparseParam(value))
 
     @classmethod
     def from_dense(cls, dense: "dict | DenseMoE", cfg: MoEConfig | None = None, *,
-                   progress: bool = False) -> "SparseMoE":
-        """Prune and encode dense parameters (a dict or a :class:`DenseMoE`)."""
+                   progress: bool = False, param_dtype: Any = None) -> "SparseMoE":
+        """Prune and encode dense parameters (a dict or a :class:`DenseMoE`; already
+        pruned ones, e.g. from ``sj.calibrate_moe``, keep their pattern)."""
         if isinstance(dense, DenseMoE):
             cfg = dense.cfg if cfg is None else cfg
             dense = dense.params()
         if cfg is None:
             raise ValueError("SparseMoE.from_dense(dict, cfg): cfg is required for a dict")
-        return cls(cfg, params=sparsify_moe(dense, cfg, progress=progress))
+        return cls(cfg, params=sparsify_moe(dense, cfg, progress=progress),
+                   param_dtype=param_dtype)
 
     @classmethod
-    def empty(cls, cfg: MoEConfig, dtype: Any = jnp.bfloat16) -> "SparseMoE":
+    def empty(cls, cfg: MoEConfig, dtype: Any = jnp.bfloat16,
+              param_dtype: Any = None) -> "SparseMoE":
         """A module with zero weights of the right shapes: an orbax restore target (cheap;
         works under ``nnx.eval_shape``)."""
-        return cls(cfg, params=_placeholder_params(cfg, dtype))
+        return cls(cfg, params=_placeholder_params(cfg, dtype), param_dtype=param_dtype)
 
     def validate(self) -> "SparseMoE":
         """Check the encoded weights (:func:`samoyeds_jax.validate`) and return the module.
@@ -178,6 +207,8 @@ class SparseMoE(nnx.Module):
         """The parameter dict of :func:`samoyeds_jax.moe` (SparseWeights rebuilt)."""
         dense = {name: getattr(self, name)[...] for name in _dense_names(self.cfg)}
         sparse = {name: getattr(self, name)[...] for name in _sparse_names()}
+        sparse = {name: a.astype(self.dtype) if name.endswith("_values") else a
+                  for name, a in sparse.items()}
         return _join(dense, sparse, self.cfg)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -212,9 +243,10 @@ class DenseMoE(nnx.Module):
     def params(self) -> dict:
         return {name: getattr(self, name)[...] for name in self._names()}
 
-    def to_sparse(self, progress: bool = False) -> SparseMoE:
+    def to_sparse(self, progress: bool = False, param_dtype: Any = None) -> SparseMoE:
         """This layer pruned and encoded (call eagerly, outside jit)."""
-        return SparseMoE.from_dense(self.params(), self.cfg, progress=progress)
+        return SparseMoE.from_dense(self.params(), self.cfg, progress=progress,
+                                    param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return moe_dense(self.params(), x, self.cfg)

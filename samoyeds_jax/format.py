@@ -319,6 +319,19 @@ def encode(wp: Any, cfg: SparsityConfig) -> SparseWeight:
         *(jnp.asarray(arrays[p].reshape(shapes[p])) for p in SPARSE_PARTS), cfg)
 
 
+def group_positions(metadata: Any) -> tuple[jax.Array, jax.Array]:
+    """The 2:4 positions of the stored values, from ``metadata [..., Mk, K/32]`` (hardware
+    order): ``(first, second)``, each uint32 ``[..., Mk, K/4]`` in ``[0, 4)``. Kept
+    value ``2g + s`` of a kept row sits at column ``4g + (first, second)[s][g]``."""
+    meta = jnp.asarray(metadata)
+    *lead, mk, words = meta.shape
+    canon = swap_metadata(meta)
+    groups = META_COLS_PER_WORD // GROUP_WIDTH
+    shifts = jnp.arange(groups, dtype=jnp.uint32) * META_BITS_PER_GROUP
+    nib = ((canon[..., None] >> shifts) & jnp.uint32(0xF)).reshape(*lead, mk, words * groups)
+    return nib & 3, nib >> 2
+
+
 def decode(sw: SparseWeight) -> jax.Array:
     """The dense weight ``[..., K, M]`` of a SparseWeight (jit-able, differentiable).
 
@@ -337,15 +350,12 @@ def _decode(sw: SparseWeight) -> jax.Array:
     n, v, L = cfg.n, cfg.v, cfg.sub_row
     *lead, k, m = sw.shape
     mk = cfg.kept_rows(m)
-    canon = swap_metadata(jnp.asarray(sw.metadata))
-    groups = META_COLS_PER_WORD // GROUP_WIDTH
-    shifts = jnp.arange(groups, dtype=jnp.uint32) * META_BITS_PER_GROUP
-    nib = ((canon[..., None] >> shifts) & jnp.uint32(0xF)).reshape(*lead, mk, k // GROUP_WIDTH)
+    first, second = group_positions(sw.metadata)
     vals = jnp.asarray(sw.values).reshape(*lead, mk, k // GROUP_WIDTH, KEPT_PER_GROUP)
     slot = jnp.arange(GROUP_WIDTH, dtype=jnp.uint32)
     zero = jnp.zeros((), vals.dtype)
-    rows = jnp.where(slot == (nib & 3)[..., None], vals[..., 0:1], zero)
-    rows = jnp.where(slot == (nib >> 2)[..., None], vals[..., 1:2], rows)
+    rows = jnp.where(slot == first[..., None], vals[..., 0:1], zero)
+    rows = jnp.where(slot == second[..., None], vals[..., 1:2], rows)
     segs = rows.reshape(*lead, m // v, n, k // L, L)
     idx = (jnp.asarray(sw.indices).astype(jnp.int32) % v).reshape(*lead, m // v, n, k // L)
     a5 = jnp.zeros((*lead, m // v, v, k // L, L), vals.dtype)

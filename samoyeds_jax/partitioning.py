@@ -107,7 +107,7 @@ mlir.register_lowering(local_p, _local_lowering if _samoyeds.HAS_CUDA else ops._
 
 local_t_p = Primitive(ops.TARGET + "_transpose_local")
 local_t_p.def_effectful_abstract_eval(ops.ragged_dot_t_p.abstract_eval)
-mlir.register_lowering(local_t_p, mlir.lower_fun(ops._t_dense, multiple_results=False))
+mlir.register_lowering(local_t_p, mlir.lower_fun(ops._t_rows, multiple_results=False))
 
 
 # --- the plan: which mesh axes split which role --------------------------------------------

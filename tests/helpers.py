@@ -47,6 +47,7 @@ import numpy as np
 
 import samoyeds_jax as sj
 from samoyeds_jax import layout
+from samoyeds_jax.format import swap_metadata
 
 BF16, F16 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
 DTYPES = [jnp.bfloat16, jnp.float16]
@@ -166,6 +167,44 @@ def ref_ragged_dot(x: Any, w64: np.ndarray, group_sizes: Any, sel: Any = None,
     out = np.zeros((rows, w64.shape[-1]))
     out[:valid] = got
     return out
+
+
+def kept_positions(sw: sj.SparseWeight) -> tuple[np.ndarray, np.ndarray]:
+    """Where each stored value sits in the dense weight, read from the format's
+    specification (docs/format.md) in numpy, independently of ``sj.decode``: ``(k, m)``,
+    each int64 ``[..., Mk, K/2]``, so that ``decode(sw)[..., k, m] == sw.values``."""
+    cfg = sw.config
+    meta = swap_metadata(np.asarray(sw.metadata))                  # canonical order
+    idx = np.asarray(sw.indices).astype(np.int64)
+    mk, words = meta.shape[-2:]
+    j = np.arange(words * 16)                   # kept value j: word j // 16, slot j % 16
+    pos = (meta[..., j // 16] >> (2 * (j % 16)).astype(np.uint32)) & np.uint32(3)
+    k = (j // 2) * 4 + pos.astype(np.int64)
+    window = j // (cfg.sub_row // 2)
+    m = (np.arange(mk) // cfg.n * cfg.v)[:, None] + idx[..., window]
+    return k, m
+
+
+def ref_dvalues(x: Any, ct: Any, sw: sj.SparseWeight, group_sizes: Any, sel: Any = None
+                ) -> np.ndarray:
+    """The float64 gradient of ``sum(ragged_dot(x, sw, group_sizes, sel) * ct)`` w.r.t.
+    ``sw.values``: ``dW_e = sum_r x[src(r)]^T ct[r]`` over expert e's rows (clipped as the
+    kernels read group sizes; a sel entry outside ``[0, T)`` is a zero row), read at the
+    stored positions (:func:`kept_positions`). ``sw [E, K, M]``; returns ``[E, Mk, K/2]``."""
+    x64, ct64 = f64(x), f64(ct)
+    e_count, k_dim, m_dim = sw.shape
+    rows = ct64.shape[0]
+    dw = np.zeros((e_count, k_dim, m_dim))
+    start = 0
+    for e, g in enumerate(np.asarray(group_sizes).tolist()):
+        size = min(max(g, 0), rows - start)
+        for r in range(start, start + size):
+            t = r if sel is None else int(sel[r])
+            if 0 <= t < x64.shape[0]:
+                dw[e] += np.outer(x64[t], ct64[r])
+        start += size
+    k, m = kept_positions(sw)
+    return np.stack([dw[e][k[e], m[e]] for e in range(e_count)])
 
 
 def act(h: np.ndarray, activation: str) -> np.ndarray:

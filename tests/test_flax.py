@@ -25,7 +25,8 @@ flax = pytest.importorskip("flax")
 from flax import linen as nn  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from samoyeds_jax.flax import DenseMoE, SparseMoE, SparseMoELinen, SparseParam  # noqa: E402
+from samoyeds_jax.flax import (  # noqa: E402
+    DenseMoE, SparseMoE, SparseMoELinen, SparseParam, SparseValues)
 
 D = F = 128
 CFG = sj.MoEConfig(num_experts=4, top_k=2, d_model=D, d_ff=F, router="softmax_topk",
@@ -52,13 +53,14 @@ def test_nnx_init_apply_split_merge_jit(rng, seed):
     y32 = np.asarray(y, np.float32)
     assert np.isfinite(y32).all() and np.abs(y32).sum() > 0
     assert_same(y, sj.moe(model.params(), x, CFG), f"seed={seed}")
-    # Router and shared experts are Params; the encoded arrays are SparseParams.
+    # Router, shared experts and the kept values are Params; the pattern is SparseParams.
     params = nnx.state(model, nnx.Param)
     sparse = nnx.state(model, SparseParam)
     assert set(params.keys()) == {"router", "shared_gate", "shared_up", "shared_down",
-                                  "shared_expert_gate"}
+                                  "shared_expert_gate", "gate_up_values", "down_values"}
+    assert set(nnx.state(model, SparseValues).keys()) == {"gate_up_values", "down_values"}
     assert set(sparse.keys()) == {f"{w}_{p}" for w in ("gate_up", "down")
-                                  for p in ("values", "indices", "metadata")}
+                                  for p in ("indices", "metadata")}
     assert sparse["gate_up_indices"][...].dtype == jnp.uint8
     assert sparse["down_metadata"][...].dtype == jnp.uint32
     # split / merge round trip, then nnx.jit.
@@ -67,10 +69,20 @@ def test_nnx_init_apply_split_merge_jit(rng, seed):
     merged = nnx.merge(graphdef, state)
     assert_same(merged(x), y)
     assert_same(nnx.jit(lambda m, x: m(x))(merged, x), y)
-    # Training the router: grads exist for Params only.
+    # Grads exist for Params only (the kept values with the pattern fixed).
     grads = nnx.grad(lambda m: m(x).astype(jnp.float32).sum())(model)
     assert set(grads.keys()) == set(params.keys())
-    assert np.abs(np.asarray(grads["router"][...], np.float32)).sum() > 0
+    for name in ("router", "gate_up_values", "down_values"):
+        assert np.abs(np.asarray(grads[name][...], np.float32)).sum() > 0, name
+    # The router alone.
+    router_only = nnx.All(nnx.Param, nnx.Not(SparseValues))
+    grads = nnx.grad(lambda m: m(x).astype(jnp.float32).sum(),
+                     argnums=nnx.DiffState(0, router_only))(model)
+    assert "down_values" not in grads.keys() and "router" in grads.keys()
+    # float32 master values: rounded to the encoded dtype in the call.
+    master = SparseMoE(CFG, params=model.params(), param_dtype=jnp.float32)
+    assert master.down_values[...].dtype == jnp.float32
+    assert_same(master(x), y)
 
 
 def test_nnx_from_dense_equals_moe(rng, seed):

@@ -594,7 +594,7 @@ def test_vmap_dot(rng, seed):
     check_out(y.reshape(-1, M), ref.reshape(-1, M), 12, dtype, f"seed={seed}")
 
 
-# --- autodiff (w.r.t. x) ----------------------------------------------------------------
+# --- autodiff (w.r.t. x; w.r.t. the kept values: test_grad.py) -------------------------
 
 @pytest.mark.parametrize("use_sel", [False, True], ids=["nosel", "sel"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -691,27 +691,6 @@ def test_grad_through_dot(rng, seed):
     ref = np.asarray(ct, np.float64) @ dense64(sw).T
     err = rel_err(g, ref)
     assert err <= tol("product_row", dtype), f"seed={seed}: relative error {err:.3g}"
-
-
-def test_grad_wrt_weight_is_a_clear_type_error(rng, seed):
-    dtype = jnp.bfloat16
-    sw = make_sw(rng, sj.SparsityConfig(1, 2, 128), dtype)
-    x = rand(rng, (8, K), dtype)
-    gs = jnp.asarray([2, 2, 2, 2], jnp.int32)
-
-    def loss_values(values):
-        w = sj.SparseWeight(values, sw.indices, sw.metadata, sw.config)
-        return jnp.sum(sj.ragged_dot(x, w, gs).astype(jnp.float32))
-
-    with pytest.raises(TypeError, match="differentiating w.r.t. the sparse weight"):
-        jax.grad(loss_values)(sw.values)
-    with pytest.raises(TypeError, match="differentiating w.r.t. the sparse weight"):
-        jax.grad(lambda s: jnp.sum(sj.ragged_dot(x, s, gs).astype(jnp.float32)),
-                 allow_int=True)(sw)
-    # Stopping the weight's gradient is the documented way out.
-    g = jax.grad(lambda x, v: loss_values(jax.lax.stop_gradient(v)), argnums=(0, 1))(x, sw.values)
-    assert not np.asarray(g[1], np.float64).any()
-    assert np.isfinite(np.asarray(g[0], np.float64)).all()
 
 
 # --- bad inputs: clear Python errors before any kernel runs ----------------------------

@@ -1,0 +1,301 @@
+"""The backward products of the sparse matmul, with the weight's pattern fixed.
+
+Training a pruned model keeps each weight's pattern (sub-row indices, 2:4 metadata) and
+updates its kept values. Besides the forward product, the gradient of ``y =
+ragged_dot(x, sw, group_sizes, sel)`` (``ops.py``'s autodiff rules) needs:
+
+* **dx rows** ``dxr[r] = ct[r] @ W_e(r)^T``, ``[R, K]`` float32 (then summed into the
+  tokens through SEL);
+* **dvalues**, the SDDMM of the pattern: ``dW_e = sum_r x[src(r)]^T ct[r]`` at the stored
+  positions only. Kept value ``j`` of kept row ``kr`` lies in window ``w = j // (L/2)``
+  at column ``k(kr, j) = w*L + 4*(j'//2) + position`` (its 2:4 position from the
+  metadata, ``j' = j mod L/2``) and belongs to output column ``m(kr, w) = (kr // N) * V +
+  indices[kr, w]``; so ``dvalues[e, kr, j] = sum_r ct[r, m(kr, w)] * x[src(r), k(kr,
+  j)]`` over the rows ``r`` of expert ``e``. ``[E, Mk, K/2]`` float32.
+
+Both are primitives with one lowering per platform:
+
+==============================  ==========================  ================================
+primitive                       CPU                         other platforms (CUDA)
+==============================  ==========================  ================================
+``samoyeds_ragged_dot_dx``      C++ handler on the          the decoded weight through
+                                compressed weight           ``jax.lax.ragged_dot``
+                                (``ffi/cpu_backward.cc``)
+``samoyeds_ragged_dot_dvalues`` C++ handler: the SDDMM      :func:`dvalues_xla`: the SDDMM
+                                over the stored positions   in XLA ops (blocks of rows)
+==============================  ==========================  ================================
+
+The CUDA hook: when the compiled module exports a CUDA target of the primitive's name
+(``_samoyeds.cuda_targets()``), the ``cuda`` lowering calls it with the CPU handler's
+signature and attributes; until then CUDA runs the XLA path above, which is correct and
+deterministic but not a sparse kernel (it computes whole kept sub-rows, both 2:4 slots
+and the two others, and dx from a decoded weight).
+
+Routing: both take ``group_sizes`` as the forward kernels read them (:func:`dx_rows`
+and :func:`dvalues` clip them: negative sizes count as 0, ranges end at R), and a
+``sel`` entry outside ``[0, T)`` is a zero row (the CUDA forward's meaning; the CPU
+forward refuses it). Each output element is summed in one fixed order: the same bits on
+every run.
+
+``dvalues`` is bilinear in ``x`` and ``ct``; its JVP, vmap and transpose rules (the
+transposes are the forward product and ``dx``) make higher derivatives and ``vmap`` of
+gradients work.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from samoyeds_jax import _samoyeds
+from samoyeds_jax.format import (
+    GROUP_WIDTH, KEPT_PER_GROUP, SUPPORTED_DTYPES, SparseWeight, SparsityConfig, decode,
+    group_positions)
+from samoyeds_jax.ops import (
+    _AUTO, TARGET, _clip_sizes, _scatter_rows, _shape_str, map_batch, ragged_dot_p,
+    ragged_dot_t_p)
+
+__all__ = ["dvalues", "dvalues_xla", "dx_rows", "dx_xla"]
+
+DX_TARGET = TARGET + "_dx"
+DVALUES_TARGET = TARGET + "_dvalues"
+
+dx_p = Primitive(DX_TARGET)
+dvalues_p = Primitive(DVALUES_TARGET)
+
+# Elements of one temporary of the XLA dvalues path (the windows are processed in chunks).
+_XLA_CHUNK_ELEMS = 1 << 24
+
+
+def _clipped(gs: jax.Array, rows: int) -> jax.Array:
+    """Group sizes as the forward kernels read them: none negative, ranges ending at
+    ``rows``."""
+    start, end = _clip_sizes(gs, rows)
+    return end - start
+
+
+def _attrs(config: SparsityConfig, **more) -> dict:
+    return dict(n=np.int64(config.n), v=np.int64(config.v),
+                sub_row=np.int64(config.sub_row), **{k: np.int64(v) for k, v in more.items()})
+
+
+# --- dx rows ---------------------------------------------------------------------------
+
+def dx_rows(ct: jax.Array, values: jax.Array, indices: jax.Array, metadata: jax.Array,
+            gs: jax.Array, *, config: SparsityConfig) -> jax.Array:
+    """``dxr [R, K]`` float32: ``dxr[r] = ct[r] @ W_e(r)^T`` for the rows of the groups,
+    zero after.
+
+    Args:
+      ct: ``[R, M]`` the output cotangent, the weight's dtype.
+      values, indices, metadata: the stored arrays of ``sw [E, K, M]``.
+      gs: ``[E]`` int32 group sizes (clipped here as the forward kernels read them).
+      config: the weight's pattern.
+    """
+    return dx_p.bind(ct, values, indices, metadata, _clipped(gs, ct.shape[0]), config=config)
+
+
+def dx_xla(ct, values, indices, metadata, gs, *, config: SparsityConfig) -> jax.Array:
+    """:func:`dx_rows` in XLA ops, on every platform: the decoded weight through
+    ``jax.lax.ragged_dot`` (``gs`` already clipped)."""
+    w = decode(SparseWeight.unchecked(values, indices, metadata, config))       # [E, K, M]
+    dxr = jax.lax.ragged_dot(ct, jnp.swapaxes(w, -1, -2), gs,
+                             preferred_element_type=jnp.float32)               # [R, K]
+    valid = jnp.arange(ct.shape[0]) < jnp.sum(gs)
+    return jnp.where(valid[:, None], dxr, 0.0)
+
+
+def _dx_abstract(ct, values, indices, metadata, gs, *, config):
+    if jnp.dtype(ct.dtype) not in SUPPORTED_DTYPES or ct.dtype != values.dtype:
+        raise TypeError(f"dx: ct {_shape_str(ct)} must have the weight's dtype "
+                        f"({jnp.dtype(values.dtype).name})")
+    return jax.core.ShapedArray((ct.shape[0], values.shape[-1] * KEPT_PER_GROUP), jnp.float32)
+
+
+dx_p.def_abstract_eval(_dx_abstract)
+
+
+# --- dvalues ---------------------------------------------------------------------------
+
+def dvalues(x: jax.Array, ct: jax.Array, indices: jax.Array, metadata: jax.Array,
+            sel: jax.Array, gs: jax.Array, *, config: SparsityConfig,
+            has_sel: bool) -> jax.Array:
+    """The gradient of the kept values, ``[E, Mk, K/2]`` float32 (module docstring).
+
+    Args:
+      x: ``[T, K]`` the product's input; ct: ``[R, M]`` its output cotangent (x's dtype).
+      indices, metadata: the stored pattern of ``sw [E, K, M]``.
+      sel: ``[R]`` int32 token of each row (``has_sel``), else empty and ``T == R``.
+      gs: ``[E]`` int32 group sizes (clipped here as the forward kernels read them).
+    """
+    ct = ct.astype(x.dtype)
+    return dvalues_p.bind(x, ct, indices, metadata, sel, _clipped(gs, ct.shape[0]),
+                          config=config, has_sel=has_sel)
+
+
+def _dvalues_abstract(x, ct, indices, metadata, sel, gs, *, config, has_sel):
+    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES or ct.dtype != x.dtype:
+        raise TypeError(f"dvalues: x {_shape_str(x)} and ct {_shape_str(ct)} must be "
+                        f"bfloat16 or float16, the same dtype")
+    e, mk, _ = indices.shape
+    if ct.ndim != 2 or ct.shape[1] != mk // config.n * config.v:
+        raise ValueError(f"dvalues: ct {_shape_str(ct)} must be "
+                         f"[R, M={mk // config.n * config.v}]")
+    if has_sel and sel.shape != (ct.shape[0],):
+        raise ValueError(f"dvalues: sel {_shape_str(sel)} must be [R={ct.shape[0]}]")
+    if not has_sel and x.shape[0] != ct.shape[0]:
+        raise ValueError(f"dvalues: without sel, x {_shape_str(x)} and ct {_shape_str(ct)} "
+                         f"must have the same rows")
+    return jax.core.ShapedArray((e, mk, x.shape[1] // KEPT_PER_GROUP), jnp.float32)
+
+
+def _block_rows(rows: int, experts: int) -> int:
+    """Rows per block of the XLA path: about one expert's share, a power of 2 in [8, 128]."""
+    share = -(-rows // max(experts, 1))
+    return int(min(128, max(8, 1 << max(0, (share - 1).bit_length()))))
+
+
+def dvalues_xla(x, ct, indices, metadata, sel, gs, *, config: SparsityConfig,
+                has_sel: bool) -> jax.Array:
+    """:func:`dvalues` in XLA ops, on every platform (``gs`` already clipped).
+
+    The rows are cut into blocks of B rows inside one expert (at most ``R/B + E``
+    blocks). Per block and K window, the block's x columns of the window ``[B, L]`` meet
+    the cotangent columns its kept sub-rows select, ``[B, Mk]`` (a gather through the
+    block's expert's sub-row indices): a batched matmul gives the kept sub-rows' window
+    ``[L, Mk]``. A 0/1 matrix of block membership sums the blocks of each expert (a
+    matmul: deterministic), and the metadata picks the two stored positions of each 2:4
+    group. Work: the kept sub-rows (N/V of the dense dW), in window chunks of bounded
+    size.
+    """
+    n, v, L = config.n, config.v, config.sub_row
+    e, mk, windows = indices.shape
+    r, t, k = ct.shape[0], x.shape[0], x.shape[1]
+    if min(e, r, t) == 0:
+        return jnp.zeros((e, mk, k // KEPT_PER_GROUP), jnp.float32)
+    b = _block_rows(r, e)
+    nb = (r + e * (b - 1)) // b
+    hi = jax.lax.Precision.HIGHEST
+    # Blocks: expert e owns blocks [bend[e] - ceil(gs[e]/B), bend[e]).
+    blocks = (gs + b - 1) // b
+    bend = jnp.cumsum(blocks)
+    rend = jnp.cumsum(gs)
+    blk = jnp.arange(nb, dtype=jnp.int32)
+    be = jnp.searchsorted(bend, blk, side="right").astype(jnp.int32)      # E: no expert
+    bec = jnp.minimum(be, e - 1)
+    row = ((rend - gs)[bec] + (blk - (bend - blocks)[bec]) * b)[:, None] + jnp.arange(b)
+    ok = (be < e)[:, None] & (row < rend[bec][:, None])                  # [nb, B]
+    src = sel[jnp.where(ok, row, 0)] if has_sel else row
+    ok &= (src >= 0) & (src < t)
+    xb = jnp.where(ok[..., None], x[jnp.where(ok, src, 0)], 0).astype(jnp.float32)
+    cb = jnp.where(ok[..., None], ct[jnp.where(ok, row, 0)], 0).astype(jnp.float32)
+    member = (be[None, :] == jnp.arange(e)[:, None]).astype(jnp.float32)  # [E, nb]
+    first, second = group_positions(metadata)                             # [E, Mk, K/4]
+    pos = jnp.stack([first, second], -1).astype(jnp.int32)
+    pos = pos.reshape(e, mk, windows, L // GROUP_WIDTH, KEPT_PER_GROUP)
+    base = (jnp.arange(mk, dtype=jnp.int32) // n * v)[None, :, None]
+    cols = base + indices[bec].astype(jnp.int32)                          # [nb, Mk, W]
+    # Windows per chunk: a divisor of W keeping the gathered cotangents and the block
+    # products within _XLA_CHUNK_ELEMS.
+    per_window = nb * mk * max(b, L)
+    c = max(1, min(windows, _XLA_CHUNK_ELEMS // max(per_window, 1)))
+    while windows % c:
+        c -= 1
+
+    def chunk(args):
+        xw, colw, posw = args          # [nb, B, c*L], [nb, Mk, c], [E, Mk, c, L/4, 2]
+        cg = jnp.take_along_axis(cb, colw.reshape(nb, 1, mk * c), axis=2)   # [nb, B, Mk*c]
+        cg = cg.reshape(nb, b, mk, c)
+        prod = jnp.einsum("nbjl,nbkj->njlk", xw.reshape(nb, b, c, L), cg, precision=hi,
+                          preferred_element_type=jnp.float32)             # [nb, c, L, Mk]
+        red = jnp.einsum("en,njlk->ekjl", member, prod, precision=hi,
+                         preferred_element_type=jnp.float32)              # [E, Mk, c, L]
+        red = red.reshape(e, mk, c, L // GROUP_WIDTH, GROUP_WIDTH)
+        return jnp.take_along_axis(red, posw, axis=-1).reshape(e, mk, c * L // 2)
+
+    steps = windows // c
+    xs = jnp.moveaxis(xb.reshape(nb, b, steps, c * L), 2, 0)
+    cs = jnp.moveaxis(cols.reshape(nb, mk, steps, c), 2, 0)
+    ps = jnp.moveaxis(pos.reshape(e, mk, steps, c, L // GROUP_WIDTH, KEPT_PER_GROUP), 2, 0)
+    if steps == 1:
+        return chunk((xs[0], cs[0], ps[0]))
+    out = jax.lax.map(chunk, (xs, cs, ps))                               # [steps, E, Mk, .]
+    return jnp.moveaxis(out, 0, 2).reshape(e, mk, k // KEPT_PER_GROUP)
+
+
+dvalues_p.def_abstract_eval(_dvalues_abstract)
+
+
+def _dvalues_jvp(primals, tangents, *, config, has_sel):
+    x, ct = primals[:2]
+    tx, tct = (None if type(t) is ad.Zero else t for t in tangents[:2])
+    out = dvalues_p.bind(*primals, config=config, has_sel=has_sel)
+    parts = []
+    if tx is not None:
+        parts.append(dvalues_p.bind(tx, *primals[1:], config=config, has_sel=has_sel))
+    if tct is not None:
+        parts.append(dvalues_p.bind(x, tct, *primals[2:], config=config, has_sel=has_sel))
+    if not parts:
+        return out, ad.Zero.from_primal_value(out)
+    return out, parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _dvalues_transpose(g, x, ct, indices, metadata, sel, gs, *, config, has_sel):
+    x_lin = ad.is_undefined_primal(x)
+    lin = x if x_lin else ct
+    if type(g) is ad.Zero:
+        zero = ad.Zero(lin.aval)
+        return (zero, None, None, None, None, None) if x_lin else \
+            (None, zero, None, None, None, None)
+    dtype = lin.aval.dtype
+    gv = g.astype(dtype)     # a values-shaped array: the product's weight
+    if x_lin:
+        # sum <g, dvalues(x, ct)> over x: dx[src(r)] += ct[r] @ W(g)_e(r)^T.
+        dxr = ragged_dot_t_p.bind(ct, gv, indices, metadata, gs, config=config)
+        dx = _scatter_rows(dxr, sel, x.aval.shape[0], has_sel)
+        return (dx.astype(dtype), None, None, None, None, None)
+    # ... over ct: dct[r] = x[src(r)] @ W(g)_e(r), the forward product.
+    dct = ragged_dot_p.bind(x, gv, indices, metadata, sel, gs, config=config,
+                            has_sel=has_sel, glu="", kernel=_AUTO)
+    return (None, dct, None, None, None, None)
+
+
+ad.primitive_jvps[dvalues_p] = _dvalues_jvp
+ad.primitive_transposes[dvalues_p] = _dvalues_transpose
+batching.primitive_batchers[dvalues_p] = map_batch(dvalues_p)
+
+
+# --- eager calls and lowerings ----------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _jitted(prim: Primitive, params: tuple):
+    return jax.jit(lambda *a: prim.bind(*a, **dict(params)))
+
+
+for _prim in (dx_p, dvalues_p):
+    # An eager call compiles the one-primitive computation (shape rule and lowering).
+    _prim.def_impl(lambda *a, _p=_prim, **params: _jitted(_p, tuple(sorted(params.items())))(*a))
+
+
+def _platform_lowerings(prim: Primitive, target: str, xla_fn, attr_names: tuple[str, ...]):
+    """CPU: the C++ handler; CUDA: the CUDA handler when the module has one (the hook),
+    else ``xla_fn``; any other platform: ``xla_fn``."""
+    def ffi_lowering(ctx, *args, config, **params):
+        return jax.ffi.ffi_lowering(target)(ctx, *args,
+                                            **_attrs(config, **{a: params[a] for a in attr_names}))
+
+    xla = mlir.lower_fun(xla_fn, multiple_results=False)
+    mlir.register_lowering(prim, xla)
+    if target in _samoyeds.cpu_targets():
+        mlir.register_lowering(prim, ffi_lowering, platform="cpu")
+    mlir.register_lowering(prim, ffi_lowering if target in _samoyeds.cuda_targets() else xla,
+                           platform="cuda")
+
+
+_platform_lowerings(dx_p, DX_TARGET, dx_xla, ())
+_platform_lowerings(dvalues_p, DVALUES_TARGET, dvalues_xla, ("has_sel",))
