@@ -60,7 +60,7 @@ from samoyeds_jax.ops import (
     _AUTO, TARGET, _clip_sizes, _scatter_rows, _shape_str, map_batch, ragged_dot_p,
     ragged_dot_t_p)
 
-__all__ = ["dvalues", "dvalues_xla", "dx_rows", "dx_xla"]
+__all__ = ["block_rows", "dvalues", "dvalues_xla", "dx_rows", "dx_xla", "expert_blocks"]
 
 DX_TARGET = TARGET + "_dx"
 DVALUES_TARGET = TARGET + "_dvalues"
@@ -154,10 +154,40 @@ def _dvalues_abstract(x, ct, indices, metadata, sel, gs, *, config, has_sel):
     return jax.core.ShapedArray((e, mk, x.shape[1] // KEPT_PER_GROUP), jnp.float32)
 
 
-def _block_rows(rows: int, experts: int) -> int:
-    """Rows per block of the XLA path: about one expert's share, a power of 2 in [8, 128]."""
+def block_rows(rows: int, experts: int) -> int:
+    """Rows per block of :func:`expert_blocks` for ``rows`` rows over ``experts``: about
+    one expert's share, a power of 2 in [8, 128]."""
     share = -(-rows // max(experts, 1))
     return int(min(128, max(8, 1 << max(0, (share - 1).bit_length()))))
+
+
+def expert_blocks(gs: jax.Array, rows: int, block: int
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The rows of the groups cut into blocks of ``block`` rows, each inside one expert's
+    rows (static shapes: at most ``(rows + E * (block - 1)) // block`` blocks), for XLA
+    formulations of grouped products that need neither a ragged op nor E times the work.
+
+    Args:
+      gs: ``[E]`` int32 group sizes, non-negative with ``sum(gs) <= rows`` (clipped).
+      rows: R, the rows of the grouped operand.
+      block: rows per block.
+    Returns:
+      ``expert [nb]`` int32 (the block's expert, clipped to ``E - 1`` for unused blocks),
+      ``row [nb, block]`` int32 (the operand row of each slot, 0 where unused) and
+      ``valid [nb, block]`` bool.
+    """
+    e = gs.shape[0]
+    nb = max(1, (rows + e * (block - 1)) // block)
+    blocks = (gs + block - 1) // block
+    bend = jnp.cumsum(blocks)
+    rend = jnp.cumsum(gs)
+    blk = jnp.arange(nb, dtype=jnp.int32)
+    be = jnp.searchsorted(bend, blk, side="right").astype(jnp.int32)      # E: unused
+    bec = jnp.minimum(be, e - 1)
+    row = ((rend - gs)[bec] + (blk - (bend - blocks)[bec]) * block)[:, None] + jnp.arange(
+        block, dtype=jnp.int32)
+    valid = (be < e)[:, None] & (row < rend[bec][:, None])
+    return bec, jnp.where(valid, row, 0), valid
 
 
 def dvalues_xla(x, ct, indices, metadata, sel, gs, *, config: SparsityConfig,
@@ -178,23 +208,16 @@ def dvalues_xla(x, ct, indices, metadata, sel, gs, *, config: SparsityConfig,
     r, t, k = ct.shape[0], x.shape[0], x.shape[1]
     if min(e, r, t) == 0:
         return jnp.zeros((e, mk, k // KEPT_PER_GROUP), jnp.float32)
-    b = _block_rows(r, e)
-    nb = (r + e * (b - 1)) // b
+    b = block_rows(r, e)
+    bec, row, ok = expert_blocks(gs, r, b)                                 # [nb], [nb, B]
+    nb = bec.shape[0]
     hi = jax.lax.Precision.HIGHEST
-    # Blocks: expert e owns blocks [bend[e] - ceil(gs[e]/B), bend[e]).
-    blocks = (gs + b - 1) // b
-    bend = jnp.cumsum(blocks)
-    rend = jnp.cumsum(gs)
-    blk = jnp.arange(nb, dtype=jnp.int32)
-    be = jnp.searchsorted(bend, blk, side="right").astype(jnp.int32)      # E: no expert
-    bec = jnp.minimum(be, e - 1)
-    row = ((rend - gs)[bec] + (blk - (bend - blocks)[bec]) * b)[:, None] + jnp.arange(b)
-    ok = (be < e)[:, None] & (row < rend[bec][:, None])                  # [nb, B]
-    src = sel[jnp.where(ok, row, 0)] if has_sel else row
+    src = sel[row] if has_sel else row
     ok &= (src >= 0) & (src < t)
     xb = jnp.where(ok[..., None], x[jnp.where(ok, src, 0)], 0).astype(jnp.float32)
-    cb = jnp.where(ok[..., None], ct[jnp.where(ok, row, 0)], 0).astype(jnp.float32)
-    member = (be[None, :] == jnp.arange(e)[:, None]).astype(jnp.float32)  # [E, nb]
+    cb = jnp.where(ok[..., None], ct[row], 0).astype(jnp.float32)
+    # Block membership (a block with no valid row adds zeros wherever it is counted).
+    member = (bec[None, :] == jnp.arange(e)[:, None]).astype(jnp.float32)  # [E, nb]
     first, second = group_positions(metadata)                             # [E, Mk, K/4]
     pos = jnp.stack([first, second], -1).astype(jnp.int32)
     pos = pos.reshape(e, mk, windows, L // GROUP_WIDTH, KEPT_PER_GROUP)

@@ -272,3 +272,29 @@ def test_bench_kernel_cpu_mode(tmp_path):
     assert {(r["case"], r["baseline"]) for r in data["speedup"]} == {
         ("single", "xla_dense_dot"), ("grouped", "xla_ragged_dot"),
         ("grouped", "xla_batched_einsum")}
+
+
+def test_bench_quality_smoke(tmp_path):
+    """The quality benchmark end to end at its smoke size (one pattern): pretraining, both
+    pruners, the sparse fine-tune through the backward primitives, the JSON and the table.
+    In a subprocess, as its flags share their names with _stack's."""
+    out = tmp_path / "quality.json"
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "bench_quality.py"), "--size=smoke",
+           "--layers=1", "--steps=10", "--eval_tokens=512", f"--json_out={out}"]
+    if HAVE_MPL:
+        cmd.append(f"--plot={tmp_path / 'quality.png'}")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    variants = [(r["variant"], r["nv"]) for r in data["rows"]]
+    assert variants == [("dense_f32", ""), ("dense", ""), ("magnitude", "1:2"),
+                        ("magnitude+recovery", "1:2"), ("calibrated", "1:2"),
+                        ("calibrated+recovery", "1:2")]
+    for r in data["rows"]:
+        assert 1 < r["ppl"] < 256, r                   # better than uniform over bytes
+    assert data["rows"][3]["recover_steps"] == 1       # 10 % of 10 steps
+    assert set(data["bars"]) == {"1:2"}
+    assert data["corpus"]["held_out_modules"] and data["corpus"]["train_bytes"] > 1e6
+    assert "| magnitude | 1:2 | 0.250 |" in res.stdout
+    if HAVE_MPL:
+        assert (tmp_path / "quality.png").read_bytes()[:8] == PNG_MAGIC
