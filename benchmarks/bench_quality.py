@@ -24,7 +24,9 @@ Reported, as held-out perplexity per byte:
 * ``... +recovery``: each pruned model after ``--recover_frac`` of the pretraining steps
   of sparse fine-tuning with the pattern fixed (``samoyeds_jax.flax.SparseMoE`` with
   trainable kept values, float32 master copies; every other weight trained too), by
-  self-distillation: the KL divergence to the dense model's next-byte distribution.
+  self-distillation: the KL divergence to the dense model's next-byte distribution;
+* ``dense+continued``, the control: the dense model trained as many more steps at the
+  same learning rate (what the extra steps alone are worth).
 
 The dense model's experts run through ``sj.backward.expert_blocks`` (blocks of rows
 inside one expert, batched matmuls): on the CPU ``jax.lax.ragged_dot`` would multiply
@@ -477,6 +479,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     _report.require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     fig = Figure(figsize=(7.5, 4.8), dpi=120)
     FigureCanvasAgg(fig)
@@ -491,11 +494,18 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                    float("nan")) for nv in patterns]
         ax.bar(np.arange(len(patterns)) + (i - 1.5) * width, ys, width, label=var)
     ax.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:.2f})")
+    cont = next((r["ppl"] for r in rows if r["variant"] == "dense+continued"), None)
+    if cont is not None:
+        ax.axhline(cont, color="gray", linestyle=":",
+                   label=f"dense + as many steps ({cont:.2f})")
     ax.set_xticks(np.arange(len(patterns)),
                   [f"{nv} + 2:4\n(density {next(r['density'] for r in rows if r['nv'] == nv):.3g})"
                    for nv in patterns])
-    ax.set_ylabel("held-out perplexity per byte")
-    ax.set_ylim(bottom=min(r["ppl"] for r in rows) * 0.95)
+    ax.set_ylabel("held-out perplexity per byte (log scale)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_ylim(bottom=min(r["ppl"] for r in rows) * 0.9)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -515,9 +525,10 @@ def report(data: dict) -> None:
     if FLAGS.plot:
         s = data["size"]
         plot(data["rows"], FLAGS.plot,
-             f"byte-level MoE LM on the Python stdlib: {s['layers']} layers, d={s['d_model']}, "
-             f"{s['experts']} experts top-{data['top_k']}, {s['steps']} steps; "
-             f"L={data['sub_row']}, {data['device']}")
+             f"byte-level MoE LM, Python stdlib: {s['layers']} layers, d={s['d_model']}, "
+             f"{s['experts']} experts top-{data['top_k']}, {s['steps']} steps "
+             f"(+{data['recover_frac']:.0%} recovery), L={data['sub_row']}\n"
+             f"{data['device']}, {data['date']}")
         print(f"wrote {FLAGS.plot}")
 
 
@@ -574,6 +585,13 @@ def main(argv):
         blk.moe.dtype = jnp.dtype(jnp.bfloat16)
     record("dense", "", dense_bf16)
     recover_steps = max(1, int(round(FLAGS.recover_frac * size.steps)))
+    recover_lr = size.lr * FLAGS.recover_lr_scale
+    # The control: the dense model trained as many more steps (cross-entropy, the
+    # recovery's learning rate), i.e. what the extra steps alone give.
+    control = nnx.clone(dense)
+    run.pretrain(control, recover_steps, recover_lr)
+    record("dense+continued", "", control)
+    del control
     calib = [next(batches) for _ in range(size.calib_batches)]
     for nv, cfg in cfgs.items():
         for method in ("magnitude", "calibrated"):
@@ -582,7 +600,7 @@ def main(argv):
             model = sparse_model(dense, pruned, cfg)
             record(method, nv, model)
             t1 = time.perf_counter()
-            fl = run.distill(model, dense, recover_steps, size.lr * FLAGS.recover_lr_scale)
+            fl = run.distill(model, dense, recover_steps, recover_lr)
             record(method + "+recovery", nv, model,
                    dict(recover_steps=recover_steps, recover_seconds=time.perf_counter() - t1,
                         kl_start=fl[0], kl_end=float(np.mean(fl[-min(10, len(fl)):]))))

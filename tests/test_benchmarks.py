@@ -287,12 +287,13 @@ def test_bench_quality_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
     variants = [(r["variant"], r["nv"]) for r in data["rows"]]
-    assert variants == [("dense_f32", ""), ("dense", ""), ("magnitude", "1:2"),
+    assert variants == [("dense_f32", ""), ("dense", ""), ("dense+continued", ""),
+                        ("magnitude", "1:2"),
                         ("magnitude+recovery", "1:2"), ("calibrated", "1:2"),
                         ("calibrated+recovery", "1:2")]
     for r in data["rows"]:
         assert 1 < r["ppl"] < 256, r                   # better than uniform over bytes
-    assert data["rows"][3]["recover_steps"] == 1       # 10 % of 10 steps
+    assert data["rows"][4]["recover_steps"] == 1       # 10 % of 10 steps
     assert set(data["bars"]) == {"1:2"}
     assert data["corpus"]["held_out_modules"] and data["corpus"]["train_bytes"] > 1e6
     assert "| magnitude | 1:2 | 0.250 |" in res.stdout

@@ -13,6 +13,7 @@ values went through two roundings (the cotangent into the dtype, then the result
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -356,6 +357,83 @@ def test_backward_refuses_bad_shapes():
     with pytest.raises(TypeError, match="dx: ct float32"):
         backward.dx_rows(jnp.ones((4, 32), jnp.float32), sw.values, sw.indices, sw.metadata,
                          gs, config=cfg)
+
+
+def _backward_buffers(rng):
+    """Consistent buffers of both backward FFI targets (E=2, K=64, M=32, 1:2, L=32)."""
+    cfg = sj.SparsityConfig(1, 2, 32)
+    sw = sparse_weight(rng, cfg, jnp.bfloat16, (2, 64, 32))
+    rows, tokens = 10, 7
+    return dict(
+        x=rand(rng, (tokens, 64), jnp.bfloat16), ct=rand(rng, (rows, 32), jnp.bfloat16),
+        values=sw.values, indices=sw.indices, metadata=sw.metadata,
+        sel=jnp.asarray(rng.integers(0, tokens, rows), jnp.int32),
+        gs=jnp.asarray([4, 5], jnp.int32), n=1, v=2, sub_row=32, has_sel=1,
+        dx_out=jax.ShapeDtypeStruct((rows, 64), jnp.float32),
+        dv_out=jax.ShapeDtypeStruct((2, 16, 32), jnp.float32)), sw
+
+
+def _call_dx(b):
+    f = jax.ffi.ffi_call(backward.DX_TARGET, b["dx_out"])
+    return jax.block_until_ready(f(b["ct"], b["values"], b["indices"], b["metadata"], b["gs"],
+                                   n=np.int64(b["n"]), v=np.int64(b["v"]),
+                                   sub_row=np.int64(b["sub_row"])))
+
+
+def _call_dvalues(b):
+    f = jax.ffi.ffi_call(backward.DVALUES_TARGET, b["dv_out"])
+    return jax.block_until_ready(f(b["x"], b["ct"], b["indices"], b["metadata"], b["sel"],
+                                   b["gs"], n=np.int64(b["n"]), v=np.int64(b["v"]),
+                                   sub_row=np.int64(b["sub_row"]),
+                                   has_sel=np.int64(b["has_sel"])))
+
+
+BACKWARD_REFUSALS = {
+    "config": (dict(v=3), "unsupported config n=1 v=3 sub_row=32", "both"),
+    "ct_columns": (dict(ct=jnp.ones((10, 16), jnp.bfloat16)),
+                   "ct must be [R, M] with M=32, got [10, 16]", "both"),
+    "dtype_mix": (dict(ct=jnp.ones((10, 32), jnp.float16)), "must both be bfloat16 or both "
+                  "float16", "both"),
+    "metadata_shape": (dict(metadata=jnp.zeros((2, 16, 1), jnp.uint32)),
+                       "metadata must be [E, Mk, K/32] = [2, 16, 2], got [2, 16, 1]", "both"),
+    "negative_size": (dict(gs=jnp.asarray([-1, 5], jnp.int32)),
+                      "group_sizes[0] is negative", "both"),
+    "sizes_past_rows": (dict(gs=jnp.asarray([6, 5], jnp.int32)),
+                        "sum(group_sizes)=11 exceeds the R=10 rows", "both"),
+    "index_ge_v": (dict(indices=None), "is not below V=2", "both"),
+    "dx_out": (dict(dx_out=jax.ShapeDtypeStruct((10, 32), jnp.float32)),
+               "out must be float32 [R, K], got [10, 32]", "dx"),
+    "sel_rows": (dict(sel=jnp.zeros((9,), jnp.int32)), "sel must be [R] = [10], got [9]",
+                 "dvalues"),
+    "dv_out": (dict(dv_out=jax.ShapeDtypeStruct((2, 16, 16), jnp.float32)),
+               "out must be float32 [E, Mk, K/2], got [2, 16, 16]", "dvalues"),
+}
+
+
+@pytest.mark.parametrize("case", list(BACKWARD_REFUSALS))
+def test_backward_handlers_refuse_inconsistent_buffers(case, rng, seed):
+    """The CPU handlers called directly (bypassing the shape rules): INVALID_ARGUMENT
+    naming the buffer, never a read out of bounds; consistent buffers give the library's
+    result."""
+    b, sw = _backward_buffers(rng)
+    cfg = sw.config
+    dx = _call_dx(b)
+    want = backward.dx_xla(b["ct"], sw.values, sw.indices, sw.metadata, b["gs"], config=cfg)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(want), rtol=1e-5, atol=1e-5)
+    dv = _call_dvalues(b)
+    np.testing.assert_allclose(np.asarray(dv), ref_dvalues(b["x"], b["ct"], sw, b["gs"], b["sel"]),
+                               rtol=1e-5, atol=1e-5)
+    change, words, which = BACKWARD_REFUSALS[case]
+    if "indices" in change:
+        change = dict(indices=sw.indices.at[1, 3, 0].set(2))
+    b.update(change)
+    for name, fn in (("dx", _call_dx), ("dvalues", _call_dvalues)):
+        if which not in ("both", name):
+            continue
+        with pytest.raises((jax.errors.JaxRuntimeError, ValueError),
+                           match=re.escape(words)) as info:
+            fn(b)
+        assert "INVALID_ARGUMENT" in str(info.value), f"seed={seed} {name}"
 
 
 # --- training the nnx module ---------------------------------------------------------------
