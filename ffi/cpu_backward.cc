@@ -92,18 +92,25 @@ ffi::Error CheckWeight(const char* op, int64_t n, int64_t v, int64_t sub_row, in
   return ffi::Error::Success();
 }
 
-// Row offsets of the experts: the sizes must be the clipped ones (none negative, sum <= R).
-ffi::Error GroupOffsets(const char* op, const int32_t* gs, int64_t experts, int64_t rows,
-                        std::vector<int64_t>& offset) {
-  offset.assign(experts + 1, 0);
-  for (int64_t e = 0; e < experts; ++e) {
+// The stored pattern of the experts that own rows (problem.h's rule, as the forward
+// checks it), and the experts' row offsets: the sizes must be the clipped ones (none
+// negative, sum <= R).
+ffi::Error CheckGroups(const char* op, const ffi::Buffer<ffi::U8>& indices,
+                       const ffi::Buffer<ffi::U32>& metadata,
+                       const ffi::Buffer<ffi::S32>& group_sizes, const Problem& p,
+                       std::vector<int64_t>& offset) {
+  if (ffi::Error err = CheckPattern(indices, metadata, group_sizes, p); err.failure())
+    return err;
+  const int32_t* gs = group_sizes.typed_data();
+  offset.assign(p.experts + 1, 0);
+  for (int64_t e = 0; e < p.experts; ++e) {
     if (gs[e] < 0)
       return BadBackward(op, "group_sizes[" + std::to_string(e) + "] is negative");
     offset[e + 1] = offset[e] + gs[e];
   }
-  if (offset[experts] > rows)
-    return BadBackward(op, "sum(group_sizes)=" + std::to_string(offset[experts]) +
-                               " exceeds the R=" + std::to_string(rows) + " rows");
+  if (offset[p.experts] > p.rows)
+    return BadBackward(op, "sum(group_sizes)=" + std::to_string(offset[p.experts]) +
+                               " exceeds the R=" + std::to_string(p.rows) + " rows");
   return ffi::Error::Success();
 }
 
@@ -198,11 +205,9 @@ ffi::Error DxCpu(ffi::ThreadPool pool, ffi::AnyBuffer ct, ffi::AnyBuffer values,
   const auto od = out->dimensions();
   if (od.size() != 2 || od[0] != p.rows || od[1] != p.k)
     return BadBackward(op, "out must be float32 [R, K], got " + Dims(od));
-  if (ffi::Error err = CheckPattern(indices, metadata, group_sizes, p); err.failure())
-    return err;
   try {
     std::vector<int64_t> offset;
-    if (ffi::Error err = GroupOffsets(op, group_sizes.typed_data(), p.experts, p.rows, offset);
+    if (ffi::Error err = CheckGroups(op, indices, metadata, group_sizes, p, offset);
         err.failure())
       return err;
     float* o = out->typed_data();
@@ -335,11 +340,9 @@ ffi::Error DvaluesCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer ct,
   const auto od = out->dimensions();
   if (od.size() != 3 || od[0] != p.experts || od[1] != p.kept_rows || od[2] != p.k / 2)
     return BadBackward(op, "out must be float32 [E, Mk, K/2], got " + Dims(od));
-  if (ffi::Error err = CheckPattern(indices, metadata, group_sizes, p); err.failure())
-    return err;
   try {
     std::vector<int64_t> offset;
-    if (ffi::Error err = GroupOffsets(op, group_sizes.typed_data(), p.experts, p.rows, offset);
+    if (ffi::Error err = CheckGroups(op, indices, metadata, group_sizes, p, offset);
         err.failure())
       return err;
     float* o = out->typed_data();
@@ -381,16 +384,22 @@ ffi::Error DvaluesCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer ct,
   return ffi::Error::Success();
 }
 
+// The operands both targets start with: the thread pool, two 16-bit arrays (dx: ct and
+// values; dvalues: x and ct), the sub-row indices and the metadata.
+auto BindBackward() {
+  return xla::ffi::Ffi::Bind()
+      .Ctx<xla::ffi::ThreadPool>()
+      .Arg<xla::ffi::AnyBuffer>()
+      .Arg<xla::ffi::AnyBuffer>()
+      .Arg<xla::ffi::Buffer<xla::ffi::U8>>()
+      .Arg<xla::ffi::Buffer<xla::ffi::U32>>();
+}
+
 }  // namespace
 }  // namespace samoyeds
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SamoyedsRaggedDotDxCpu, samoyeds::DxCpu,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::AnyBuffer>()            // ct
-                                  .Arg<xla::ffi::AnyBuffer>()            // values
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()   // indices
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()  // metadata
+                              samoyeds::BindBackward()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // group_sizes
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("v")
@@ -398,12 +407,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SamoyedsRaggedDotDxCpu, samoyeds::DxCpu,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SamoyedsRaggedDotDvaluesCpu, samoyeds::DvaluesCpu,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::AnyBuffer>()            // x
-                                  .Arg<xla::ffi::AnyBuffer>()            // ct
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()   // indices
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()  // metadata
+                              samoyeds::BindBackward()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // sel
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // group_sizes
                                   .Attr<int64_t>("n")

@@ -169,6 +169,21 @@ def ref_ragged_dot(x: Any, w64: np.ndarray, group_sizes: Any, sel: Any = None,
     return out
 
 
+def routed_rows(group_sizes: Any, rows: int, sel: Any = None, tokens: int | None = None):
+    """The ``(expert, row, token)`` of every row a call reads, for any routing, as the
+    CUDA kernels read it (docs/bad_inputs.md): a negative size counts as 0, each range is
+    clipped to the rows left, and a sel entry outside ``[0, tokens)`` is a zero row (left
+    out)."""
+    start = 0
+    for e, g in enumerate(np.asarray(group_sizes).tolist()):
+        size = min(max(g, 0), rows - start)
+        for r in range(start, start + size):
+            t = r if sel is None else int(sel[r])
+            if tokens is None or 0 <= t < tokens:
+                yield e, r, t
+        start += size
+
+
 def kept_positions(sw: sj.SparseWeight) -> tuple[np.ndarray, np.ndarray]:
     """Where each stored value sits in the dense weight, read from the format's
     specification (docs/format.md) in numpy, independently of ``sj.decode``: ``(k, m)``,
@@ -193,16 +208,9 @@ def ref_dvalues(x: Any, ct: Any, sw: sj.SparseWeight, group_sizes: Any, sel: Any
     stored positions (:func:`kept_positions`). ``sw [E, K, M]``; returns ``[E, Mk, K/2]``."""
     x64, ct64 = f64(x), f64(ct)
     e_count, k_dim, m_dim = sw.shape
-    rows = ct64.shape[0]
     dw = np.zeros((e_count, k_dim, m_dim))
-    start = 0
-    for e, g in enumerate(np.asarray(group_sizes).tolist()):
-        size = min(max(g, 0), rows - start)
-        for r in range(start, start + size):
-            t = r if sel is None else int(sel[r])
-            if 0 <= t < x64.shape[0]:
-                dw[e] += np.outer(x64[t], ct64[r])
-        start += size
+    for e, r, t in routed_rows(group_sizes, ct64.shape[0], sel, x64.shape[0]):
+        dw[e] += np.outer(x64[t], ct64[r])
     k, m = kept_positions(sw)
     return np.stack([dw[e][k[e], m[e]] for e in range(e_count)])
 

@@ -23,7 +23,7 @@ import pytest
 import samoyeds_jax as sj
 from helpers import (
     DTYPES, act, dense_layer, f64, kept_positions, rand, ref_dvalues, ref_ragged_dot,
-    rel_err, sparse_weight, tol)
+    rel_err, routed_rows, sparse_weight, tol)
 from samoyeds_jax import backward
 
 E, K, M = 4, 256, 128
@@ -110,12 +110,10 @@ def test_grad_wrt_values_and_x(cfg, dtype, use_sel, rng, seed):
 
 
 def ref_dx(ct, w64, gs, sel, tokens):
+    """float64 d/dx of sum(ragged_dot(x, W, gs, sel) * ct)."""
     dx = np.zeros((tokens, w64.shape[1]))
-    start = 0
-    for e, g in enumerate(np.asarray(gs).tolist()):
-        for r in range(start, start + g):
-            dx[r if sel is None else int(sel[r])] += w64[e] @ f64(ct[r])
-        start += g
+    for e, r, t in routed_rows(gs, len(ct), sel, tokens):
+        dx[t] += w64[e] @ f64(ct[r])
     return dx
 
 
@@ -221,6 +219,29 @@ def test_grad_through_the_layer(rng, seed):
         assert g[key].indices.dtype == jax.dtypes.float0
     check_grad(g["router"], np.asarray(gd["router"]), jnp.bfloat16, "grad", f"{msg} router")
     check_grad(gx, np.asarray(gxd), jnp.bfloat16, "grad", f"{msg} x")
+
+
+def test_grad_through_the_layer_on_a_mesh(rng, seed):
+    """jax.jit(jax.grad) of the layer on placed parameters (data x expert x tensor mesh of
+    8 CPU devices): the same values' gradients as on one device, bit for bit (the CPU
+    dvalues handler has no partitioning rule: it runs whole on every device)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if len(jax.devices("cpu")) < 8:
+        pytest.skip("needs 8 CPU devices (tests/conftest.py sets them)")
+    cfg, sparse = _layer_case(rng)
+    x = rand(rng, (32, cfg.d_model), jnp.bfloat16)
+    ct = rng.standard_normal((32, cfg.d_model)).astype(np.float32)
+    loss = lambda p, x: jnp.sum(sj.moe(p, x, cfg).astype(jnp.float32) * ct)
+    grad = jax.jit(jax.grad(loss, allow_int=True))
+    want = grad(sparse, x)
+    mesh = Mesh(np.array(jax.devices("cpu")[:8]).reshape(2, 2, 2), ("data", "expert", "model"))
+    placed = sj.shard_params(sparse, mesh, expert_axis="expert", tensor_axis="model")
+    got = grad(placed, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    for key in ("gate_up", "down"):
+        np.testing.assert_array_equal(
+            np.asarray(got[key].values).reshape(want[key].values.shape),
+            np.asarray(want[key].values), err_msg=f"seed={seed} {key}")
 
 
 # --- jit, vmap, higher derivatives -----------------------------------------------------

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import samoyeds_jax as sj
-from helpers import DTYPES, f64, rand, ref_glu, ref_ragged_dot, rel_err, sparse_weight, tol
+from helpers import (
+    DTYPES, f64, rand, ref_glu, ref_ragged_dot, rel_err, routed_rows, sparse_weight, tol)
 
 ALL_CONFIGS = [sj.SparsityConfig(n, v, L) for (n, v) in [(1, 1), (1, 2), (1, 4), (2, 4)]
                for L in (32, 64, 128)]
@@ -404,14 +405,8 @@ def cuda_meaning(x, w64, gs, sel, rows):
     a zero row. float64 ``[rows, M]``."""
     x64 = f64(x)
     out = np.zeros((rows, w64.shape[-1]))
-    start = 0
-    for e, g in enumerate(np.asarray(gs).tolist()):
-        size = min(max(g, 0), rows - start)
-        for r in range(start, start + size):
-            t = r if sel is None else int(sel[r])
-            if 0 <= t < x64.shape[0]:
-                out[r] = x64[t] @ w64[e]
-        start += size
+    for e, r, t in routed_rows(gs, rows, sel, x64.shape[0]):
+        out[r] = x64[t] @ w64[e]
     return out
 
 
