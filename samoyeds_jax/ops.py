@@ -1,10 +1,11 @@
 """The sparse matmul primitive: shape rules, per-platform lowering, vmap and autodiff.
 
-One primitive, ``samoyeds_ragged_dot``, backs :func:`dot` and :func:`ragged_dot`. It is
-the only place that knows about platforms: ``cpu`` lowers to the C++ handler, ``cuda``
-to the CUDA handler (both XLA FFI custom calls from the ``_samoyeds`` module). Under jit
-the lowering goes through the partitioning rule beside it
-(:mod:`samoyeds_jax.partitioning`): one such call per device on sharded operands.
+One primitive, ``samoyeds_ragged_dot``, backs :func:`dot` and :func:`ragged_dot`: ``cpu``
+lowers to the C++ handler, ``cuda`` to the CUDA handler (both XLA FFI custom calls from
+the ``_samoyeds`` module). Under jit the lowering goes through the partitioning rule
+beside it (:mod:`samoyeds_jax.partitioning`): one such call per device on sharded
+operands. Its gradients (w.r.t. x and the kept values) bind the backward primitives of
+:mod:`samoyeds_jax.backward`, which have per-platform lowerings of their own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from samoyeds_jax import _samoyeds
 from samoyeds_jax._util import inverse_permutation
 from samoyeds_jax.format import (
     INDICES_DTYPE, KEPT_PER_GROUP, METADATA_DTYPE, SUPPORTED_DTYPES, SparseWeight,
-    SparsityConfig, decode)
+    SparsityConfig)
 
 TARGET = "samoyeds_ragged_dot"
 # The kernels' sizes, offsets and routing entries are int32.
@@ -526,7 +527,8 @@ def ragged_dot(x: jax.Array, sw: SparseWeight, group_sizes: jax.Array,
         rounded once; F must be a multiple of the config's ``m_multiple``.
     Returns:
       ``[R, M]`` (``[R, M/2]`` with ``glu``) in x's dtype, rows in SEL order; rows at or
-      past ``sum(group_sizes)`` are zero. Accumulation is float32.
+      past ``sum(group_sizes)`` are zero. Accumulation is float32. Differentiable w.r.t.
+      ``x`` and ``sw.values`` (the pattern, ``sw.indices`` and ``sw.metadata``, is fixed).
     """
     _check_sw(sw, expert_axis=True, glu=glu)
     x = jnp.asarray(x)
