@@ -68,10 +68,23 @@ build() {
 
 tests() {
   build
-  step "gpu tests (pytest -m gpu)"
-  (cd /tmp && timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -m gpu "$REPO/tests" --rootdir="$REPO" \
-    -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1) | quiet | tee -a "$OUT/pytest_gpu.log" | tail -15
-  grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -1 | sed 's/^/gpu tests: /' >> "$OUT/summary.txt"
+  # TEST_SHARDS pytest processes share the GPU (the references and compiles are CPU work).
+  local n=${TEST_SHARDS:-4} pids=() i
+  step "gpu tests (pytest -m gpu, $n processes)"
+  for ((i = 0; i < n; i++)); do
+    (cd /tmp && SAMOYEDS_TEST_SHARD=$i/$n XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -m gpu "$REPO/tests" --rootdir="$REPO" \
+      -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1) | quiet > "$OUT/pytest_gpu_$i.log" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  for ((i = 0; i < n; i++)); do
+    cat "$OUT/pytest_gpu_$i.log" >> "$OUT/pytest_gpu.log"
+    grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu_$i.log" | head -20
+    grep -E "passed|failed|error|no tests ran" "$OUT/pytest_gpu_$i.log" | tail -1 | sed "s/^/gpu tests shard $i: /" \
+      | tee -a "$OUT/summary.txt"
+    rm -f "$OUT/pytest_gpu_$i.log"
+  done
 }
 
 # One summary line per sanitizer run; a run cut off by its timeout (exit 124) names the
@@ -89,7 +102,7 @@ sanitize() {
   # Racecheck of the setmaxnreg kernels runs a build without setmaxnreg (racecheck stalls
   # at random cases when warps reallocate registers), importable from its own directory.
   local runs=${SANITIZE_RUNS:-"auto:0 hopper:0 stream:0 stream:8 warp:8"}
-  if [[ " $runs" == *" auto:"* || " $runs" == *" hopper:"* ]]; then
+  if [[ " ${SANITIZE_TOOLS:-racecheck}" == *racecheck* && ( " $runs" == *" auto:"* || " $runs" == *" hopper:"* ) ]]; then
     step "build without setmaxnreg, for racecheck of the prefill kernel"
     CUDAFLAGS=-DSAMOYEDS_NO_SETMAXNREG SAMOYEDS_CUDA=ON python3 -m pip install --no-build-isolation \
       --no-deps --target /tmp/sj_no_setmaxnreg --config-settings=cmake.define.SAMOYEDS_CUDA_ARCHS=90a \

@@ -42,6 +42,14 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # SAMOYEDS_TEST_SHARD=i/n keeps every n-th collected test from the i-th: several
+    # pytest processes then share one GPU machine's cores (scripts/gpu_check.sh tests).
+    shard = os.environ.get("SAMOYEDS_TEST_SHARD")
+    if shard:
+        i, n = (int(v) for v in shard.split("/"))
+        keep = [it for j, it in enumerate(items) if j % n == i]
+        config.hook.pytest_deselected(items=[it for j, it in enumerate(items) if j % n != i])
+        items[:] = keep
     # Hypothesis draws from the run's base seed too, so SAMOYEDS_TEST_SEED replays it.
     import hypothesis
 
