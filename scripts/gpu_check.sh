@@ -13,9 +13,11 @@
 #     soak     : the randomized soak (SOAK_SECONDS, default 150)
 #     kernels  : the harness at serving and prefill shapes, every kernel (outputs compared)
 #                and the HBM read floor
+#     sweep    : the serving kernel's K splits forced at single-expert serving shapes
 #     profile  : ncu of the serving kernel (narrow and wide blocks): throughput, occupancy,
 #                stall reasons
 #     serving  : benchmarks/bench_serving.py (single, grouped, deepseek; dense baselines)
+#     backward : GPU gradient tests and benchmarks/bench_backward.py
 #     layer    : benchmarks/bench_layer.py, the Mixtral-8x7B layer at 16 to 4096 tokens
 #     multi    : several GPUs: sharded == single device, bench_multi scaling
 #     full     : build, kernels, then tests and sanitize side by side (correctness only, so
@@ -166,6 +168,32 @@ kernels() {
   timeout 120 "$BIN/stream_floor" 4 8 16 33 66 117 235 2>&1 | tee -a "$OUT/kernel.log" | tail -9
 }
 
+# K splits forced on the serving kernel at the single-expert serving shapes: where the
+# automatic count (StreamSplitsFor) stands against its neighbours.
+sweep() {
+  build
+  step "K-split sweep of the serving kernel"
+  for shape in ${SWEEP_SHAPES:-"4096 14336 16" "14336 4096 16" "4096 14336 64" "14336 4096 64"}; do
+    for s in ${SWEEP_SPLITS:-0 1 2 3 4 6 8}; do
+      echo "splits=$s $(HARNESS_SPLITS=$s timeout 60 "$BIN/harness" $shape 1 2 128 1 20 2>&1 | grep -E "^stream .*median|MISMATCH" | head -2)"
+    done
+  done 2>&1 | tee -a "$OUT/sweep.log"
+}
+
+# The backward: GPU gradient tests, then benchmarks/bench_backward.py.
+backward() {
+  build
+  step "gpu gradient tests"
+  (cd /tmp && timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu "$REPO/tests/test_grad.py" \
+    $(ls "$REPO"/tests/test_gpu_grad.py 2>/dev/null) --rootdir="$REPO" -p no:cacheprovider 2>&1) | quiet \
+    | tee -a "$OUT/pytest_grad.log" | tail -8
+  grep -E "passed|failed|error" "$OUT/pytest_grad.log" | tail -1 | sed 's/^/gpu grad tests: /' >> "$OUT/summary.txt"
+  [ -f "$REPO/benchmarks/bench_backward.py" ] || return 0
+  step "backward benchmark"
+  (cd /tmp && timeout ${BACKWARD_TIMEOUT:-240} python3 "$REPO/benchmarks/bench_backward.py" \
+    --json_out="$OUT/bench_backward.json" ${BACKWARD_ARGS:-}) 2>&1 | quiet | tee -a "$OUT/bench.log" | tail -20
+}
+
 profile() {
   build
   local M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum'
@@ -223,7 +251,7 @@ pack() {
 machine
 for mode in "$@"; do
   case $mode in
-    build|tests|sanitize|stress|soak|kernels|profile|serving|layer|multi|full|pack) $mode ;;
+    build|tests|sanitize|stress|soak|kernels|sweep|profile|serving|backward|layer|multi|full|pack) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done
