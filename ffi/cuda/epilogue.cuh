@@ -44,6 +44,22 @@ __device__ void ZeroFillTile(const Args& a, const Work& work, int out0, int out_
                      make_uint4(0, 0, 0, 0);
                });
 }
+// A block's tile (grid y: kept rows) and routed rows (grid x). False when it has nothing
+// to compute: no rows, or rows past sum(group_sizes), which it zero-fills. Every block of a
+// K-split cluster shares the tile, so the early exits are cluster-uniform.
+template <typename T, int BM, int BN, int N, int V, int kThreads>
+__device__ __forceinline__ bool BlockWork(const Args& a, RowTile& tile, Work& work) {
+  const TileIndex block = BlockTile(a);
+  tile = TileRows<BM, N, V>(a, block.m);
+  work = FindWork<BN>(a, block.row);
+  if (work.row_begin >= work.row_end) return false;
+  if (work.expert < 0) {
+    ZeroFillTile<T, kThreads>(a, work, tile.out0, tile.out_here);
+    return false;
+  }
+  return true;
+}
+
 // Epilogue, part 1: one m16 fragment row of accumulators -> shared c_tile[routed row]
 // [output row] (fp32). kept: the lane's two kept rows (block-relative); n0: the first
 // routed column of the lane's fragments; slot_n: which of the N kept rows of a block

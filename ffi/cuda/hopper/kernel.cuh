@@ -66,14 +66,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   constexpr int kOutRows = Cfg::kBM / N * V;
-  const TileIndex block = BlockTile(a);
-  const RowTile tile = TileRows<Cfg::kBM, N, V>(a, block.m);
-  const Work work = FindWork<Cfg::kBN>(a, block.row);
-  if (work.row_begin >= work.row_end) return;
-  if (work.expert < 0) {
-    ZeroFillTile<T, Cfg::kThreads>(a, work, tile.out0, tile.out_here);
-    return;
-  }
+  RowTile tile;
+  Work work;
+  if (!BlockWork<T, Cfg::kBM, Cfg::kBN, N, V, Cfg::kThreads>(a, tile, work)) return;
   const int e = work.expert;
   LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
   const int windows = a.k / a.sub_row;

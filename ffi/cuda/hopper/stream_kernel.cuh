@@ -143,15 +143,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   const uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // + 8 * buffer
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
-  const TileIndex block = BlockTile(a);
-  const RowTile tile = TileRows<Cfg::kBM, N, V>(a, block.m);
-  const Work work = FindWork<Cfg::kBN>(a, block.row);
-  // Every block of a cluster has the same tile, so these exits are cluster-uniform.
-  if (work.row_begin >= work.row_end) return;
-  if (work.expert < 0) {
-    ZeroFillTile<T, Cfg::kThreads>(a, work, tile.out0, tile.out_here);
-    return;
-  }
+  RowTile tile;
+  Work work;
+  if (!BlockWork<T, Cfg::kBM, Cfg::kBN, N, V, Cfg::kThreads>(a, tile, work)) return;
   const int e = work.expert;
   // This block's K stages [s_begin, s_end) and windows [w_begin, w_end).
   const int splits = gridDim.z;

@@ -53,17 +53,12 @@ __global__ void __launch_bounds__(Tile::kThreads, 2)
   __shared__ int src_row[Tile::kBN];  // token id of each routed row, -1 when absent
 
   constexpr int kOutRows = Tile::kBM / N * V;  // output rows (of M) per block
-  const TileIndex block = BlockTile(a);
-  const RowTile tile = TileRows<Tile::kBM, N, V>(a, block.m);
-  const Work work = FindWork<Tile::kBN>(a, block.row);
-  if (work.row_begin >= work.row_end) return;
+  RowTile tile;
+  Work work;
+  if (!BlockWork<T, Tile::kBM, Tile::kBN, N, V, Tile::kThreads>(a, tile, work)) return;
   // K split (gridDim.z > 1, decode shapes on sm_90): the blocks of one cluster share this
   // tile and take consecutive ranges of K stages; ClusterEpilogue adds their partials.
   const int splits = gridDim.z, split = blockIdx.z;
-  if (work.expert < 0) {
-    ZeroFillTile<T, Tile::kThreads>(a, work, tile.out0, tile.out_here);
-    return;
-  }
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp % Tile::kWarpsM, warp_n = warp / Tile::kWarpsM;
