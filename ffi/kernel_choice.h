@@ -10,11 +10,9 @@ namespace samoyeds {
 enum class KernelChoice : int { kAuto = 0, kWarp = 1, kHopper = 2, kStream = 3 };
 inline constexpr const char* kKernelChoiceNames[] = {"auto", "warp", "hopper", "stream"};
 inline constexpr int kKernelChoiceCount = 4;
-// Forced K splits are powers of two up to the largest cluster a launch may use.
+// Forced K splits: any count up to the largest cluster a launch may use.
 inline constexpr int kMaxForcedSplits = 8;
 
-constexpr bool ValidSplits(int64_t s) {
-  return s == 0 || (s >= 1 && s <= kMaxForcedSplits && (s & (s - 1)) == 0);
-}
+constexpr bool ValidSplits(int64_t s) { return s >= 0 && s <= kMaxForcedSplits; }
 
 }  // namespace samoyeds

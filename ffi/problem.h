@@ -126,7 +126,7 @@ inline ffi::Error CheckProblem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& va
   if (kernel < 0 || kernel >= kKernelChoiceCount)
     return Bad("unknown kernel=" + std::to_string(kernel));
   if (!ValidSplits(splits))
-    return Bad("splits=" + std::to_string(splits) + " must be 0 or a power of 2 up to " +
+    return Bad("splits=" + std::to_string(splits) + " must be 0 (automatic) or at most " +
                std::to_string(kMaxForcedSplits));
   p->kernel = static_cast<KernelChoice>(kernel);
   p->splits = static_cast<int>(splits);

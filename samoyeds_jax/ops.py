@@ -64,8 +64,8 @@ class KernelChoice:
         if self.kernel not in KERNEL_CODES:
             raise ValueError(f"kernel={self.kernel!r} must be one of {sorted(KERNEL_CODES)}")
         s = self.splits
-        if not (s == 0 or (1 <= s <= _samoyeds.MAX_FORCED_SPLITS and s & (s - 1) == 0)):
-            raise ValueError(f"splits={s} must be 0 (automatic) or a power of 2 up to "
+        if not (isinstance(s, int) and 0 <= s <= _samoyeds.MAX_FORCED_SPLITS):
+            raise ValueError(f"splits={s!r} must be 0 (automatic) or a count up to "
                              f"{_samoyeds.MAX_FORCED_SPLITS}")
 
 
@@ -80,7 +80,7 @@ def force_kernel(kernel: str = "auto", splits: int = 0) -> Iterator[KernelChoice
     For tests and benchmarks that compare the kernels on the same inputs; per call (it
     becomes a static parameter of the traced primitive), unlike a process-wide switch.
     ``kernel`` is ``"auto"``, ``"warp"``, ``"hopper"`` (sm_90a) or ``"stream"`` (sm_90a
-    serving kernel); ``splits`` is 0 (automatic) or a power of 2 up to 8.
+    serving kernel); ``splits`` is 0 (automatic) or a count up to 8.
     """
     choice = KernelChoice(kernel, splits)
     previous = getattr(_forced, "choice", _AUTO)

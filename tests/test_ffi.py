@@ -154,9 +154,9 @@ def _tamper(b, case, rng):
     if case == "kernel_unknown":
         b["kernel"] = 7
         return "unknown kernel=7"
-    if case == "splits_not_power_of_2":
-        b["splits"] = 3
-        return "splits=3 must be 0 or a power of 2 up to 8"
+    if case == "splits_too_many":
+        b["splits"] = 9
+        return "splits=9 must be 0 (automatic) or at most 8"
     if case == "indices_value_ge_v":
         e, r, w = int(rng.integers(0, E)), int(rng.integers(0, 32)), int(rng.integers(0, 2))
         bad = int(rng.integers(CFG.v, 256))
@@ -172,7 +172,7 @@ CASES = ["unsupported_v", "unsupported_sub_row", "unsupported_n", "x_rank", "x_d
          "group_sizes_shape", "sel_rank", "sel_without_has_sel", "out_rows", "out_cols",
          "negative_group_size", "group_sizes_exceed_rows", "sel_too_large", "sel_negative",
          "glu_unknown", "glu_out_cols", "glu_half_not_whole_tiles", "kernel_unknown",
-         "splits_not_power_of_2", "indices_value_ge_v"]
+         "splits_too_many", "indices_value_ge_v"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -63,7 +63,7 @@ def test_configs(rng, dtype, nv, sub_row, sizes):
 
 
 @pytest.mark.parametrize("nv,sub_row", [((1, 2), 128), ((1, 4), 32), ((2, 4), 64), ((1, 1), 128)])
-@pytest.mark.parametrize("splits", [1, 2, 4, 8])
+@pytest.mark.parametrize("splits", [1, 2, 3, 4, 6, 8])
 @pytest.mark.parametrize("tokens", [3, 16, 70])
 def test_forced_splits(rng, nv, sub_row, splits, tokens):
     """K split over clusters of 1-8 blocks: 9 K stages (the last partial for sub_row 32 /

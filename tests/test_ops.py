@@ -831,3 +831,12 @@ def test_concurrent_use_from_two_jitted_functions(rng):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         errs = list(pool.map(run, ["a", "b"]))
     assert errs[0] < tol("product", jnp.bfloat16) and errs[1] < tol("product", jnp.float16), errs
+
+
+def test_forced_kernel_choice_is_checked():
+    assert sj.ops.KernelChoice("stream", 3).splits == 3
+    for bad in (9, -1, 2.0):
+        with pytest.raises(ValueError, match=r"splits=.* must be 0 \(automatic\) or a count up to 8"):
+            sj.ops.KernelChoice("stream", bad)
+    with pytest.raises(ValueError, match="kernel='fast' must be one of"):
+        sj.ops.KernelChoice("fast")
