@@ -530,8 +530,8 @@ def test_nnx_module_trains_with_optax(rng, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
 def test_gpu_grad_wrt_values_and_x(cfg, rng, seed):
-    """On the GPU: the forward kernels, dx and dvalues through the XLA path (the CUDA hook
-    of samoyeds_jax.backward) against float64."""
+    """On the GPU: the forward kernels, dx and dvalues (the CUDA handlers of
+    samoyeds_jax.backward where the build has them) against float64."""
     dtype = jnp.bfloat16
     gpu = jax.devices("gpu")[0]
     sw = jax.device_put(sparse_weight(rng, cfg, dtype, (E, K, M)), gpu)

@@ -74,6 +74,30 @@ __device__ __forceinline__ uint32_t Pack(uint16_t lo, uint16_t hi) {
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
+// The warp's 32 x 64 accumulators: [m16 fragment][n8 fragment][c0..c3].
+using Acc = float[2][kFragsN][4];
+
+__device__ __forceinline__ void ZeroAcc(Acc& acc) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int f = 0; f < kFragsN; ++f)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][f][q] = 0.0f;
+}
+
+// One k16 step of the warp tile: af[w][i] is the A fragment of m16 fragment i in the
+// warp's window slot w, bf[f] the B fragment of n8 fragment f (window slot f * WPW / 8).
+template <typename T, int WPW>
+__device__ __forceinline__ void MmaStep(Acc& acc, const uint32_t (&af)[WPW][2][4],
+                                        const uint32_t (&bf)[kFragsN][2]) {
+#pragma unroll
+  for (int f = 0; f < kFragsN; ++f)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      Mma16816<T>(acc[i][f], af[f * WPW / kFragsN][i], bf[f][0], bf[f][1]);
+}
+
 // B fragments of k rows [k0, k0 + 16) for the warp's 8 n8 fragments from columns col0
 // of a [kChunk][kBStride] tile at shared address `tile`: b[f] = {b0, b1} of fragment f.
 __device__ __forceinline__ void LoadB(uint32_t tile, int k0, int col0, int lane,

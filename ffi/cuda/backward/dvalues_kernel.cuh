@@ -95,13 +95,8 @@ __global__ void __launch_bounds__(kThreads) DvaluesKernel(const BwdArgs b) {
         col[w][i][h] = kq / N * V + sub % V;
       }
 
-  float acc[2][kFragsN][4];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int f = 0; f < kFragsN; ++f)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[i][f][q] = 0.0f;
+  Acc acc;
+  ZeroAcc(acc);
 
   if (chunks > 0) load_chunk(0, 0);
   for (int c = 0; c < chunks; ++c) {
@@ -132,11 +127,7 @@ __global__ void __launch_bounds__(kThreads) DvaluesKernel(const BwdArgs b) {
         }
       uint32_t bf[kFragsN][2];
       LoadB(x_at(st), ks * 16, warp_n * kWarpCols, lane, bf);
-#pragma unroll
-      for (int f = 0; f < kFragsN; ++f)
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-          Mma16816<T>(acc[i][f], af[WPW == 1 ? 0 : f * WPW / kFragsN][i], bf[f][0], bf[f][1]);
+      MmaStep<T, WPW>(acc, af, bf);
     }
   }
 

@@ -102,13 +102,8 @@ __global__ void __launch_bounds__(kThreads) DxKernel(const BwdArgs b) {
     idx_at(st)[kq * kWindowsPerTile + cw] = sub;
   };
 
-  float acc[2][kFragsN][4];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int f = 0; f < kFragsN; ++f)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[i][f][q] = 0.0f;
+  Acc acc;
+  ZeroAcc(acc);
 
   const int ws0 = warp_n * kWarpCols / a.sub_row;  // the warp's first window slot
   if (chunks > 0) {
@@ -152,11 +147,7 @@ __global__ void __launch_bounds__(kThreads) DxKernel(const BwdArgs b) {
       }
       uint32_t bf[kFragsN][2];
       LoadB(b_at(st), ks * 16, warp_n * kWarpCols, lane, bf);
-#pragma unroll
-      for (int f = 0; f < kFragsN; ++f)
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-          Mma16816<T>(acc[i][f], af[WPW == 1 ? 0 : f * WPW / kFragsN][i], bf[f][0], bf[f][1]);
+      MmaStep<T, WPW>(acc, af, bf);
     }
   }
 
