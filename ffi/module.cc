@@ -16,6 +16,8 @@ extern "C" XLA_FFI_Error* SamoyedsRaggedDotDxCpu(XLA_FFI_CallFrame*);
 extern "C" XLA_FFI_Error* SamoyedsRaggedDotDvaluesCpu(XLA_FFI_CallFrame*);
 #ifdef SAMOYEDS_WITH_CUDA
 extern "C" XLA_FFI_Error* SamoyedsRaggedDotCuda(XLA_FFI_CallFrame*);
+extern "C" XLA_FFI_Error* SamoyedsRaggedDotDxCuda(XLA_FFI_CallFrame*);
+extern "C" XLA_FFI_Error* SamoyedsRaggedDotDvaluesCuda(XLA_FFI_CallFrame*);
 #endif
 
 namespace {
@@ -56,6 +58,8 @@ NB_MODULE(_samoyeds, m) {
     nb::dict d;
 #ifdef SAMOYEDS_WITH_CUDA
     d["samoyeds_ragged_dot"] = Capsule(SamoyedsRaggedDotCuda);
+    d["samoyeds_ragged_dot_dx"] = Capsule(SamoyedsRaggedDotDxCuda);
+    d["samoyeds_ragged_dot_dvalues"] = Capsule(SamoyedsRaggedDotDvaluesCuda);
 #endif
     return d;
   });

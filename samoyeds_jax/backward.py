@@ -16,20 +16,23 @@ ragged_dot(x, sw, group_sizes, sel)`` (``ops.py``'s autodiff rules) needs:
 Both are primitives with one lowering per platform:
 
 ==============================  ==========================  ================================
-primitive                       CPU                         other platforms (CUDA)
+primitive                       CPU                         CUDA
 ==============================  ==========================  ================================
-``samoyeds_ragged_dot_dx``      C++ handler on the          the decoded weight through
-                                compressed weight           ``jax.lax.ragged_dot``
-                                (``ffi/cpu_backward.cc``)
-``samoyeds_ragged_dot_dvalues`` C++ handler: the SDDMM      :func:`dvalues_xla`: the SDDMM
-                                over the stored positions   in XLA ops (blocks of rows)
+``samoyeds_ragged_dot_dx``      C++ handler on the          CUDA handler on the compressed
+                                compressed weight           weight, tensor cores
+                                (``ffi/cpu_backward.cc``)   (``ffi/cuda_backward.cu``)
+``samoyeds_ragged_dot_dvalues`` C++ handler: the SDDMM      CUDA handler: the SDDMM over
+                                over the stored positions   the stored positions
 ==============================  ==========================  ================================
 
-The CUDA hook: when the compiled module exports a CUDA target of the primitive's name
-(``_samoyeds.cuda_targets()``), the ``cuda`` lowering calls it with the CPU handler's
-signature and attributes; until then CUDA runs the XLA path above, which is correct and
-deterministic but not a sparse kernel (it computes whole kept sub-rows, both 2:4 slots
-and the two others, and dx from a decoded weight).
+Both CUDA handlers are called through the hook: when the compiled module exports a CUDA
+target of the primitive's name (``_samoyeds.cuda_targets()``), the ``cuda`` lowering calls
+it with the CPU handler's signature and attributes. Without it (a build without CUDA), on
+other platforms, and inside :func:`xla_backward_on_cuda` (benchmarks compare the two),
+the XLA path runs instead: :func:`dx_xla` (the decoded weight through
+``jax.lax.ragged_dot``) and :func:`dvalues_xla` (the SDDMM in XLA ops, in blocks of rows),
+correct and deterministic but not sparse kernels (they compute whole kept sub-rows and
+decode the weight).
 
 Routing: both take ``group_sizes`` as the forward kernels read them (:func:`dx_rows`
 and :func:`dvalues` clip them: negative sizes count as 0, ranges end at R), and a
@@ -44,7 +47,9 @@ gradients work.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +65,8 @@ from samoyeds_jax.ops import (
     _AUTO, TARGET, _clip_sizes, _scatter_rows, _shape_str, map_batch, ragged_dot_p,
     ragged_dot_t_p)
 
-__all__ = ["block_rows", "dvalues", "dvalues_xla", "dx_rows", "dx_xla", "expert_blocks"]
+__all__ = ["block_rows", "dvalues", "dvalues_xla", "dx_rows", "dx_xla", "expert_blocks",
+           "xla_backward_on_cuda"]
 
 DX_TARGET = TARGET + "_dx"
 DVALUES_TARGET = TARGET + "_dvalues"
@@ -305,9 +311,30 @@ for _prim in (dx_p, dvalues_p):
     _prim.def_impl(lambda *a, _p=_prim, **params: _jitted(_p, tuple(sorted(params.items())))(*a))
 
 
+# Whether CUDA lowerings take the XLA path although the module has CUDA handlers
+# (xla_backward_on_cuda; the environment sets the process's default).
+_xla_on_cuda = os.environ.get("SAMOYEDS_XLA_BACKWARD", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def xla_backward_on_cuda(enabled: bool = True):
+    """Inside, computations lowered for CUDA run the backward primitives' XLA path
+    (:func:`dx_xla`, :func:`dvalues_xla`) instead of the CUDA handlers; the benchmarks
+    compare the two. It applies where a computation is lowered: a jitted function's
+    first call (or ``.lower()``), not later calls of an already compiled one.
+    ``SAMOYEDS_XLA_BACKWARD=1`` makes it the process's default."""
+    global _xla_on_cuda
+    before, _xla_on_cuda = _xla_on_cuda, enabled
+    try:
+        yield
+    finally:
+        _xla_on_cuda = before
+
+
 def _platform_lowerings(prim: Primitive, target: str, xla_fn, attr_names: tuple[str, ...]):
-    """CPU: the C++ handler; CUDA: the CUDA handler when the module has one (the hook),
-    else ``xla_fn``; any other platform: ``xla_fn``."""
+    """CPU: the C++ handler; CUDA: the CUDA handler when the module has one (the hook)
+    and :func:`xla_backward_on_cuda` is off, else ``xla_fn``; any other platform:
+    ``xla_fn``."""
     def ffi_lowering(ctx, *args, config, **params):
         return jax.ffi.ffi_lowering(target)(ctx, *args,
                                             **_attrs(config, **{a: params[a] for a in attr_names}))
@@ -316,8 +343,12 @@ def _platform_lowerings(prim: Primitive, target: str, xla_fn, attr_names: tuple[
     mlir.register_lowering(prim, xla)
     if target in _samoyeds.cpu_targets():
         mlir.register_lowering(prim, ffi_lowering, platform="cpu")
-    mlir.register_lowering(prim, ffi_lowering if target in _samoyeds.cuda_targets() else xla,
-                           platform="cuda")
+    if target in _samoyeds.cuda_targets():
+        mlir.register_lowering(
+            prim, lambda ctx, *a, **p: (xla if _xla_on_cuda else ffi_lowering)(ctx, *a, **p),
+            platform="cuda")
+    else:
+        mlir.register_lowering(prim, xla, platform="cuda")
 
 
 _platform_lowerings(dx_p, DX_TARGET, dx_xla, ())

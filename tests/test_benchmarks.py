@@ -299,3 +299,22 @@ def test_bench_quality_smoke(tmp_path):
     assert "| magnitude | 1:2 | 0.250 |" in res.stdout
     if HAVE_MPL:
         assert (tmp_path / "quality.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_backward_smoke(tmp_path):
+    """The backward benchmark end to end on a shrunk Mixtral layer: every path, the table
+    and the JSON. In a subprocess, as its flags share their names with _stack's."""
+    out = tmp_path / "backward.json"
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "bench_backward.py"), "--shrink=16",
+           "--tokens=32", "--reps=1", f"--json_out={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "vs dense" in res.stdout, res.stdout
+    data = json.loads(out.read_text())
+    assert (data["bench"], data["d_model"], data["d_ff"]) == ("backward", 256, 896)
+    assert [r["path"] for r in data["rows"]] == [
+        "samoyeds", "samoyeds_xla_backward", "xla_ragged_dot", "xla_capacity_einsum"]
+    for r in data["rows"]:
+        assert r["tokens"] == 32 and r["ms"] > 0 and r["vs_best_dense"] > 0
+    assert {r["baseline"] for r in data["speedup"]} == {"xla_ragged_dot",
+                                                        "xla_capacity_einsum"}

@@ -24,7 +24,7 @@ import samoyeds_jax as sj
 from helpers import (
     DTYPES, act, dense_layer, f64, kept_positions, rand, ref_dvalues, ref_ragged_dot,
     rel_err, routed_rows, sparse_weight, tol)
-from samoyeds_jax import backward
+from samoyeds_jax import _samoyeds, backward
 
 E, K, M = 4, 256, 128
 CONFIGS = [sj.SparsityConfig(1, 1, 64), sj.SparsityConfig(1, 2, 32),
@@ -380,6 +380,32 @@ def test_backward_refuses_bad_shapes():
                          gs, config=cfg)
 
 
+@pytest.mark.skipif(not _samoyeds.HAS_CUDA, reason="a build without the CUDA handlers")
+def test_cuda_lowering_calls_the_cuda_handlers_unless_switched_off(rng):
+    """Lowered for CUDA (no GPU needed): the gradient calls the backward CUDA targets
+    with the CPU handlers' operands; inside xla_backward_on_cuda it runs the XLA path."""
+    from jax import export
+
+    cfg = sj.SparsityConfig(1, 2, 32)
+    sw = sparse_weight(rng, cfg, jnp.bfloat16, (2, 64, 32))
+    x, ct = rand(rng, (10, 64), jnp.bfloat16), rand(rng, (10, 32), jnp.bfloat16)
+    gs = jnp.asarray([4, 5], jnp.int32)
+    targets = (backward.DX_TARGET, backward.DVALUES_TARGET)
+
+    def called():
+        loss = lambda x, v: jnp.sum(sj.ragged_dot(x, with_values(sw, v), gs).astype(
+            jnp.float32) * ct.astype(jnp.float32))
+        checks = [export.DisabledSafetyCheck.custom_call(t) for t in targets]
+        text = export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=["cuda"],
+                             disabled_checks=checks)(x, sw.values).mlir_module()
+        return set(re.findall(r"custom_call @(\w+)", text))
+
+    assert set(targets) <= called()
+    with backward.xla_backward_on_cuda():
+        assert not set(targets) & called()
+    assert set(targets) <= called()
+
+
 def _backward_buffers(rng):
     """Consistent buffers of both backward FFI targets (E=2, K=64, M=32, 1:2, L=32)."""
     cfg = sj.SparsityConfig(1, 2, 32)
@@ -504,8 +530,8 @@ def test_nnx_module_trains_with_optax(rng, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
 def test_gpu_grad_wrt_values_and_x(cfg, rng, seed):
-    """On the GPU: the forward kernels, dx and dvalues through the XLA path (the CUDA hook
-    of samoyeds_jax.backward) against float64."""
+    """On the GPU: the forward kernels, dx and dvalues (the CUDA handlers of
+    samoyeds_jax.backward where the build has them) against float64."""
     dtype = jnp.bfloat16
     gpu = jax.devices("gpu")[0]
     sw = jax.device_put(sparse_weight(rng, cfg, dtype, (E, K, M)), gpu)
