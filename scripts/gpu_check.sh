@@ -169,11 +169,12 @@ kernels() {
 }
 
 # K splits forced on the serving kernel at the single-expert serving shapes: where the
-# automatic count (StreamSplitsFor) stands against its neighbours.
+# automatic count (StreamSplitsFor) stands against its neighbours. Shapes are K:M:ROWS.
 sweep() {
   build
   step "K-split sweep of the serving kernel"
-  for shape in ${SWEEP_SHAPES:-"4096 14336 16" "14336 4096 16" "4096 14336 64" "14336 4096 64"}; do
+  for shape in ${SWEEP_SHAPES:-4096:14336:16 14336:4096:16 4096:14336:64 14336:4096:64}; do
+    shape=${shape//:/ }
     for s in ${SWEEP_SPLITS:-0 1 2 3 4 6 8}; do
       echo "splits=$s $(HARNESS_SPLITS=$s timeout 60 "$BIN/harness" $shape 1 2 128 1 20 2>&1 | grep -E "^stream .*median|MISMATCH" | head -2)"
     done
@@ -198,7 +199,8 @@ profile() {
   build
   local M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum'
   local S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"
-  for shape in ${PROFILE_SHAPES:-"4096 14336 16" "4096 14336 256"}; do
+  for shape in ${PROFILE_SHAPES:-4096:14336:16 4096:14336:256}; do
+    shape=${shape//:/ }
     step "ncu: serving kernel, K M T = $shape (1:2, L = 128)"
     local f="$OUT/ncu_${shape// /_}.txt"
     timeout 180 ncu --clock-control none $S --metrics "$M" -k regex:${PROFILE_KERNEL:-Stream} --launch-skip 3 \
