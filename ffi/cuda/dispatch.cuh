@@ -32,19 +32,21 @@ inline bool DeviceIsHopper() {
 // The automatic choice on sm_90a, from the H200 measurements in BENCHMARKS.md: the
 // serving kernel up to 16 routed rows per expert (it beat the warp-level kernel at every
 // such shape measured); past that the prefill kernel where its blocks alone fill the GPU
-// (many experts, or many M tiles) or from kHopperMinRowsPerExpert rows per expert (its
-// 128-row activation tiles reuse each weight tile over more rows: 1 expert x 256 rows,
-// up 27.6 us against 62 us), else the serving kernel, whose K splits fill the SMs that
-// the prefill kernel's few tiles leave idle (1 expert x 64 rows, down: 40.7 against
-// 79.7 us).
+// (many experts, or many M tiles), or from kHopperMinRowsPerExpert rows per expert while
+// its blocks fill at least a quarter of the SMs (its 128-row activation tiles reuse each
+// weight tile over more rows: 1 expert x 256 rows, up, 112 blocks: 27.6 us against 62
+// us); else the serving kernel, whose K splits fill the SMs that the prefill kernel's
+// few tiles leave idle (1 expert, down: 64 rows 40.7 against 79.7 us; 256 rows, 32
+// prefill blocks, 60.1 against 83.6 us).
 template <int V>
 bool UseStreamFor(const Args& a) {
   if (a.rows <= kStreamNarrowMaxRowsPerExpert * a.experts) return true;
-  if (UseHopperFor(a)) return false;
   using Cfg = HopperCfgFor<V>;
   const int64_t row_tiles = std::max<int64_t>((a.rows + Cfg::kBN - 1) / Cfg::kBN,
                                               std::min(a.experts, a.rows));
-  return row_tiles * MTiles<Cfg::kBM>(a) < CurrentDevice().sms;
+  const int64_t blocks = row_tiles * MTiles<Cfg::kBM>(a);
+  const int sms = CurrentDevice().sms;
+  return UseHopperFor(a) ? 4 * blocks < sms : blocks < sms;
 }
 
 template <typename T, int N, int V>
