@@ -100,7 +100,7 @@ tests() {
 marked() {
   local mark=$1 log=$2 part
   part=$(mktemp)
-  (cd /tmp && COLUMNS=200 XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -s -rA \
+  (cd /tmp && COLUMNS=200 python3 -m pytest -q -s -rA \
     -m "$mark" "$REPO/tests" --rootdir="$REPO" -p no:cacheprovider 2>&1) | quiet > "$part"
   cat "$part" >> "$OUT/$log"
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED) " "$part" | sed -E "s# [^ ]*/tests/# tests/#" \

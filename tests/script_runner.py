@@ -46,10 +46,8 @@ def run_script(argv: Sequence[str], timeout: float, env: dict[str, str] | None =
                cwd: str | os.PathLike | None = None) -> ScriptRun:
     """Runs ``argv`` in its own process group with ``env`` over this process's
     environment, echoing its output (stdout and stderr together) line by line; after
-    ``timeout`` seconds the whole group is killed and the returncode is None.
-
-    The child does not preallocate GPU memory: the test process holds the GPU too."""
-    child_env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **(env or {})}
+    ``timeout`` seconds the whole group is killed and the returncode is None."""
+    child_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", env=child_env, cwd=cwd,
                             start_new_session=True)
