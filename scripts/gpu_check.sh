@@ -6,11 +6,15 @@
 #   bash scripts/gpu_check.sh MODE [MODE...]
 #     build    : install the package (CUDA on), build the harness and stream_floor, SASS
 #                summary (sparse MMAs, local-memory accesses, serialized wgmmas per kernel)
-#     tests    : pytest -m gpu (every GPU test: kernels, serving kernel, layer, fuzz)
-#     sanitize : compute-sanitizer memcheck, racecheck, initcheck, synccheck on
-#                scripts/sanitize_case.py, automatic choice and each kernel forced
-#     stress   : small cases launched 20000 times each per kernel (rare hangs)
-#     soak     : the randomized soak (SOAK_SECONDS, default 150)
+#     tests    : pytest -m gpu (every GPU test: kernels, serving kernel, layer, fuzz; the
+#                long checks below have marks of their own and are not part of it)
+#     sanitize : pytest -m sanitize: compute-sanitizer memcheck, racecheck, initcheck,
+#                synccheck on scripts/sanitize_case.py, automatic choice and each kernel
+#                forced (SANITIZE_RUNS "kernel:splits ...", SANITIZE_TOOLS, SANITIZE_TIMEOUT
+#                seconds per run)
+#     stress   : pytest -m stress: small cases launched STRESS_LAUNCHES (default 20000)
+#                times each per kernel, rare hangs (STRESS_TIMEOUT seconds per kernel)
+#     soak     : pytest -m soak: the randomized soak (SOAK_SECONDS, default 150)
 #     kernels  : the harness at serving and prefill shapes, every kernel (outputs compared)
 #                and the HBM read floor
 #     sweep    : the serving kernel's K splits forced at single-expert serving shapes
@@ -19,7 +23,8 @@
 #     serving  : benchmarks/bench_serving.py (single, grouped, deepseek; dense baselines)
 #     backward : GPU gradient tests and benchmarks/bench_backward.py
 #     layer    : benchmarks/bench_layer.py, the Mixtral-8x7B layer at 16 to 4096 tokens
-#     multi    : several GPUs: sharded == single device, bench_multi scaling
+#     multi    : pytest -m multi_gpu: sharded == single device on all the GPUs (2 or more;
+#                MULTI_TIMEOUT seconds)
 #     full     : build, kernels, then tests and sanitize side by side (correctness only, so
 #                sharing the GPU is fine), then serving alone; logs packed into one file
 # Every mode but `build` builds first (once). Run from the repository root.
@@ -89,61 +94,54 @@ tests() {
   done
 }
 
-# One summary line per sanitizer run; a run cut off by its timeout (exit 124) names the
-# case it had started.
-sanitize_result() {
-  local tail3 last
-  tail3=$(tail -3 "$OUT/sanitizer.log" | grep -o 'ERROR SUMMARY.*\|RACECHECK SUMMARY.*\|cases run.*' | tr '\n' ' ')
-  last=$(grep '^case' "$OUT/sanitizer.log" | tail -1)
-  [ "$2" = 124 ] && tail3="TIMED OUT after starting: $last"
-  note "$1 exit=$2 $tail3"
+# The long GPU checks: pytest -m MARK over tests/ (their settings reach the tests as
+# SAMOYEDS_* variables, documented in each test module). The output, the scripts' too
+# (-s), is appended to $OUT/LOG; the summary gets each test's outcome and the totals.
+marked() {
+  local mark=$1 log=$2 part
+  part=$(mktemp)
+  (cd /tmp && COLUMNS=200 python3 -m pytest -q -s -rA \
+    -m "$mark" "$REPO/tests" --rootdir="$REPO" -p no:cacheprovider 2>&1) | quiet > "$part"
+  cat "$part" >> "$OUT/$log"
+  grep -E "^(PASSED|FAILED|ERROR|SKIPPED) " "$part" | sed -E "s# [^ ]*/tests/# tests/#" \
+    | tee -a "$OUT/summary.txt"
+  grep -E "^[0-9]+ (passed|failed|skipped|deselected|error)|no tests ran" "$part" | tail -1 \
+    | sed "s/^/pytest -m $mark: /" | tee -a "$OUT/summary.txt"
+  rm -f "$part"
 }
 
 sanitize() {
   build
-  # Racecheck of the setmaxnreg kernels runs a build without setmaxnreg (racecheck stalls
-  # at random cases when warps reallocate registers), importable from its own directory.
-  local runs=${SANITIZE_RUNS:-"auto:0 hopper:0 stream:0 stream:8 warp:8"}
-  if [[ " ${SANITIZE_TOOLS:-racecheck}" == *racecheck* && ( " $runs" == *" auto:"* || " $runs" == *" hopper:"* ) ]]; then
+  # Racecheck of the prefill kernel runs a build without setmaxnreg (racecheck stalls at
+  # random cases when warps reallocate registers), importable from its own directory.
+  # Unset SANITIZE_TOOLS / SANITIZE_RUNS mean the test's defaults, which need it.
+  if [[ " ${SANITIZE_TOOLS:-racecheck}" == *racecheck* && ( -z "${SANITIZE_RUNS:-}" ||
+        " $SANITIZE_RUNS" == *" auto:"* || " $SANITIZE_RUNS" == *" hopper:"* ) ]]; then
     step "build without setmaxnreg, for racecheck of the prefill kernel"
     CUDAFLAGS=-DSAMOYEDS_NO_SETMAXNREG SAMOYEDS_CUDA=ON python3 -m pip install --no-build-isolation \
       --no-deps --target /tmp/sj_no_setmaxnreg --config-settings=cmake.define.SAMOYEDS_CUDA_ARCHS=90a \
       "$REPO" > "$OUT/build_racecheck.log" 2>&1 || { tail -20 "$OUT/build_racecheck.log"; exit 1; }
   fi
-  step "compute-sanitizer"
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
-  for run in $runs; do
-    local kern=${run%%:*} splits=${run##*:}
-    for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
-      local path=""
-      [ $tool = racecheck ] && [ -d /tmp/sj_no_setmaxnreg ] && path=/tmp/sj_no_setmaxnreg
-      echo "--- $kern splits=$splits $tool" >> "$OUT/sanitizer.log"
-      (cd /tmp && PYTHONPATH=$path timeout ${SANITIZE_TIMEOUT:-150} compute-sanitizer --tool $tool \
-        --kernel-name kns=RaggedDot --error-exitcode 9 \
-        python3 "$REPO/scripts/sanitize_case.py" -v --kernel=$kern --splits=$splits) >> "$OUT/sanitizer.log" 2>&1
-      sanitize_result "$kern splits=$splits $tool" $?
-    done
-  done
-  unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
+  local racecheck_path=""
+  [ -d /tmp/sj_no_setmaxnreg ] && racecheck_path=/tmp/sj_no_setmaxnreg
+  step "compute-sanitizer (pytest -m sanitize)"
+  SAMOYEDS_SANITIZE_RUNS=${SANITIZE_RUNS:-} SAMOYEDS_SANITIZE_TOOLS=${SANITIZE_TOOLS:-} \
+    SAMOYEDS_SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-} SAMOYEDS_SANITIZE_RACECHECK_PATH=$racecheck_path \
+    marked sanitize sanitizer.log
 }
 
 stress() {
   build
-  step "launch stress"
-  for kern in hopper stream; do
-    (cd /tmp && timeout 120 python3 "$REPO/scripts/launch_stress.py" ${STRESS_LAUNCHES:-20000} --kernel=$kern) 2>&1 \
-      | quiet | tee -a "$OUT/stress.log" | tail -3
-    note "stress $kern exit=${PIPESTATUS[0]}"
-  done
-  note "stress: $(grep -c STRESS_OK "$OUT/stress.log") cases ok"
+  step "launch stress (pytest -m stress)"
+  SAMOYEDS_STRESS_LAUNCHES=${STRESS_LAUNCHES:-} SAMOYEDS_STRESS_TIMEOUT=${STRESS_TIMEOUT:-} \
+    marked stress stress.log
 }
 
 soak() {
   build
-  step "soak"
-  (cd /tmp && python3 "$REPO/scripts/soak.py" --seconds="${SOAK_SECONDS:-150}" --json_out="$OUT/soak.json") 2>&1 \
-    | quiet | tee -a "$OUT/soak.log" | tail -6
-  grep -E "SOAK" "$OUT/soak.log" | tail -1 >> "$OUT/summary.txt"
+  step "soak (pytest -m soak)"
+  SAMOYEDS_SOAK_SECONDS=${SOAK_SECONDS:-150} SAMOYEDS_SOAK_JSON="$OUT/soak.json" marked soak soak.log
+  grep -E "^SOAK (PASSED|FAILED)" "$OUT/soak.log" | tail -1 | tee -a "$OUT/summary.txt"
 }
 
 kernels() {
@@ -226,10 +224,9 @@ layer() {
 
 multi() {
   build
-  export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off
-  step "sharded layer == single-device layer on $(nvidia-smi -L | wc -l) GPUs"
-  (cd /tmp && timeout 240 python3 "$REPO/scripts/multi_gpu_equal.py") 2>&1 | quiet | tee -a "$OUT/multi.log"
-  grep "failures" "$OUT/multi.log" | tail -1 >> "$OUT/summary.txt"
+  step "sharded layer == single-device layer on $(nvidia-smi -L | wc -l) GPUs (pytest -m multi_gpu)"
+  SAMOYEDS_MULTI_TIMEOUT=${MULTI_TIMEOUT:-} marked multi_gpu multi.log
+  grep "^sharded == single-device" "$OUT/multi.log" | tail -1 | tee -a "$OUT/summary.txt"
 }
 
 full() {

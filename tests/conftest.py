@@ -8,8 +8,10 @@ captured output (shown on failure) and tests put it in their assertion messages.
 failing run with ``SAMOYEDS_TEST_SEED=<base>``.
 
 Devices: tests run with the CPU as JAX's default device (the CPU suite checks the C++
-handler even on a machine with a GPU), except tests marked ``gpu``, which are skipped
-cleanly when ``jax.devices()`` has no GPU.
+handler even on a machine with a GPU), except tests marked ``gpu`` or with one of the
+long GPU checks' marks (``soak``, ``sanitize``, ``stress``, ``multi_gpu``; pyproject.toml
+leaves those out of a run that does not ask for them), which are skipped cleanly when
+``jax.devices()`` has no GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count=8").strip()
+# No GPU memory reserved up front: the long GPU checks run their programs in child
+# processes (tests/script_runner.py), which need the memory too.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -59,8 +64,15 @@ def pytest_collection_modifyitems(config, items):
             hypothesis.seed(BASE_SEED)(obj)
 
 
+GPU_MARKS = ("gpu", "soak", "sanitize", "stress", "multi_gpu")
+
+
+def _on_gpu(item) -> bool:
+    return any(item.get_closest_marker(mark) is not None for mark in GPU_MARKS)
+
+
 def pytest_runtest_setup(item):
-    if item.get_closest_marker("gpu") is not None and not has_gpu():
+    if _on_gpu(item) and not has_gpu():
         pytest.skip("needs a CUDA GPU: jax.devices() has no 'gpu' platform")
 
 
@@ -74,7 +86,7 @@ def requires_gpu():
 
 @pytest.fixture(autouse=True)
 def _cpu_by_default(request):
-    if request.node.get_closest_marker("gpu") is not None:
+    if _on_gpu(request.node):
         yield
         return
     with jax.default_device(jax.devices("cpu")[0]):
