@@ -166,7 +166,7 @@ def test_mixtralish_shapes_match_the_cpu_handler_and_are_deterministic(e, k, m, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("glu", ["", "silu"])
+@pytest.mark.parametrize("glu", [None, "silu"], ids=["plain", "silu"])
 def test_grad_of_ragged_dot_and_the_fused_glu_match_cpu(glu, dtype, rng, seed):
     cfg = sj.SparsityConfig(1, 2, 64)
     e, k, f = 4, 256, 96
