@@ -10,6 +10,11 @@ from samoyeds_jax.moe import (
 from samoyeds_jax.ops import dot, ragged_dot
 from samoyeds_jax.sharding import moe_sharded, ragged_dot_sharded, shard_params
 
+# The product's autodiff rules and its lowering under jit are registered on the primitive
+# of `ops` by these two modules; importing the package imports them.
+from samoyeds_jax import backward as _backward  # noqa: E402,F401  (isort: skip)
+from samoyeds_jax import partitioning as _partitioning  # noqa: E402,F401  (isort: skip)
+
 # The flax modules live in `samoyeds_jax.flax` (imported on demand: flax is optional).
 __all__ = ["MoEConfig", "SparseWeight", "SparsityConfig", "combine", "decode", "decode_moe",
            "dispatch", "dot", "encode", "init_dense_moe", "moe", "moe_dense",

@@ -2,10 +2,11 @@
 
 One primitive, ``samoyeds_ragged_dot``, backs :func:`dot` and :func:`ragged_dot`: ``cpu``
 lowers to the C++ handler, ``cuda`` to the CUDA handler (both XLA FFI custom calls from
-the ``_samoyeds`` module). Under jit the lowering goes through the partitioning rule
-beside it (:mod:`samoyeds_jax.partitioning`): one such call per device on sharded
-operands. Its gradients (w.r.t. x and the kept values) bind the backward primitives of
-:mod:`samoyeds_jax.backward`, which have per-platform lowerings of their own.
+the ``_samoyeds`` module). Two modules build on it and register their rules on it when
+the package is imported (``samoyeds_jax/__init__.py``): :mod:`samoyeds_jax.backward`,
+its autodiff rules and the backward primitives (gradients w.r.t. x and the kept values),
+and :mod:`samoyeds_jax.partitioning`, the lowering under jit (one call per device on
+sharded operands).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import batching, mlir
 
 from samoyeds_jax import _samoyeds
 from samoyeds_jax._util import inverse_permutation
@@ -290,166 +291,6 @@ def _batch(args, dims, *, config: SparsityConfig, has_sel: bool, glu: str = "",
 batching.primitive_batchers[ragged_dot_p] = _batch
 
 
-# --- autodiff (bilinear in x and the kept values; the pattern is fixed) -----------------
-#
-# The product is linear in x and in sw.values (decode places the stored values, it never
-# combines them); the sub-row indices and metadata are integers with no gradient. Each
-# rule below binds one call per linear operand, so every transpose sees exactly one
-# undefined input: dx goes through ragged_dot_t_p (below), dvalues through
-# samoyeds_jax.backward (an SDDMM that computes the stored positions only).
-
-def _bind_like(a, values, indices, metadata, sel, gs, *, config, has_sel, kernel):
-    """The unfused product of another x (``a``) or another values array."""
-    return ragged_dot_p.bind(a, values, indices, metadata, sel, gs, config=config,
-                             has_sel=has_sel, glu="", kernel=kernel)
-
-
-def _add_tangents(parts):
-    """The sum of the tangents that are not symbolic zeros (None when all are)."""
-    parts = [p for p in parts if p is not None]
-    return functools.reduce(lambda a, b: a + b, parts) if parts else None
-
-
-def _jvp(primals, tangents, *, config: SparsityConfig, has_sel: bool, glu: str = "",
-         kernel: KernelChoice = _AUTO):
-    x, values, indices, metadata, sel, gs = primals
-    tx, tv = (None if type(t) is ad.Zero else t for t in tangents[:2])
-    bind = functools.partial(_bind_like, indices=indices, metadata=metadata, sel=sel, gs=gs,
-                             config=config, has_sel=has_sel, kernel=kernel)
-    if glu:
-        # Differentiated through the unfused product: y = act(g) * u of [g | u] = x @ W,
-        # whose tangent is linear in [dg | du] (the GLU's derivative is elementwise).
-        def gate_up(a, vals):
-            if vals.ndim == 4:  # gate and up stacked: one product per half
-                return tuple(_bind_like(
-                    a, vals[:, h], indices[:, h], metadata[:, h], sel, gs, config=config,
-                    has_sel=has_sel, kernel=kernel).astype(jnp.float32) for h in (0, 1))
-            gu = bind(a, vals).astype(jnp.float32)
-            return gu[:, :gu.shape[-1] // 2], gu[:, gu.shape[-1] // 2:]
-
-        g, u = gate_up(x, values)
-        act, dact = jax.jvp(lambda z: _glu_act(z, glu), (g,), (jnp.ones_like(g),))
-        y = (act * u).astype(x.dtype)
-        halves = [gate_up(tx, values) if tx is not None else None,
-                  gate_up(x, tv) if tv is not None else None]
-        halves = [h for h in halves if h is not None]
-        if not halves:
-            return y, ad.Zero.from_primal_value(y)
-        dg = _add_tangents([h[0] for h in halves])
-        du = _add_tangents([h[1] for h in halves])
-        return y, (dact * u * dg + act * du).astype(x.dtype)
-    y = ragged_dot_p.bind(*primals, config=config, has_sel=has_sel, glu="", kernel=kernel)
-    ty = _add_tangents([bind(tx, values) if tx is not None else None,
-                        bind(x, tv) if tv is not None else None])
-    return y, ad.Zero.from_primal_value(y) if ty is None else ty
-
-
-def _scatter_rows(dxr: jax.Array, sel: jax.Array, tokens: int, has_sel: bool) -> jax.Array:
-    """``dx [T, K]`` float32 from the rows' ``dxr [R, K]``: ``dx[sel[r]] += dxr[r]`` (or
-    ``dxr`` itself without SEL). A sel entry outside ``[0, T)`` reads a zero row (CUDA): it
-    receives no gradient. An explicit bound, since .at[] would wrap a negative index
-    around to the last tokens."""
-    if not has_sel:
-        return dxr
-    dst = jnp.where((sel >= 0) & (sel < tokens), sel, tokens)
-    return jnp.zeros((tokens, dxr.shape[1]), jnp.float32).at[dst].add(dxr, mode="drop")
-
-
-def _transpose(ct, x, values, indices, metadata, sel, gs, *, config: SparsityConfig,
-               has_sel: bool, glu: str = "", kernel: KernelChoice = _AUTO):
-    assert not glu, "a fused GLU is not linear; its JVP uses the unfused product"
-    x_lin, v_lin = ad.is_undefined_primal(x), ad.is_undefined_primal(values)
-    assert x_lin != v_lin, "each call of the JVP is linear in x or in the values, not both"
-    if type(ct) is ad.Zero:
-        zero = ad.Zero(x.aval) if x_lin else ad.Zero(values.aval)
-        return (zero, None, None, None, None, None) if x_lin else \
-            (None, zero, None, None, None, None)
-    if x_lin:
-        # dx[src(r)] += ct[r] @ W_e(r)^T.
-        dxr = ragged_dot_t_p.bind(ct, values, indices, metadata, gs, config=config)  # [R, K]
-        dx = _scatter_rows(dxr, sel, x.aval.shape[0], has_sel)
-        return (dx.astype(x.aval.dtype), None, None, None, None, None)
-    # dvalues: the stored positions of sum_r x[src(r)]^T ct[r], per expert.
-    aval = values.aval
-    if aval.ndim == 4:  # [E, 2, Mk/2, .] (gate and up stacked) is the [E, Mk, .] it views
-        indices, metadata = (a.reshape(_merged_halves(a).shape) for a in (indices, metadata))
-    dv = backward.dvalues(x, ct, indices, metadata, sel, gs, config=config, has_sel=has_sel)
-    return (None, dv.reshape(aval.shape).astype(aval.dtype), None, None, None, None)
-
-
-ad.primitive_jvps[ragged_dot_p] = _jvp
-ad.primitive_transposes[ragged_dot_p] = _transpose
-
-
-# The rows of dx, dxr[r] = ct[r] @ W_e(r)^T (float32, zero at or past sum(group_sizes)),
-# are their own primitive: jax.lax.ragged_dot has no vmap rule for operands batched on
-# different axes, so vmap(grad) and jax.hessian need this one's batching rule. It is
-# bilinear in ct and the values, like the product.
-ragged_dot_t_p = Primitive(TARGET + "_transpose")
-
-
-def _t_rows(ct, values, indices, metadata, gs, *, config: SparsityConfig):
-    """One device's ``dxr [R, K]`` (samoyeds_jax.backward: the CPU handler reads the
-    compressed weight; other platforms decode it)."""
-    return backward.dx_rows(ct, values, indices, metadata, gs, config=config)
-
-
-ragged_dot_t_p.def_abstract_eval(lambda ct, values, *_, config: jax.core.ShapedArray(
-    (ct.shape[0], values.shape[-1] * KEPT_PER_GROUP), jnp.float32))
-ragged_dot_t_p.def_impl(lambda *a, config: jax.jit(_t_rows, static_argnames="config")(
-    *a, config=config))
-mlir.register_lowering(ragged_dot_t_p, mlir.lower_fun(_t_rows, multiple_results=False))
-
-
-def map_batch(prim: Primitive):
-    """A batching rule for ``prim``: one call per batch member (``jax.lax.map``), the
-    batch axis of the result first. A correct, not fast, rule for the backward
-    primitives, which only meet vmap through vmap(grad) or higher derivatives."""
-    def rule(args, dims, **params):
-        mapped = tuple(jnp.moveaxis(a, d, 0) for a, d in zip(args, dims) if d is not None)
-
-        def one(sliced):
-            it = iter(sliced)
-            full = [a if d is None else next(it) for a, d in zip(args, dims)]
-            return prim.bind(*full, **params)
-
-        return jax.lax.map(one, mapped), 0
-    return rule
-
-
-def _t_jvp(primals, tangents, *, config: SparsityConfig):
-    ct, values = primals[:2]
-    tct, tv = (None if type(t) is ad.Zero else t for t in tangents[:2])
-    out = ragged_dot_t_p.bind(*primals, config=config)
-    parts = [ragged_dot_t_p.bind(tct, *primals[1:], config=config) if tct is not None else None,
-             ragged_dot_t_p.bind(ct, tv, *primals[2:], config=config) if tv is not None
-             else None]
-    tout = _add_tangents(parts)
-    return out, ad.Zero.from_primal_value(out) if tout is None else tout
-
-
-def _t_transpose(cdx, ct, values, indices, metadata, gs, *, config: SparsityConfig):
-    ct_lin = ad.is_undefined_primal(ct)
-    if type(cdx) is ad.Zero:
-        return ((ad.Zero(ct.aval), None, None, None, None) if ct_lin else
-                (None, ad.Zero(values.aval), None, None, None))
-    if ct_lin:
-        # The transpose of ct -> dxr is the forward product, rows past sum(gs) zero.
-        dct = ragged_dot_p.bind(cdx.astype(ct.aval.dtype), values, indices, metadata,
-                                jnp.zeros((0,), jnp.int32), gs, config=config,
-                                has_sel=False, glu="")
-        return (dct, None, None, None, None)
-    # dxr[r] = ct[r] @ W^T is, in the values, the product's own form with x := cdx.
-    dv = backward.dvalues(cdx.astype(values.aval.dtype), ct, indices, metadata,
-                          jnp.zeros((0,), jnp.int32), gs, config=config, has_sel=False)
-    return (None, dv.astype(values.aval.dtype), None, None, None)
-
-
-batching.primitive_batchers[ragged_dot_t_p] = map_batch(ragged_dot_t_p)
-ad.primitive_jvps[ragged_dot_t_p] = _t_jvp
-ad.primitive_transposes[ragged_dot_t_p] = _t_transpose
-
-
 # --- public API ------------------------------------------------------------------------
 
 def _check_sw(sw: Any, expert_axis: bool, glu: str | None = None) -> None:
@@ -564,10 +405,3 @@ def dot(x: jax.Array, sw: SparseWeight, *, glu: str | None = None) -> jax.Array:
                                   sw.config)
     y = ragged_dot(rows, expert, jnp.full((1,), rows.shape[0], jnp.int32), glu=glu)
     return y.reshape(*lead, y.shape[-1])
-
-
-# The backward products (dx rows, dvalues), bound by the rules above.
-from samoyeds_jax import backward  # noqa: E402
-# Under jit both primitives lower through their partitioning rule (one call per device on
-# sharded operands; the kernel itself on one device).
-from samoyeds_jax import partitioning as _partitioning  # noqa: E402,F401

@@ -76,7 +76,7 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samoyeds_jax import _samoyeds, ops
+from samoyeds_jax import _samoyeds, backward, ops
 from samoyeds_jax._util import mesh_axes, mesh_size, spec_entry
 from samoyeds_jax.format import ROW_TILE, SparsityConfig
 
@@ -106,8 +106,8 @@ mlir.register_lowering(local_p, _local_lowering if _samoyeds.HAS_CUDA else ops._
                        platform="cuda")
 
 local_t_p = Primitive(ops.TARGET + "_transpose_local")
-local_t_p.def_effectful_abstract_eval(ops.ragged_dot_t_p.abstract_eval)
-mlir.register_lowering(local_t_p, mlir.lower_fun(ops._t_rows, multiple_results=False))
+local_t_p.def_effectful_abstract_eval(backward.ragged_dot_t_p.abstract_eval)
+mlir.register_lowering(local_t_p, mlir.lower_fun(backward._t_rows, multiple_results=False))
 
 
 # --- the plan: which mesh axes split which role --------------------------------------------
@@ -468,5 +468,5 @@ def _transpose_lowering(ctx, *args, config):
 # the same set).
 for _platform in ("cpu", "cuda"):
     mlir.register_lowering(ops.ragged_dot_p, _product_lowering, platform=_platform)
-mlir.register_lowering(ops.ragged_dot_t_p, _transpose_lowering)
-_jax_dispatch.prim_requires_devices_during_lowering.update((ops.ragged_dot_p, ops.ragged_dot_t_p))
+mlir.register_lowering(backward.ragged_dot_t_p, _transpose_lowering)
+_jax_dispatch.prim_requires_devices_during_lowering.update((ops.ragged_dot_p, backward.ragged_dot_t_p))

@@ -476,8 +476,9 @@ def test_primitive_partitions_under_jit(name, part, prim_inputs):
 
 def test_stacked_gate_up_is_the_same_product(prim_inputs):
     """On one device the stacked [E, 2, K, F] weight is the [E, K, 2F] one: the same fused
-    GLU bit for bit (jit and vmap), gradients equal up to float32 summation order (two
-    half-width transposes instead of one), refused without a GLU."""
+    GLU bit for bit (jit and vmap), gradients equal up to rounding (two half-width
+    transposes instead of one: each half's dx is rounded to bf16 before the two are
+    added, as a K split's partials are), refused without a GLU."""
     x, gs, sel = prim_inputs["x"], prim_inputs["gs"], prim_inputs["sel"]
 
     def f(x, w):
@@ -489,7 +490,8 @@ def test_stacked_gate_up_is_the_same_product(prim_inputs):
     np.testing.assert_array_equal(f64(jax.vmap(f, (0, None))(xb, prim_inputs[W4])),
                                   f64(jax.vmap(f, (0, None))(xb, prim_inputs[W3])))
     g3, g4 = (_loss_grad(f)(x, prim_inputs[w]) for w in (W3, W4))
-    assert rel_err(g4, g3) <= TOL, f"grad relative error {rel_err(g4, g3):.3g}"
+    assert rel_err(g4, g3) <= tol("k_split", jnp.bfloat16), \
+        f"grad relative error {rel_err(g4, g3):.3g}"
     with pytest.raises(ValueError, match=r"\[E, K, M\]"):
         sj.ragged_dot(x, prim_inputs[W4], gs, sel)
 
