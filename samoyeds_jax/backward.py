@@ -55,7 +55,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -64,8 +63,8 @@ from samoyeds_jax.format import (
     GROUP_WIDTH, KEPT_PER_GROUP, SUPPORTED_DTYPES, SparseWeight, SparsityConfig, decode,
     group_positions)
 from samoyeds_jax.ops import (
-    _AUTO, TARGET, KernelChoice, _clip_sizes, _glu_act, _merged_halves, _shape_str,
-    ragged_dot_p)
+    _AUTO, TARGET, KernelChoice, _clip_sizes, _def_eager_impl, _ffi_attrs, _glu_act,
+    _merged_halves, _shape_str, ragged_dot_p)
 
 __all__ = ["block_rows", "dvalues", "dvalues_xla", "dx_rows", "dx_xla", "expert_blocks",
            "xla_backward_on_cuda"]
@@ -85,11 +84,6 @@ def _clipped(gs: jax.Array, rows: int) -> jax.Array:
     ``rows``."""
     start, end = _clip_sizes(gs, rows)
     return end - start
-
-
-def _attrs(config: SparsityConfig, **more) -> dict:
-    return dict(n=np.int64(config.n), v=np.int64(config.v),
-                sub_row=np.int64(config.sub_row), **{k: np.int64(v) for k, v in more.items()})
 
 
 # --- dx rows ---------------------------------------------------------------------------
@@ -401,8 +395,7 @@ def _t_rows(ct, values, indices, metadata, gs, *, config: SparsityConfig):
 
 ragged_dot_t_p.def_abstract_eval(lambda ct, values, *_, config: jax.core.ShapedArray(
     (ct.shape[0], values.shape[-1] * KEPT_PER_GROUP), jnp.float32))
-ragged_dot_t_p.def_impl(lambda *a, config: jax.jit(_t_rows, static_argnames="config")(
-    *a, config=config))
+_def_eager_impl(ragged_dot_t_p)
 mlir.register_lowering(ragged_dot_t_p, mlir.lower_fun(_t_rows, multiple_results=False))
 
 
@@ -462,14 +455,8 @@ batching.primitive_batchers[dvalues_p] = map_batch(dvalues_p)
 
 # --- eager calls and lowerings ----------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _jitted(prim: Primitive, params: tuple):
-    return jax.jit(lambda *a: prim.bind(*a, **dict(params)))
-
-
-for _prim in (dx_p, dvalues_p):
-    # An eager call compiles the one-primitive computation (shape rule and lowering).
-    _prim.def_impl(lambda *a, _p=_prim, **params: _jitted(_p, tuple(sorted(params.items())))(*a))
+_def_eager_impl(dx_p)
+_def_eager_impl(dvalues_p)
 
 
 # Whether CUDA lowerings take the XLA path although the module has CUDA handlers
@@ -498,7 +485,7 @@ def _platform_lowerings(prim: Primitive, target: str, xla_fn, attr_names: tuple[
     ``xla_fn``."""
     def ffi_lowering(ctx, *args, config, **params):
         return jax.ffi.ffi_lowering(target)(ctx, *args,
-                                            **_attrs(config, **{a: params[a] for a in attr_names}))
+                                            **_ffi_attrs(config, **{a: params[a] for a in attr_names}))
 
     xla = mlir.lower_fun(xla_fn, multiple_results=False)
     mlir.register_lowering(prim, xla)

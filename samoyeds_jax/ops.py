@@ -164,24 +164,31 @@ ragged_dot_p.def_abstract_eval(_abstract_eval)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(config: SparsityConfig, has_sel: bool, glu: str, kernel: KernelChoice):
-    return jax.jit(lambda *a: ragged_dot_p.bind(*a, config=config, has_sel=has_sel, glu=glu,
-                                                kernel=kernel))
+def _jitted(prim: Primitive, params: tuple):
+    return jax.jit(lambda *a: prim.bind(*a, **dict(params)))
 
 
-# Eager calls compile the one-primitive computation once per (config, has_sel, glu).
-ragged_dot_p.def_impl(
-    lambda *args, config, has_sel, glu="", kernel=_AUTO: _jitted(config, has_sel, glu,
-                                                                 kernel)(*args))
+def _def_eager_impl(prim: Primitive) -> None:
+    """An eager call of ``prim`` compiles the one-primitive computation (its shape rule
+    and lowering), once per set of parameters."""
+    prim.def_impl(lambda *a, **params: _jitted(prim, tuple(sorted(params.items())))(*a))
+
+
+def _ffi_attrs(config: SparsityConfig, **more: int) -> dict:
+    """The FFI attributes of a weight's pattern (format.h's n, v, sub_row) and ``more``,
+    all int64 as the handlers bind them."""
+    return dict(n=np.int64(config.n), v=np.int64(config.v),
+                sub_row=np.int64(config.sub_row), **{k: np.int64(v) for k, v in more.items()})
+
+
+_def_eager_impl(ragged_dot_p)
 
 
 def _lowering(ctx, *args, config: SparsityConfig, has_sel: bool, glu: str = "",
               kernel: KernelChoice = _AUTO):
     return jax.ffi.ffi_lowering(TARGET)(
-        ctx, *args, n=np.int64(config.n), v=np.int64(config.v),
-        sub_row=np.int64(config.sub_row), has_sel=np.int64(has_sel),
-        glu=np.int64(GLU_CODES.get(glu, 0)), kernel=np.int64(KERNEL_CODES[kernel.kernel]),
-        splits=np.int64(kernel.splits))
+        ctx, *args, **_ffi_attrs(config, has_sel=has_sel, glu=GLU_CODES.get(glu, 0),
+                                 kernel=KERNEL_CODES[kernel.kernel], splits=kernel.splits))
 
 
 def _no_cuda_lowering(ctx, *args, **params):
