@@ -12,7 +12,6 @@
 // checks weights where they enter).
 #include <cuda_runtime.h>
 
-#include <iterator>
 #include <string>
 
 #include "backward_problem.h"
@@ -68,15 +67,15 @@ cudaError_t LaunchFor(cudaStream_t stream, const BwdArgs& b) {
                 : LaunchDvalues<T, N, V, 1>(stream, b);
 }
 
-template <Product P, typename T, size_t I = 0>
+// Any config outside format.h's list is unreachable: CheckWeight refused it.
+template <Product P, typename T>
 cudaError_t Dispatch(cudaStream_t stream, const BwdArgs& b, int n, int v) {
-  if constexpr (I < std::size(kSupportedNV)) {
-    constexpr NV nv = kSupportedNV[I];
-    if (n == nv.n && v == nv.v) return LaunchFor<P, T, nv.n, nv.v>(stream, b);
-    return Dispatch<P, T, I + 1>(stream, b, n, v);
-  } else {
-    return cudaErrorInvalidValue;  // unreachable: CheckWeight refused the config
-  }
+  return WithSupportedNV(
+      n, v,
+      [&](auto nc, auto vc) {
+        return LaunchFor<P, T, decltype(nc)::value, decltype(vc)::value>(stream, b);
+      },
+      cudaErrorInvalidValue);
 }
 
 // The kernels index rows and columns with 32-bit integers and put E and the column tiles

@@ -18,7 +18,11 @@
 //   metadata [E, Mk, K/32]  uint32, 2 bits per kept value, in hardware order (below)
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
+#include <type_traits>
+#include <utility>
 
 namespace samoyeds {
 
@@ -42,6 +46,21 @@ constexpr int MaxSubRow() {
   int m = 0;
   for (int s : kSupportedSubRows) m = s > m ? s : m;
   return m;
+}
+
+// The one dispatch over the list: f(std::integral_constant<int, N>{},
+// std::integral_constant<int, V>{}) for the supported config n:v, else `missing`. Every
+// kernel family instantiates exactly the configs of kSupportedNV through it.
+template <size_t I = 0, typename F, typename R>
+R WithSupportedNV(int64_t n, int64_t v, F&& f, R missing) {
+  if constexpr (I < std::size(kSupportedNV)) {
+    constexpr NV nv = kSupportedNV[I];
+    if (n == nv.n && v == nv.v)
+      return f(std::integral_constant<int, nv.n>{}, std::integral_constant<int, nv.v>{});
+    return WithSupportedNV<I + 1>(n, v, std::forward<F>(f), missing);
+  } else {
+    return missing;
+  }
 }
 
 constexpr bool IsSupported(int64_t n, int64_t v, int64_t sub_row) {

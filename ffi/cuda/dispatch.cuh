@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <iterator>
 
 #include "cuda/device.cuh"
 #include "cuda/hopper/config.cuh"
@@ -64,17 +63,17 @@ cudaError_t LaunchBest(cudaStream_t stream, const Args& a, KernelChoice kernel) 
   return LaunchWarpLevel<T, N, V>(stream, a);
 }
 
-// The launch for config n:v, found in format.h's list of supported configs.
-template <typename T, size_t I = 0>
+// The launch for config n:v, found in format.h's list of supported configs (any other
+// is unreachable: CheckProblem refused it).
+template <typename T>
 cudaError_t Dispatch(cudaStream_t stream, const Args& a, int n, int v,
                      KernelChoice kernel = KernelChoice::kAuto) {
-  if constexpr (I < std::size(kSupportedNV)) {
-    constexpr NV nv = kSupportedNV[I];
-    if (n == nv.n && v == nv.v) return LaunchBest<T, nv.n, nv.v>(stream, a, kernel);
-    return Dispatch<T, I + 1>(stream, a, n, v, kernel);
-  } else {
-    return cudaErrorInvalidValue;  // unreachable: CheckProblem refused the config
-  }
+  return WithSupportedNV(
+      n, v,
+      [&](auto nc, auto vc) {
+        return LaunchBest<T, decltype(nc)::value, decltype(vc)::value>(stream, a, kernel);
+      },
+      cudaErrorInvalidValue);
 }
 
 }  // namespace samoyeds::cuda
