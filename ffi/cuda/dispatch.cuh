@@ -41,9 +41,7 @@ template <int V>
 bool UseStreamFor(const Args& a) {
   if (a.rows <= kStreamNarrowMaxRowsPerExpert * a.experts) return true;
   using Cfg = HopperCfgFor<V>;
-  const int64_t row_tiles = std::max<int64_t>((a.rows + Cfg::kBN - 1) / Cfg::kBN,
-                                              std::min(a.experts, a.rows));
-  const int64_t blocks = row_tiles * MTiles<Cfg::kBM>(a);
+  const int64_t blocks = BusyRowTiles<Cfg::kBN>(a) * MTiles<Cfg::kBM>(a);
   const int sms = CurrentDevice().sms;
   return UseHopperFor(a) ? 4 * blocks < sms : blocks < sms;
 }

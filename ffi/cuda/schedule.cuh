@@ -45,6 +45,14 @@ inline unsigned RowTiles(const Args& a) {
       std::max<int64_t>(1, std::min(r, (r + (int64_t{a.experts} + 1) * (BN - 1)) / BN)));
 }
 
+// Row tiles of BN that hold rows, assuming the routed rows spread over as many experts
+// as they can (host-side: the group sizes stay on the device). The launchers size their
+// K splits and choose their kernel from it.
+template <int BN>
+inline int64_t BusyRowTiles(const Args& a) {
+  return std::max<int64_t>((a.rows + BN - 1) / BN, std::min(a.experts, a.rows));
+}
+
 // Activation bytes one raster group of row tiles keeps hot in the L2 (BlockTile).
 constexpr int64_t kRasterBytes = int64_t{8} << 20;
 

@@ -13,6 +13,7 @@
 
 #include "cuda/device.cuh"
 #include "cuda/hopper/stage.cuh"
+#include "cuda/schedule.cuh"
 #include "cuda/tile.cuh"
 
 namespace samoyeds::cuda {
@@ -83,9 +84,7 @@ template <typename Cfg>
 int StreamSplitsFor(const Args& a, int m_tiles) {
   const int k_stages = (a.k + Cfg::kBK - 1) / Cfg::kBK;
   if (a.splits > 0) return std::min(a.splits, k_stages);
-  // Busy row tiles, assuming the routed rows spread over as many experts as they can.
-  const int64_t row_tiles = std::max<int64_t>((a.rows + Cfg::kBN - 1) / Cfg::kBN,
-                                              std::min(a.experts, a.rows));
+  const int64_t row_tiles = BusyRowTiles<Cfg::kBN>(a);
   const int64_t slots = int64_t{Cfg::kBlocksPerSm} * CurrentDevice().sms;
   const int64_t fit = slots / std::max<int64_t>(1, row_tiles * m_tiles);
   const int s = static_cast<int>(std::max<int64_t>(

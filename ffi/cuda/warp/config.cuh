@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cuda/device.cuh"
+#include "cuda/schedule.cuh"
 #include "cuda/tile.cuh"
 
 namespace samoyeds::cuda {
@@ -77,9 +78,7 @@ int SplitsFor(const Args& a, int m_tiles) {
   if (dev.major < 9) return 1;
   const int k_stages = (a.k + Tile::kBK - 1) / Tile::kBK;
   if (a.splits > 0) return std::min(a.splits, k_stages);
-  // Busy row tiles, assuming the routed rows spread over as many experts as they can.
-  const int64_t row_tiles = std::max<int64_t>((a.rows + Tile::kBN - 1) / Tile::kBN,
-                                              std::min(a.experts, a.rows));
+  const int64_t row_tiles = BusyRowTiles<Tile::kBN>(a);
   const int64_t target = int64_t{kSplitTargetBlocksPerSm} * dev.sms;
   int s = 1;
   while (s < kMaxSplits && row_tiles * m_tiles * s * 2 <= target &&
