@@ -15,8 +15,10 @@ differentiates the same function up to dropped tokens):
                          gate, up, down, router and x
   xla_capacity_einsum    the GShard-style capacity layer of benchmarks/_baselines.py
                          (--capacity_factor), same gradients
-The loss is sum(layer(x) * ct) for a fixed random ct. `vs dense` is the path's time over
-the best dense path's at the same T. One step per timed program (a step reads gigabytes:
+The loss is sum(layer(x) * ct) for a fixed random ct. Each path is timed twice in the run:
+the loss alone (forward) and its gradient (forward + backward); the backward's time is their
+difference. `vs dense` is the path's time over the best dense path's at the same T, for
+forward + backward and for the backward alone. One step per timed program (a step reads gigabytes:
 neither a warm L2 nor launch overlap matters), the median over `--reps` programs; device
 time from a profiler trace on a GPU (benchmarks/_trace.py), wall clock elsewhere. `--shrink` divides d_model and d_ff (a CPU
 smoke run: tests/test_benchmarks.py).
@@ -59,13 +61,13 @@ flags.DEFINE_string("json_out", "", "write results as JSON here")
 DENSE = ("xla_ragged_dot", "xla_capacity_einsum")
 
 
-def _step(layer):
-    """jax.grad of sum(layer(p, x) * ct) w.r.t. (p, x), jitted; the weights are
-    arguments, never closures (closed-over arrays become constants)."""
+def _programs(layer):
+    """The jitted loss sum(layer(p, x) * ct) and its gradient w.r.t. (p, x); the weights
+    are arguments, never closures (closed-over arrays become constants)."""
     def loss(p, x, ct):
         return jnp.sum(layer(p, x).astype(jnp.float32) * ct)
 
-    return jax.jit(jax.grad(loss, (0, 1), allow_int=True))
+    return jax.jit(loss), jax.jit(jax.grad(loss, (0, 1), allow_int=True))
 
 
 def main(argv):
@@ -105,20 +107,30 @@ def main(argv):
         ct = jnp.asarray(rng.standard_normal((t, cfg.d_model)), jnp.float32)
         for path in FLAGS.paths:
             layer, params, context = layers[path]
-            with context():  # the lowering (first call) happens inside
-                wall, dev_s, _ = time_per_call(_step(layer), (params, x, ct), 1, FLAGS.reps)
-            secs = dev_s if dev_s is not None else wall
-            rows.append(dict(tokens=t, path=path, ms=secs * 1e3,
+            secs = []
+            for program in _programs(layer):
+                with context():  # the lowering (first call) happens inside
+                    wall, dev_s, _ = time_per_call(program, (params, x, ct), 1, FLAGS.reps)
+                secs.append(dev_s if dev_s is not None else wall)
+            fwd, total = secs
+            rows.append(dict(tokens=t, path=path, ms=total * 1e3, fwd_ms=fwd * 1e3,
+                             bwd_ms=(total - fwd) * 1e3,
                              timer="device" if dev_s is not None else "wall"))
-            print(f"  T={t:6d} {path:22s} {secs * 1e3:10.4f} ms", flush=True)
+            print(f"  T={t:6d} {path:22s} fwd+bwd {total * 1e3:10.4f} ms, fwd "
+                  f"{fwd * 1e3:10.4f} ms", flush=True)
 
-    print(f"\n{'T':>6} {'path':22} {'ms':>10} {'vs dense':>9}")
+    print(f"\n{'T':>6} {'path':22} {'fwd+bwd ms':>11} {'vs dense':>9} {'fwd ms':>9} "
+          f"{'bwd ms':>9} {'vs dense':>9}")
     for row in rows:
-        best = min((r["ms"] for r in rows if r["tokens"] == row["tokens"] and
-                    r["path"] in DENSE), default=None)
-        row["vs_best_dense"] = row["ms"] / best if best else None
-        rel = f"{row['vs_best_dense']:.2f}x" if best else ""
-        print(f"{row['tokens']:>6} {row['path']:22} {row['ms']:10.4f} {rel:>9}")
+        same = [r for r in rows if r["tokens"] == row["tokens"] and r["path"] in DENSE]
+        rel = {}
+        for key in ("ms", "bwd_ms"):
+            best = min((r[key] for r in same), default=None)
+            rel[key] = row[key] / best if best else None
+        row["vs_best_dense"], row["bwd_vs_best_dense"] = rel["ms"], rel["bwd_ms"]
+        fmt = {k: f"{v:.2f}x" if v else "" for k, v in rel.items()}
+        print(f"{row['tokens']:>6} {row['path']:22} {row['ms']:11.4f} {fmt['ms']:>9} "
+              f"{row['fwd_ms']:9.4f} {row['bwd_ms']:9.4f} {fmt['bwd_ms']:>9}")
     speed = _report.speedups(rows, ("tokens",), "samoyeds", DENSE)
     for r in speed:
         r["tokens_per_expert"] = r["tokens"] * cfg.top_k / cfg.num_experts

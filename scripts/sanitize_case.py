@@ -3,9 +3,11 @@
 Run under the sanitizer with XLA_PYTHON_CLIENT_ALLOCATOR=platform so that every buffer is
 its own allocation (out-of-bounds accesses are then caught at the buffer's edge).
     python scripts/sanitize_case.py [-v] [--kernel=auto|warp|hopper|stream] [--splits=S]
-                                    [N:V ...]
+                                    [--backward] [N:V ...]
 N:V: only these configs (default: all); -v prints each case as it starts; --kernel and
---splits force a kernel and a K split count on every call (sj.ops.force_kernel).
+--splits force a kernel and a K split count on every call (sj.ops.force_kernel);
+--backward runs the backward kernels instead (dx and dvalues through jax.grad, with and
+without SEL, every config and dtype, tail sizes, empty experts, a fused GLU).
 """
 import sys
 
@@ -17,7 +19,7 @@ import samoyeds_jax as sj
 from samoyeds_jax._util import parse_nv
 from samoyeds_jax.format import SUPPORTED_NV
 
-opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+opts = dict((a[2:] + "=").split("=")[:2] for a in sys.argv[1:] if a.startswith("--"))
 args = [a for a in sys.argv[1:] if a != "-v" and not a.startswith("--")]
 VERBOSE = "-v" in sys.argv[1:]
 # Every call of the run uses the forced kernel (the context is left at exit).
@@ -37,6 +39,66 @@ note("package", sj.__file__)
 rng = np.random.default_rng(0)
 cpu = jax.devices("cpu")[0]
 cases = 0
+
+
+def weight(cfg, shape, dtype):
+    # Made on the CPU so that only our kernels touch GPU buffers.
+    with jax.default_device(cpu):
+        w = jnp.asarray(rng.standard_normal(shape), dtype)
+        sw = sj.encode(sj.prune(w, cfg), cfg)
+    return jax.device_put(sw, jax.devices()[0])
+
+
+def backward_cases():
+    """dx and dvalues of ``sum(ragged_dot(x, sw) * ct)`` on every config and dtype."""
+    n = 0
+    for dtype in (jnp.bfloat16, jnp.float16):
+        for nv in CONFIGS:
+            for sub_row in (32, 128):
+                cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
+                k, m = 2 * cfg.k_multiple + (96 if sub_row < 128 else 0), 3 * cfg.m_multiple
+                sw = weight(cfg, (3, k, m), dtype)
+                for tokens in (1, 37):
+                    for gs in ([tokens, 0, 0], [1, 0, tokens - 1] if tokens > 1 else [0, 1, 0]):
+                        for use_sel in (False, True):
+                            note("backward", dtype.__name__, nv, sub_row, k, m, tokens, gs, use_sel)
+                            rows = tokens + 3
+                            sel = (jax.device_put(rng.integers(0, tokens, rows).astype(np.int32))
+                                   if use_sel else None)
+                            x = jax.device_put(np.asarray(
+                                rng.standard_normal((tokens if use_sel else rows, k)), dtype))
+                            ct = jax.device_put(np.asarray(rng.standard_normal((rows, m)), dtype))
+                            gsd = jax.device_put(np.asarray(gs, np.int32))
+
+                            def loss(values, x):
+                                w = sj.SparseWeight.unchecked(values, sw.indices, sw.metadata,
+                                                              sw.config)
+                                y = sj.ragged_dot(x, w, gsd, sel)
+                                return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
+
+                            dv, dx = jax.grad(loss, argnums=(0, 1))(sw.values, x)
+                            jax.block_until_ready((dv, dx))
+                            assert np.isfinite(np.asarray(dv, np.float32)).all()
+                            assert np.isfinite(np.asarray(dx, np.float32)).all()
+                            n += 2
+    # The fused GLU's backward (gate and up halves of one tile).
+    cfg = sj.SparsityConfig(1, 2, sub_row=32)
+    sw = weight(cfg, (2, 1120, 2 * cfg.m_multiple), jnp.bfloat16)
+    x = jax.device_put(np.asarray(rng.standard_normal((9, 1120)), jnp.bfloat16))
+    gsd = jax.device_put(np.asarray([7, 1], np.int32))
+
+    def glu_loss(values, x):
+        w = sj.SparseWeight.unchecked(values, sw.indices, sw.metadata, sw.config)
+        return jnp.sum(sj.ragged_dot(x, w, gsd, glu="silu").astype(jnp.float32))
+
+    note("backward glu", 1120)
+    jax.block_until_ready(jax.grad(glu_loss, argnums=(0, 1))(sw.values, x))
+    return n + 2
+
+
+if "backward" in opts:
+    print(f"sanitizer cases run: {backward_cases()}")
+    sys.exit(0)
 for dtype in (jnp.bfloat16, jnp.float16):
     for nv in CONFIGS:
         cfg = sj.SparsityConfig(*nv, sub_row=32)

@@ -316,5 +316,6 @@ def test_bench_backward_smoke(tmp_path):
         "samoyeds", "samoyeds_xla_backward", "xla_ragged_dot", "xla_capacity_einsum"]
     for r in data["rows"]:
         assert r["tokens"] == 32 and r["ms"] > 0 and r["vs_best_dense"] > 0
+        assert r["fwd_ms"] > 0 and r["bwd_ms"] == pytest.approx(r["ms"] - r["fwd_ms"])
     assert {r["baseline"] for r in data["speedup"]} == {"xla_ragged_dot",
                                                         "xla_capacity_einsum"}

@@ -5,8 +5,9 @@ run must end with exit status 0 (the sanitizer exits 9 on any finding).
 Runs only under ``pytest -m sanitize``; skipped without a GPU or without
 ``compute-sanitizer`` on the PATH. Settings (environment):
 
-* ``SAMOYEDS_SANITIZE_RUNS``: space-separated ``kernel:splits`` runs (default
-  ``auto:0 hopper:0 stream:0 stream:8 warp:8``);
+* ``SAMOYEDS_SANITIZE_RUNS``: space-separated ``kernel:splits`` runs of the forward
+  kernels, or ``backward`` for the backward kernels through ``jax.grad`` (default
+  ``auto:0 hopper:0 stream:0 stream:8 warp:8 backward``);
 * ``SAMOYEDS_SANITIZE_TOOLS``: the tools (default ``memcheck racecheck initcheck
   synccheck``);
 * ``SAMOYEDS_SANITIZE_TIMEOUT``: seconds per run (default 150);
@@ -29,7 +30,8 @@ from script_runner import env_number, run_script, script
 
 pytestmark = pytest.mark.sanitize
 
-RUNS = os.environ.get("SAMOYEDS_SANITIZE_RUNS") or "auto:0 hopper:0 stream:0 stream:8 warp:8"
+RUNS = (os.environ.get("SAMOYEDS_SANITIZE_RUNS")
+        or "auto:0 hopper:0 stream:0 stream:8 warp:8 backward")
 TOOLS = os.environ.get("SAMOYEDS_SANITIZE_TOOLS") or "memcheck racecheck initcheck synccheck"
 TIMEOUT = env_number("SAMOYEDS_SANITIZE_TIMEOUT", 150)
 _RACECHECK = os.environ.get("SAMOYEDS_SANITIZE_RACECHECK_PATH")
@@ -37,7 +39,10 @@ RACECHECK_PATH = os.path.abspath(_RACECHECK) if _RACECHECK else ""
 SETMAXNREG_CHOICES = ("auto", "hopper")  # the prefill kernel reallocates registers
 
 
-def _choice(run: str) -> sj.ops.KernelChoice:
+def _choice(run: str) -> sj.ops.KernelChoice | None:
+    """The forced forward kernel of a run; None for the backward run."""
+    if run == "backward":
+        return None
     kernel, sep, splits = run.partition(":")
     if not sep or not splits.isdigit():
         raise ValueError(f"SAMOYEDS_SANITIZE_RUNS: {run!r} must be kernel:splits, "
@@ -48,7 +53,11 @@ def _choice(run: str) -> sj.ops.KernelChoice:
         raise ValueError(f"SAMOYEDS_SANITIZE_RUNS: {run!r}: {err}") from None
 
 
-CASES = [pytest.param(tool, choice, id=f"{tool}-{choice.kernel}:{choice.splits}")
+def _run_id(choice):
+    return "backward" if choice is None else f"{choice.kernel}:{choice.splits}"
+
+
+CASES = [pytest.param(tool, choice, id=f"{tool}-{_run_id(choice)}")
          for choice in map(_choice, RUNS.split()) for tool in TOOLS.split()]
 
 
@@ -61,14 +70,16 @@ def test_sanitizer_finds_nothing(tool, choice, tmp_path):
     env = {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
     if tool == "racecheck" and RACECHECK_PATH:
         env["PYTHONPATH"] = RACECHECK_PATH
-    elif tool == "racecheck" and choice.kernel in SETMAXNREG_CHOICES:
+    elif tool == "racecheck" and choice is not None and choice.kernel in SETMAXNREG_CHOICES:
         pytest.skip("racecheck of the prefill kernel needs SAMOYEDS_SANITIZE_RACECHECK_PATH "
                     "(a build without setmaxnreg)")
-    print(f"\n--- {choice.kernel} splits={choice.splits} {tool}", flush=True)
-    run = run_script([sanitizer, "--tool", tool, "--kernel-name", "kns=RaggedDot",
-                      "--error-exitcode", "9",
-                      *script("sanitize_case.py"), "-v", f"--kernel={choice.kernel}",
-                      f"--splits={choice.splits}"], TIMEOUT, env, cwd=tmp_path)
+    print(f"\n--- {_run_id(choice)} {tool}", flush=True)
+    # Only our kernels ("samoyeds" is in every one's name), not XLA's.
+    mode = (["--backward"] if choice is None
+            else [f"--kernel={choice.kernel}", f"--splits={choice.splits}"])
+    run = run_script([sanitizer, "--tool", tool, "--kernel-name", "kns=samoyeds",
+                      "--error-exitcode", "9", *script("sanitize_case.py"), "-v", *mode],
+                     TIMEOUT, env, cwd=tmp_path)
     started = [line for line in run.lines if line.startswith("case ")]
     if run.returncode is None:
         pytest.fail(f"{tool} timed out after {TIMEOUT:g} s; the last case started: "
