@@ -165,10 +165,13 @@ def _torch_grouped_mm(x_rows: list[np.ndarray], w_dense: np.ndarray, gs: np.ndar
         return None
     dev = torch.device("cuda")
     offs = torch.tensor(np.cumsum(gs), dtype=torch.int32, device=dev)
+    def bf16(a):  # torch reads no ml_dtypes arrays: through float32 (bf16 values are exact)
+        return torch.from_numpy(np.asarray(a, np.float32)).to(dev, torch.bfloat16)
+
     # CUTLASS's grouped GEMM takes B column-major: [E, M, K] storage seen as [E, K, M].
-    wt = torch.from_numpy(np.ascontiguousarray(np.swapaxes(w_dense, 1, 2))).to(dev)
+    wt = bf16(np.ascontiguousarray(np.swapaxes(w_dense, 1, 2)))
     ws = [(wt + i).transpose(1, 2) for i in range(len(x_rows))]
-    xs = [torch.from_numpy(x).to(dev) for x in x_rows]
+    xs = [bf16(x) for x in x_rows]
     try:
         def run():
             for x, w in zip(xs, ws):
