@@ -18,8 +18,9 @@
 #     kernels  : the harness at serving and prefill shapes, every kernel (outputs compared)
 #                and the HBM read floor
 #     sweep    : the serving kernel's K splits forced at single-expert serving shapes
-#     profile  : ncu of the serving kernel (narrow and wide blocks): throughput, occupancy,
-#                stall reasons
+#     profile  : ncu of the serving kernel (PROFILE_SHAPES "K:M:ROWS ...", PROFILE_KERNEL):
+#                throughput, occupancy, stall reasons; PROFILE_SOURCE=1 adds the stall
+#                samples per SASS instruction (a CSV per shape)
 #     serving  : benchmarks/bench_serving.py (single, grouped, deepseek; dense baselines)
 #     backward : GPU gradient tests and benchmarks/bench_backward.py
 #     layer    : benchmarks/bench_layer.py, the Mixtral-8x7B layer at 16 to 4096 tokens
@@ -96,13 +97,14 @@ tests() {
 
 # The long GPU checks: pytest -m MARK over tests/ (their settings reach the tests as
 # SAMOYEDS_* variables, documented in each test module). The output, the scripts' too
-# (-s), is appended to $OUT/LOG; the summary gets each test's outcome and the totals.
+# (-s), is appended to $OUT/LOG as it comes (a run cut off keeps what it did); the
+# summary gets each test's outcome and the totals.
 marked() {
   local mark=$1 log=$2 part
   part=$(mktemp)
-  (cd /tmp && COLUMNS=200 python3 -m pytest -q -s -rA \
-    -m "$mark" "$REPO/tests" --rootdir="$REPO" -p no:cacheprovider 2>&1) | quiet > "$part"
-  cat "$part" >> "$OUT/$log"
+  (cd /tmp && COLUMNS=200 python3 -m pytest -v -s -rA \
+    -m "$mark" "$REPO/tests" --rootdir="$REPO" -p no:cacheprovider 2>&1) | quiet \
+    | tee "$part" >> "$OUT/$log"
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED) " "$part" | sed -E "s# [^ ]*/tests/# tests/#" \
     | tee -a "$OUT/summary.txt"
   grep -E "^[0-9]+ (passed|failed|skipped|deselected|error)|no tests ran" "$part" | tail -1 \
@@ -203,7 +205,16 @@ profile() {
     local f="$OUT/ncu_${shape// /_}.txt"
     timeout 180 ncu --clock-control none $S --metrics "$M" -k regex:${PROFILE_KERNEL:-Stream} --launch-skip 3 \
       --launch-count 1 "$BIN/harness" $shape 1 2 128 1 2 > "$f" 2>&1
-    grep -E "RaggedDot|Duration|DRAM Throughput|Memory Throughput|L2 Hit|Achieved Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Eligible Warps|Issued Warp|stalled_(long|short|barrier|wait|mio|lg|math|no_inst|branch|sleep|membar|drain|imc|dispatch|tex)|inst_executed|Grid Size|Waves" "$f" | head -45
+    grep -E "RaggedDot|Duration|Elapsed Cycles|SM Active Cycles|DRAM Throughput|Memory Throughput|L2 Hit|Achieved Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Eligible Warps|Issued Warp|stalled_(long|short|barrier|wait|mio|lg|math|no_inst|branch|sleep|membar|drain|imc|dispatch|tex)|inst_executed|Grid Size|Waves" "$f" | head -45
+    if [ -n "${PROFILE_SOURCE:-}" ]; then
+      # Stall samples per SASS instruction: where the issue slots go.
+      local rep="/tmp/ncu_src_${shape// /_}"
+      timeout 180 ncu --clock-control none --section SourceCounters --section WarpStateStats \
+        -k regex:${PROFILE_KERNEL:-Stream} --launch-skip 3 --launch-count 1 -f -o "$rep" \
+        "$BIN/harness" $shape 1 2 128 1 2 > "$f.source.log" 2>&1
+      ncu -i "$rep.ncu-rep" --page source --print-source sass --csv > "${f%.txt}_sass.csv" 2>> "$f.source.log" \
+        || echo "ncu source page failed: $(tail -2 "$f.source.log")"
+    fi
   done
 }
 
