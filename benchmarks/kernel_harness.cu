@@ -7,6 +7,8 @@
 // with TOKENS rows split evenly over EXPERTS; CUDA-event timing, median of 5 batches of REPS back-to-back launches
 // rotating over enough weight copies to defeat the L2, of every kernel (warp-level and,
 // on Hopper, the prefill and serving wgmma.sp kernels), and a comparison of their outputs.
+// Built with -DSAMOYEDS_TIMELINE (and -Ibenchmarks): the serving kernel's phase timeline too
+// (timeline_report.cuh).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -17,6 +19,9 @@
 
 #include "cuda/dispatch.cuh"
 #include "launch_timing.cuh"
+#ifdef SAMOYEDS_TIMELINE
+#include "timeline_report.cuh"
+#endif
 
 
 int main(int argc, char** argv) {
@@ -153,6 +158,9 @@ int main(int argc, char** argv) {
     compare("hopper", output_of(Path::kHopper));
     report("stream", time_path(Path::kStream));
     compare("stream", output_of(Path::kStream));
+#ifdef SAMOYEDS_TIMELINE
+    ReportTimeline("stream", [&](int c, cudaStream_t s) { launch(c, Path::kStream, s); }, copies);
+#endif
 #ifdef HARNESS_VARIANTS
     // Block shapes under evaluation (docs/kernel_history.md), against the warp kernel's output.
     using Bf = __nv_bfloat16;

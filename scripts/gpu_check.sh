@@ -58,6 +58,7 @@ build() {
   SAMOYEDS_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -v "$REPO" > "$OUT/build.log" 2>&1 \
     || { tail -50 "$OUT/build.log"; exit 1; }
   wait $bench_pid || { note "benchmark binaries failed to build"; tail -20 "$OUT/build_bench.log"; }
+  wait $timeline_pid
   note "build took $((SECONDS - t0)) s"
   grep -E "C751[0-8]|spill" "$OUT/build.log" | grep -v " 0 bytes spill" | sort | uniq -c | head -12
   cd /tmp  # import the installed package, not the source tree

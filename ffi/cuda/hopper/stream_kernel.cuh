@@ -34,6 +34,7 @@
 #include "cuda/schedule.cuh"
 #include "cuda/steer.cuh"
 #include "cuda/tile.cuh"
+#include "cuda/timeline.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SAMOYEDS_STREAM_DEVICE_PASS 1
@@ -142,10 +143,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   const uint32_t smem_base = SmemAddr(smem);
   const uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // + 8 * buffer
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
+  MarkPhase(Phase::kStart);
 
   RowTile tile;
   Work work;
-  if (!BlockWork<T, Cfg::kBM, Cfg::kBN, N, V, Cfg::kThreads>(a, tile, work)) return;
+  if (!BlockWork<T, Cfg::kBM, Cfg::kBN, N, V, Cfg::kThreads>(a, tile, work)) {
+    MarkPhase(Phase::kEnd);
+    return;
+  }
   const int e = work.expert;
   // This block's K stages [s_begin, s_end) and windows [w_begin, w_end).
   const int splits = gridDim.z;
@@ -172,6 +177,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   }
   LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
   __syncthreads();  // token rows and initialised barriers are visible
+  MarkPhase(Phase::kPrologue);
 
   constexpr int kOutRows = Cfg::kBM / N * V;
   constexpr int kCStride = kOutRows + 4;
@@ -245,6 +251,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
       const int buf = i % Cfg::kStages;
       MbarWait(full_bar + 8 * buf, (i / Cfg::kStages) & 1);
       FenceProxyAsync();  // the cp.async (generic proxy) rows are read by the tensor cores
+      if (i == 0) MarkPhase(Phase::kFirstStage);
       return buf;
     };
     // Window boundary: every MMA drained, the window's candidates swapped to the front.
@@ -319,6 +326,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
     }
     WgmmaWait<0>();
     FenceAcc(acc);
+    MarkPhase(Phase::kLoopEnd);
 
     if (N == 1 && splits == 1 && a.glu == kGluNone) {
       if (frag_ok) StoreAccDirect<T, V, Cfg::kFrags>(a, work, tile.out0, 0, acc, slot, my_kept, g, tq);
@@ -343,6 +351,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
           a, work, tile.out0, tile.out_here, c_tile, tid);
     ClusterSync();  // no block exits while another still reads its shared memory
   }
+  MarkPhase(Phase::kEnd);
 #endif  // SAMOYEDS_STREAM_DEVICE_PASS
 }
 
