@@ -23,6 +23,16 @@
 #include "timeline_report.cuh"
 #endif
 
+#ifdef HARNESS_VARIANTS
+// The serving blocks launched with programmatic stream serialization: each launch's blocks
+// start during the previous launch's tail (StreamCfg::kProgrammatic).
+struct NarrowPdl : samoyeds::cuda::StreamNarrowCfg<2> {
+  static constexpr bool kProgrammatic = true;
+};
+struct WidePdl : samoyeds::cuda::StreamWideCfg<2> {
+  static constexpr bool kProgrammatic = true;
+};
+#endif
 
 int main(int argc, char** argv) {
   if (argc < 7) {
@@ -171,6 +181,8 @@ int main(int argc, char** argv) {
       cudaError_t (*fn)(cudaStream_t, const sc::Args&);
     };
     const Variant variants[] = {
+        {"s16pdl", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, NarrowPdl>},
+        {"s64pdl", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, WidePdl>},
         // serving-kernel shapes: consumers, N, blocks per SM
         {"s16c2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 16, 2>>},
         {"s16c1b1", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 1>>},

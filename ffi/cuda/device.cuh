@@ -28,26 +28,36 @@ inline const DeviceFacts& CurrentDevice() {
 }
 
 // Launches `kernel` on `grid` in clusters of `cluster` blocks (a plain launch for 1x1x1;
-// clusters need sm_90).
+// clusters need sm_90), with programmatic stream serialization if `programmatic` (the
+// kernel then waits for the previous one itself: GridDependencyWait).
 template <typename Kernel, typename... Params>
 cudaError_t LaunchClusters(cudaStream_t stream, Kernel kernel, dim3 grid, int threads,
-                           int smem, dim3 cluster, const Params&... params) {
-  if (cluster.x * cluster.y * cluster.z == 1) {
+                           int smem, dim3 cluster, bool programmatic, const Params&... params) {
+  if (cluster.x * cluster.y * cluster.z == 1 && !programmatic) {
     kernel<<<grid, threads, smem, stream>>>(params...);
     return cudaGetLastError();
   }
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = cluster.x;
-  attr.val.clusterDim.y = cluster.y;
-  attr.val.clusterDim.z = cluster.z;
+  cudaLaunchAttribute attrs[2];
+  unsigned n = 0;
+  if (cluster.x * cluster.y * cluster.z > 1) {
+    attrs[n].id = cudaLaunchAttributeClusterDimension;
+    attrs[n].val.clusterDim.x = cluster.x;
+    attrs[n].val.clusterDim.y = cluster.y;
+    attrs[n].val.clusterDim.z = cluster.z;
+    ++n;
+  }
+  if (programmatic) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  cfg.attrs = attrs;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, params...);
 }
 }  // namespace samoyeds::cuda

@@ -61,6 +61,19 @@ __device__ __forceinline__ void ClusterSync() {
   cooperative_groups::this_cluster().sync();
 #endif
 }
+// Programmatic dependent launch (sm_90): wait until the previous kernel of the stream has
+// finished and its writes are visible (a no-op in a launch without the attribute); let the
+// next kernel's blocks start while this one finishes.
+__device__ __forceinline__ void GridDependencyWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void GridDependencyTrigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 // cp.async writes are generic-proxy writes; the tensor cores read through the async proxy.
 __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

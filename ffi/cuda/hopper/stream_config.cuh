@@ -32,6 +32,10 @@ struct StreamCfg : WgmmaStage<64 * Consumers, BN, Stages> {
   static constexpr int kProducerThreads = 32;
   static constexpr int kThreads = kConsumerThreads + kProducerThreads;
   static constexpr int kBlocksPerSm = BlocksPerSm;
+  // Launched with programmatic stream serialization (a harness variant so far): the
+  // blocks may start during the previous kernel's tail and wait for it before any global
+  // access; the next kernel may start once every block's MMAs are done.
+  static constexpr bool kProgrammatic = false;
   // Each tile half of the values is one bulk tensor copy of kBM / 2 rows.
   static constexpr int kAHalfBytes = kBM / 2 * kARow;
   static constexpr int kFrags = kBN / 8;  // n8 column groups of the accumulators

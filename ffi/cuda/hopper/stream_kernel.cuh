@@ -144,6 +144,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   const uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // + 8 * buffer
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
   MarkPhase(Phase::kStart);
+  if constexpr (Cfg::kProgrammatic) GridDependencyWait();  // before any global access
 
   RowTile tile;
   Work work;
@@ -327,6 +328,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
     WgmmaWait<0>();
     FenceAcc(acc);
     MarkPhase(Phase::kLoopEnd);
+    if constexpr (Cfg::kProgrammatic) GridDependencyTrigger();
 
     if (N == 1 && splits == 1 && a.glu == kGluNone) {
       if (frag_ok) StoreAccDirect<T, V, Cfg::kFrags>(a, work, tile.out0, 0, acc, slot, my_kept, g, tq);
@@ -379,7 +381,8 @@ cudaError_t LaunchStreamCfg(cudaStream_t stream, const Args& a) {
   CUtensorMap values_map;
   err = EncodeValuesMap(&values_map, b, Cfg::kBK / 2, Cfg::kBM / 2);
   if (err != cudaSuccess) return err;
-  return LaunchClusters(stream, kernel, grid, Cfg::kThreads, smem, dim3(1, 1, splits), b,
+  return LaunchClusters(stream, kernel, grid, Cfg::kThreads, smem, dim3(1, 1, splits),
+                        Cfg::kProgrammatic, b,
                         values_map);
 }
 

@@ -293,7 +293,8 @@ cudaError_t Launch(cudaStream_t stream, const Args& a) {
   const int smem = SmemBytes<Tile, V>(a, splits);
   Args b = a;
   const dim3 grid = TileGrid<Tile::kBN, Tile::kBM>(b, splits);
-  return LaunchClusters(stream, kernel, grid, Tile::kThreads, smem, dim3(1, 1, splits), b);
+  return LaunchClusters(stream, kernel, grid, Tile::kThreads, smem, dim3(1, 1, splits),
+                        /*programmatic=*/false, b);
 }
 
 template <typename T, int N, int V>
