@@ -51,10 +51,11 @@ build() {
   step "build"
   local t0=$SECONDS
   mkdir -p "$BIN"
-  local nv="nvcc -O3 -std=c++17 --expt-relaxed-constexpr -diag-suppress=940,2473 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi"
-  ( $nv -DHARNESS_VARIANTS benchmarks/kernel_harness.cu -o "$BIN/harness" > "$OUT/build_bench.log" 2>&1 &&
-    $nv benchmarks/stream_floor.cu -o "$BIN/stream_floor" >> "$OUT/build_bench.log" 2>&1 ) &
+  ( bash benchmarks/build.sh "$BIN" harness stream_floor > "$OUT/build_bench.log" 2>&1 ) &
   local bench_pid=$!
+  ( bash benchmarks/build.sh "$BIN" harness_timeline > "$OUT/build_timeline.log" 2>&1 \
+    || note "timeline harness failed to build" ) &
+  local timeline_pid=$!
   SAMOYEDS_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -v "$REPO" > "$OUT/build.log" 2>&1 \
     || { tail -50 "$OUT/build.log"; exit 1; }
   wait $bench_pid || { note "benchmark binaries failed to build"; tail -20 "$OUT/build_bench.log"; }

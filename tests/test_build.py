@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import subprocess
 
 import pytest
 
@@ -40,6 +42,19 @@ def test_tests_import_the_installed_package():
     assert pkg != REPO / "samoyeds_jax", (
         f"samoyeds_jax was imported from the source tree {pkg}, not the installed package")
     assert "site-packages" in pkg.parts or "dist-packages" in pkg.parts, pkg
+
+
+@pytest.mark.skipif(os.environ.get("SAMOYEDS_REQUIRE_CUDA") != "1" or shutil.which("nvcc") is None,
+                    reason="set SAMOYEDS_REQUIRE_CUDA=1 (with nvcc on the PATH) to build them")
+def test_benchmark_binaries_compile(tmp_path):
+    """The CUDA microbenchmarks (the kernel harness with its variants, its timeline build,
+    the read floor) run only on the GPU machine: CI is where a change that breaks their
+    build shows first."""
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "build.sh"), str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("harness", "harness_timeline", "stream_floor"):
+        assert (tmp_path / name).stat().st_size > 0, name
 
 
 def _sass(function: str, body: list[str]) -> str:
