@@ -104,11 +104,7 @@ for dtype in (jnp.bfloat16, jnp.float16):
         cfg = sj.SparsityConfig(*nv, sub_row=32)
         k, m = cfg.k_multiple, cfg.m_multiple  # the format's minimum shapes
         for k, m in ((k, m), (3 * k, 5 * m)):
-            # Weights are made on the CPU so that only our kernel touches GPU buffers.
-            with jax.default_device(cpu):
-                w = jnp.asarray(rng.standard_normal((3, k, m)), dtype)
-                sw = sj.encode(sj.prune(w, cfg), cfg)
-            sw = jax.device_put(sw, jax.devices()[0])
+            sw = weight(cfg, (3, k, m), dtype)
             for tokens in (1, 7, 127):
                 x = jax.device_put(np.asarray(rng.standard_normal((tokens, k)), dtype))
                 for gs in ([tokens, 0, 0], [0, 0, tokens], [1, 0, tokens - 1] if tokens > 1 else [0, 1, 0]):
@@ -125,9 +121,7 @@ for dtype in (jnp.bfloat16, jnp.float16):
 for nv in CONFIGS:
     cfg = sj.SparsityConfig(*nv, sub_row=32)
     k, m = 1120, 2 * cfg.m_multiple
-    with jax.default_device(cpu):
-        sw = sj.encode(sj.prune(jnp.asarray(rng.standard_normal((2, k, m)), jnp.bfloat16), cfg), cfg)
-    sw = jax.device_put(sw, jax.devices()[0])
+    sw = weight(cfg, (2, k, m), jnp.bfloat16)
     for tokens in (1, 7):
         x = jax.device_put(np.asarray(rng.standard_normal((tokens + 2, k)), jnp.bfloat16))
         note("long K", nv, tokens)
@@ -142,10 +136,7 @@ for nv in CONFIGS:
 # 12 M tiles x 15 row tiles), with SEL, an empty expert and a fused GLU.
 if (1, 1) in CONFIGS:
     cfg = sj.SparsityConfig(1, 1, sub_row=32)
-    with jax.default_device(cpu):
-        sw = sj.encode(sj.prune(jnp.asarray(rng.standard_normal((3, 128, 2304)), jnp.bfloat16),
-                                cfg), cfg)
-    sw = jax.device_put(sw, jax.devices()[0])
+    sw = weight(cfg, (3, 128, 2304), jnp.bfloat16)
     x = jax.device_put(np.asarray(rng.standard_normal((2150, 128)), jnp.bfloat16))
     gs = jax.device_put(np.asarray([1001, 0, 1146], np.int32))
     sel = jax.device_put(rng.integers(0, 2150, 2150).astype(np.int32))
