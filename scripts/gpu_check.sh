@@ -18,6 +18,9 @@
 #     kernels  : the harness at serving and prefill shapes, every kernel (outputs compared)
 #                and the HBM read floor
 #     sweep    : the serving kernel's K splits forced at single-expert serving shapes
+#     timeline : the serving kernel's per-block phase timeline (harness_timeline) at
+#                TIMELINE_SHAPES "K:M:ROWS[:EXPERTS:GLU] ...": launch gap, prologue, first
+#                stage, main loop, epilogue, busy blocks per SM
 #     profile  : ncu of the serving kernel (PROFILE_SHAPES "K:M:ROWS ...", PROFILE_KERNEL):
 #                throughput, occupancy, stall reasons; PROFILE_SOURCE=1 adds the stall
 #                samples per SASS instruction (a CSV per shape)
@@ -183,6 +186,17 @@ sweep() {
   done 2>&1 | tee -a "$OUT/sweep.log"
 }
 
+timeline() {
+  build
+  step "serving kernel timeline"
+  for shape in ${TIMELINE_SHAPES:-4096:14336:16 14336:4096:16 4096:14336:64 14336:4096:64 4096:28672:32:8:1}; do
+    IFS=: read -r k m rows e glu <<< "$shape"
+    echo "--- K M ROWS = $k $m $rows, experts ${e:-1}, glu ${glu:-0}"
+    timeout 60 "$BIN/harness_timeline" "$k" "$m" "$rows" 1 2 128 "${e:-1}" 10 "${glu:-0}" 2>&1 \
+      | grep -E "^stream .*median|^timeline|MISMATCH"
+  done 2>&1 | tee -a "$OUT/timeline.log"
+}
+
 # The backward: GPU gradient tests, then benchmarks/bench_backward.py.
 backward() {
   build
@@ -263,7 +277,7 @@ pack() {
 machine
 for mode in "$@"; do
   case $mode in
-    build|tests|sanitize|stress|soak|kernels|sweep|profile|serving|backward|layer|multi|full|pack) $mode ;;
+    build|tests|sanitize|stress|soak|kernels|sweep|timeline|profile|serving|backward|layer|multi|full|pack) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done
