@@ -3,7 +3,8 @@ routed rows per expert, forced with sj.ops.force_kernel("stream") and through th
 automatic choice, against a float64 reference on decode(sw), on poisoned output memory.
 
 Covers every N:V config, sub-row length and dtype; the narrow (<= 16 rows per expert) and
-wide blocks; K with a partial last stage; partial M tiles; empty experts and one expert
+wide blocks; K with a partial last stage; partial M tiles; sub-row indices copied in
+16-byte chunks during the prologue (K = 2048, splits off the chunk boundaries); empty experts and one expert
 taking every row; SEL; fused GLUs; forced K splits (clusters), with splits that get no
 K stage; bit-identical reruns. Needs an sm_90 GPU (skipped elsewhere). References and
 tolerances are those of tests/helpers.py.
@@ -77,6 +78,25 @@ def test_forced_splits(rng, nv, sub_row, splits, tokens):
     x = rand(rng, (tokens + 2, k), dtype)
     _poison_device_memory()
     _check(_stream(sj.ragged_dot, splits)(x, sw, gs), x, sw, gs, None, dtype)
+
+
+@pytest.mark.parametrize("nv,sub_row", [((1, 2), 128), ((1, 4), 32), ((2, 4), 64), ((1, 2), 32)])
+@pytest.mark.parametrize("splits", [1, 3, 5])
+@pytest.mark.parametrize("tokens", [5, 40])
+def test_index_span(rng, nv, sub_row, splits, tokens):
+    """K = 2048 (16-byte rows of sub-row indices: 16 to 64 windows), where the kernel
+    copies the indices during its prologue as 16-byte chunks: with 3 and 5 K splits the
+    splits' windows start off the chunk boundaries; SEL with repeated tokens."""
+    _hopper_or_skip()
+    dtype = jnp.bfloat16
+    cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
+    k = 2048
+    sw = _weight(rng, 3, k, 320 if cfg.m_multiple <= 64 else 384, cfg, dtype)
+    gs = jnp.asarray([tokens // 2, 0, tokens - tokens // 2], jnp.int32)
+    x = rand(rng, (tokens + 1, k), dtype)
+    sel = jnp.asarray(rng.integers(0, tokens + 1, tokens + 1), jnp.int32)
+    _poison_device_memory()
+    _check(_stream(sj.ragged_dot, splits)(x, sw, gs, sel), x, sw, gs, sel, dtype)
 
 
 @pytest.mark.parametrize("glu", ["silu", "gelu"])

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "cuda/ptx.cuh"
 #include "cuda/schedule.cuh"
 #include "cuda/tile.cuh"
 
@@ -72,6 +73,46 @@ __device__ bool StageIndices(const uint8_t* idx, const RowTile& t, uint8_t* idx_
       const int i = first + u * kThreads;
       if (i < n) *(i < n_lo ? idx_smem + i : dst_hi + (i - n_lo)) = v[u];
     }
+  }
+  return true;
+}
+
+// The windows StageIndicesAsync stages for windows [w0, w0 + wc): whole 16-byte chunks
+// of each row, [w0 rounded down, w0 + wc rounded up) to multiples of 16.
+struct IndexSpan {
+  int base;   // first staged window
+  int width;  // staged windows per tile row (the shared-memory row stride)
+};
+__host__ __device__ constexpr IndexSpan IndexSpanOf(int w0, int wc) {
+  return {w0 / 16 * 16, (w0 + wc + 15) / 16 * 16 - w0 / 16 * 16};
+}
+// Bytes StageIndicesAsync needs for BM rows and any split of at most wc windows.
+__host__ __device__ constexpr int IndexSpanBytes(int bm, int wc) {
+  return bm * ((wc + 15) / 16 * 16 + 16);
+}
+// StageIndices by cp.async: the block's sub-row indices for windows [w0, w0 + wc) as
+// [tile row, span.width] (span = IndexSpanOf(w0, wc)), copied without waiting, so the
+// copies fly while the block reads its routed rows and fills its first stages (a load
+// would stall the thread for a round trip that queues behind every block's first weight
+// stages). Needs 16-byte aligned rows (windows % 16 == 0); returns false, copying
+// nothing, when not possible or when the span exceeds `capacity` (the caller then uses
+// StageIndices). The caller waits (CpAsyncWaitAll) and syncs before reading.
+template <int BM, int kThreads>
+__device__ bool StageIndicesAsync(const uint8_t* idx, const RowTile& t, uint32_t idx_smem,
+                                  int windows, IndexSpan span, int capacity, int tid) {
+  const int rows = t.hi > 0 ? BM / 2 + t.hi : t.lo;
+  if (windows % 16 != 0 || (reinterpret_cast<uintptr_t>(idx) & 15) != 0 ||
+      rows * span.width > capacity)
+    return false;
+  const int chunks = span.width / 16;
+  const uint8_t* src_lo = idx + static_cast<int64_t>(KeptRow<BM>(t, 0)) * windows + span.base;
+  const uint8_t* src_hi = idx + static_cast<int64_t>(KeptRow<BM>(t, BM / 2)) * windows + span.base;
+  for (int i = tid; i < (t.lo + t.hi) * chunks; i += kThreads) {
+    const int r = i / chunks, c = i - r * chunks;
+    const bool upper = r >= t.lo;
+    const int ru = upper ? r - t.lo : r;
+    const uint8_t* src = (upper ? src_hi : src_lo) + static_cast<int64_t>(ru) * windows + c * 16;
+    CpAsync16(idx_smem + ((upper ? BM / 2 : 0) + ru) * span.width + c * 16, src, 16);
   }
   return true;
 }

@@ -44,6 +44,8 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t (&r)[4]) {
                : "r"(addr));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
+// Waits for every cp.async of this thread, committed to a group or not.
+__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

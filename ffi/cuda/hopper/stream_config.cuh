@@ -18,6 +18,17 @@
 
 namespace samoyeds::cuda {
 
+// Shared memory of an sm_90 SM and what the driver reserves per resident block: a block
+// of a shape with BlocksPerSm blocks per SM gets at most StreamSmemPerBlock bytes.
+constexpr int kSmemPerSm = 228 * 1024;
+constexpr int kSmemReservedPerBlock = 1024;
+template <int BlocksPerSm>
+constexpr int StreamSmemPerBlock() {
+  return kSmemPerSm / BlocksPerSm - kSmemReservedPerBlock;
+}
+// Shared memory kept for the staged sub-row indices at least (more when the ring leaves it).
+constexpr int kStreamIndexReserve = 2 * 1024;
+
 // Consumers warpgroups of 64 kept rows each, BN routed rows (the wgmma N), Stages ring
 // buffers, BlocksPerSm blocks resident per SM; one producer warp after the consumer
 // warpgroups issues the loads.
@@ -48,21 +59,25 @@ struct StreamCfg : WgmmaStage<64 * Consumers, BN, Stages> {
   static constexpr int kFixedSmemBytes = kIndexOffset + kAlignSlack;
   static_assert(kAHalfBytes % 1024 == 0, "each half's box starts on a swizzle atom");
   static_assert(kBN % 16 == 0 && kBN <= 64, "wgmma N of 16, 32 or 64");
+  static_assert(kFixedSmemBytes + kStreamIndexReserve <= StreamSmemPerBlock<BlocksPerSm>(),
+                "BlocksPerSm blocks fit an SM's shared memory");
 };
 
-// Stages that fit ~192 KB of shared memory over the blocks of an SM, at most 8 (the
-// rest holds the staged sub-row indices).
+// As many stages as fit the block's share of the SM next to the fixed parts (alignment
+// slack, token rows, barriers) and the index reserve, at most 8: the weight bytes in
+// flight per SM are what keeps HBM streaming.
 template <int Consumers, int BN, int BlocksPerSm>
 constexpr int StreamStages() {
   constexpr int stage = 64 * Consumers * 128 + BN * 256 + 64 * Consumers * 16;
-  return std::min(8, 192 * 1024 / BlocksPerSm / stage);
+  constexpr int fixed = 1024 + BN * 4 + 2 * 8 * 8 + 16 + kStreamIndexReserve;
+  return std::min(8, (StreamSmemPerBlock<BlocksPerSm>() - fixed) / stage);
 }
 template <int V, int Consumers, int BN, int BlocksPerSm>
 using StreamCfgOf =
     StreamCfg<V, Consumers, BN, StreamStages<Consumers, BN, BlocksPerSm>(), BlocksPerSm>;
 // The narrow block (up to 16 routed rows per expert): 64 kept rows x 16 routed rows, two
-// blocks per SM, a 7-deep ring. The wide block: 64 kept rows x 64 routed rows, two blocks
-// per SM, for V <= 2; on the H200 it beat 128 x 64 blocks (two consumer warpgroups, one
+// blocks per SM, an 8-deep ring. The wide block: 64 kept rows x 64 routed rows, two
+// blocks per SM, a 4-deep ring, for V <= 2; on the H200 it beat 128 x 64 blocks (two consumer warpgroups, one
 // block per SM) in every case measured (1 expert 1:2, 64 rows: up 22.5 vs 33.1 us, down
 // 40.7 vs 63.3 us; 8 experts x 32 rows: 244 vs 377 us). V = 4 keeps 128 x 32 blocks, one
 // per SM: four accumulator sets of 64 routed rows would not fit two blocks' registers.

@@ -65,7 +65,8 @@ struct StreamValues {
 
 // The producer warp's loads of one K stage besides the values: cp.async copies of the
 // routed rows (lane l: 16-byte chunk l % 16 of rows l / 16 + 2i) and of the metadata
-// (lane l: word l % 4 of rows l / 4 + 8i).
+// (lane l: word l % 4 of rows l / 4 + 8i). Each lane's cp.async arrival on a stage's
+// `full` barrier covers every copy the lane issued before it.
 template <typename Cfg, typename T>
 class StreamProducer {
  public:
@@ -73,14 +74,8 @@ class StreamProducer {
   static constexpr int kMetaCopies = Cfg::kBM / 8;
   static constexpr int kHalf = Cfg::kBM / 2;
 
-  __device__ __forceinline__ StreamProducer(const Args& a, const RowTile& tile, int expert,
-                                            const int* src_row, int lane)
+  __device__ __forceinline__ StreamProducer(const Args& a, const RowTile& tile, int expert, int lane)
       : lane_(lane) {
-    // The token of each of this lane's rows, read from shared memory once: a load per
-    // copy and stage would put a load's latency in front of every copy (the producer's
-    // copies are a dependent chain otherwise).
-#pragma unroll
-    for (int i = 0; i < kBCopies; ++i) tok_[i] = src_row[lane / 16 + 2 * i];
     const int64_t first = static_cast<int64_t>(expert) * a.kept_rows;
     // Metadata rows r = lane / 4 + 8i: the lower half's first kHalf / 8 copies, then the
     // upper half's; copies of absent rows read nothing and fill zeros.
@@ -91,9 +86,17 @@ class StreamProducer {
     meta_hi_n_ = max(0, (tile.hi - r0 + 7) / 8);
   }
 
-  // Routed rows and metadata of stage `stage` into the buffer at `dst`.
-  __device__ __forceinline__ void LoadRest(const Args& a, uint32_t dst, int stage) const {
-    const uint32_t sb = dst + Cfg::kABytes, sm = sb + Cfg::kBBytes;
+  // The token of each of this lane's rows, read from shared memory once (after the block
+  // has staged them): a load per copy and stage would put a load's latency in front of
+  // every copy (the producer's copies are a dependent chain otherwise).
+  __device__ __forceinline__ void ReadSourceRows(const int* src_row) {
+#pragma unroll
+    for (int i = 0; i < kBCopies; ++i) tok_[i] = src_row[lane_ / 16 + 2 * i];
+  }
+
+  // Routed rows of stage `stage` into the buffer at `dst`.
+  __device__ __forceinline__ void LoadRows(const Args& a, uint32_t dst, int stage) const {
+    const uint32_t sb = dst + Cfg::kABytes;
     const int k0 = stage * Cfg::kBK;
     const int chunk = lane_ % 16, r0 = lane_ / 16;
     // Chunk c of a row holds dense columns [8c, 8c + 8) of the stage: slab c / 8 of the
@@ -108,7 +111,13 @@ class StreamProducer {
       CpAsync16If(b_dst + r * 128 + (((chunk % 8) ^ (r % 8)) << 4),
                   x + static_cast<int64_t>(max(t, 0)) * a.k, t >= 0 && col_ok);
     }
-    const int word = k0 / kMetaColsPerWord;
+  }
+
+  // Metadata of stage `stage` into the buffer at `dst` (it depends on the tile alone, so
+  // the first ring fill's is issued before the block knows its routed rows).
+  __device__ __forceinline__ void LoadMeta(const Args& a, uint32_t dst, int stage) const {
+    const uint32_t sm = dst + Cfg::kABytes + Cfg::kBBytes;
+    const int word = stage * Cfg::kBK / kMetaColsPerWord;
     const bool word_ok = (word + lane_ % 4) * kMetaColsPerWord < a.k;
     const int words = a.k / kMetaColsPerWord;
     const uint32_t m_dst = sm + (lane_ / 4) * Cfg::kMetaRow + (lane_ % 4) * 4;
@@ -159,9 +168,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   const int per_split = (k_stages + splits - 1) / splits;
   const int s_begin = min(k_stages, static_cast<int>(blockIdx.z) * per_split);
   const int n_stages = min(k_stages, s_begin + per_split) - s_begin;
-  const int windows = a.k / a.sub_row, stage_windows = Cfg::kBK / a.sub_row;
-  const int w_begin = min(windows, s_begin * stage_windows);
-  const int w_end = min(windows, (s_begin + n_stages) * stage_windows);
 
   const StreamValues<Cfg> values(a, tile, e);
   if (threadIdx.x == 0) {
@@ -171,10 +177,31 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
       MbarInit(empty_bar + 8 * b, Cfg::kConsumerThreads);
     }
     FenceMbarrierInit();
-    // The first ring fill's values depend on the expert alone: they fly while the block
-    // reads its SEL rows (the producer adds the rows and metadata after the barrier).
+    // The first ring fill's values depend on the tile alone: they fly while the block
+    // reads its SEL rows.
     for (int i = 0; i < min(n_stages, Cfg::kStages); ++i)
       values.Load(smem_base + i * Cfg::kStageBytes, s_begin + i, full_bar + 8 * i, &values_map);
+  }
+  // Every global read that depends on the tile alone is issued here, before the SEL rows
+  // are known: the first fill's metadata (producer) and the sub-row indices (consumers).
+  // Issued after the routed rows, they would queue behind every block's first weight
+  // stages in the memory system and hold up each block's first stage by microseconds.
+  const int tid = threadIdx.x;
+  const int windows = a.k / a.sub_row, stage_windows = Cfg::kBK / a.sub_row;
+  const int w_begin = min(windows, s_begin * stage_windows);
+  const int w_end = min(windows, (s_begin + n_stages) * stage_windows);
+  const int wc = w_end - w_begin;
+  const IndexSpan span = IndexSpanOf(w_begin, wc);
+  const uint8_t* idx = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
+  const int idx_capacity = DynamicSmemBytes() - static_cast<int>(pad) - Cfg::kIndexOffset;
+  StreamProducer<Cfg, T> producer(a, tile, e, tid % 32);
+  bool idx_async = false;
+  if (tid >= Cfg::kConsumerThreads) {
+    for (int i = 0; i < min(n_stages, Cfg::kStages); ++i)
+      producer.LoadMeta(a, smem_base + i * Cfg::kStageBytes, s_begin + i);
+  } else if constexpr (V > 1) {
+    idx_async = StageIndicesAsync<Cfg::kBM, Cfg::kConsumerThreads>(
+        idx, tile, SmemAddr(idx_smem), windows, span, idx_capacity, tid);
   }
   LoadSourceRows<Cfg::kBN, Cfg::kThreads>(a, work, src_row);
   __syncthreads();  // token rows and initialised barriers are visible
@@ -184,20 +211,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   constexpr int kCStride = kOutRows + 4;
   static_assert(Cfg::kBN * kCStride * 4 <= Cfg::kPipeBytes, "epilogue tile fits the ring");
   float* c_tile = reinterpret_cast<float*>(smem);
-  const int tid = threadIdx.x;
 
   if (tid >= Cfg::kConsumerThreads) {
     // Producer warp: fill buffer i % kStages with stage s_begin + i once the consumers
     // have released that buffer's previous use.
     const int lane = tid - Cfg::kConsumerThreads;
-    const StreamProducer<Cfg, T> producer(a, tile, e, src_row, lane);
+    producer.ReadSourceRows(src_row);
     for (int i = 0; i < n_stages; ++i) {
       const int buf = i % Cfg::kStages;
-      if (i >= Cfg::kStages) MbarWait(empty_bar + 8 * buf, (i / Cfg::kStages - 1) & 1);
       const uint32_t dst = smem_base + buf * Cfg::kStageBytes;
-      if (lane == 0 && i >= Cfg::kStages)
-        values.Load(dst, s_begin + i, full_bar + 8 * buf, &values_map);
-      producer.LoadRest(a, dst, s_begin + i);
+      if (i >= Cfg::kStages) {
+        MbarWait(empty_bar + 8 * buf, (i / Cfg::kStages - 1) & 1);
+        if (lane == 0) values.Load(dst, s_begin + i, full_bar + 8 * buf, &values_map);
+        producer.LoadMeta(a, dst, s_begin + i);
+      }
+      producer.LoadRows(a, dst, s_begin + i);
       CpAsyncMbarArrive(full_bar + 8 * buf);
     }
     CpAsyncWait<0>();
@@ -207,25 +235,27 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
     const bool frag_ok = me.frag_ok;
     const int(&my_kept)[2] = me.kept;
 
-    // The sub-row indices of this split's windows, staged while the first loads fly.
-    const uint8_t* idx = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
-    const int wc = w_end - w_begin;
-    bool idx_staged = false;
+    // The sub-row indices of this split's windows in shared memory: copied during the
+    // prologue, else (rows not 16-byte aligned) staged now, else read from global memory.
+    bool idx_staged = idx_async;
     if constexpr (V > 1) {
-      const int capacity = DynamicSmemBytes() - static_cast<int>(pad) - Cfg::kIndexOffset;
-      idx_staged = StageIndices<Cfg::kBM, Cfg::kConsumerThreads>(idx, tile, idx_smem, windows,
-                                                                 w_begin, wc, capacity, tid);
+      if (idx_async)
+        CpAsyncWaitAll();
+      else
+        idx_staged = StageIndices<Cfg::kBM, Cfg::kConsumerThreads>(idx, tile, idx_smem, windows,
+                                                                   w_begin, wc, idx_capacity, tid);
       ConsumerSync<Cfg::kConsumerThreads>();
     }
     // The lane's two rows' sub-row bytes (window w at sub_src[w - sub_base], row g + 8 at
     // + sub_off): staged, else in global memory; absent fragments read kept row 0.
     const bool staged_here = idx_staged && frag_ok;
+    const int staged_stride = idx_async ? span.width : wc;
     const uint8_t* sub_src =
-        staged_here ? idx_smem + my_kept[0] * wc
+        staged_here ? idx_smem + my_kept[0] * staged_stride
                     : idx + static_cast<int64_t>(frag_ok ? KeptRow<Cfg::kBM>(tile, my_kept[0]) : 0) *
                                 windows;
-    const int sub_off = frag_ok ? 8 * (staged_here ? wc : windows) : 0;
-    const int sub_base = staged_here ? w_begin : 0;
+    const int sub_off = frag_ok ? 8 * (staged_here ? staged_stride : windows) : 0;
+    const int sub_base = staged_here ? (idx_async ? span.base : w_begin) : 0;
     uint8_t sub[2] = {0, 0}, sub_next[2] = {0, 0};
     auto load_sub = [&](int window, uint8_t (&dst)[2]) {
       dst[0] = sub_src[window - sub_base];
@@ -363,16 +393,22 @@ cudaError_t LaunchStreamCfg(cudaStream_t stream, const Args& a) {
   auto kernel = RaggedDotStreamKernel<T, N, Cfg>;
   Args b = a;
   const int splits = StreamSplitsFor<Cfg>(b, MTiles<Cfg::kBM>(b));
-  // Row tiles of one expert run next to each other, so they share weight tiles in the L2.
-  const dim3 grid = TileGrid<Cfg::kBN, Cfg::kBM>(b, splits, /*decode_order=*/false);
+  // Few row tiles per expert: M tiles along x, so the bound's empty tiles launch last
+  // instead of taking SM slots between busy blocks (which then start up to 2 us late).
+  const dim3 grid = TileGrid<Cfg::kBN, Cfg::kBM>(b, splits);
   // The sub-row indices of one split's windows, when they fit the reserve.
   int index_bytes = 0;
   if (V > 1) {
     const int k_stages = (b.k + Cfg::kBK - 1) / Cfg::kBK;
     const int64_t windows = std::min<int64_t>(
         b.k / b.sub_row, int64_t{(k_stages + splits - 1) / splits} * Cfg::kBK / b.sub_row);
-    index_bytes = static_cast<int>(
-        std::min<int64_t>(kIndexStageBytes, (Cfg::kBM * windows + 15) / 16 * 16));
+    // Room for the 16-byte aligned span StageIndicesAsync copies, or the exact windows.
+    const int64_t bytes = std::max<int64_t>(
+        Cfg::kBM * windows,
+        std::min<int64_t>(Cfg::kBM * (b.k / b.sub_row), IndexSpanBytes(Cfg::kBM, windows)));
+    index_bytes = static_cast<int>(std::min<int64_t>(
+        {kIndexStageBytes, (bytes + 15) / 16 * 16,
+         StreamSmemPerBlock<Cfg::kBlocksPerSm>() - Cfg::kFixedSmemBytes}));
   }
   const int smem = Cfg::kFixedSmemBytes + index_bytes;
   cudaError_t err =
