@@ -32,6 +32,12 @@ struct NarrowPdl : samoyeds::cuda::StreamNarrowCfg<2> {
 struct WidePdl : samoyeds::cuda::StreamWideCfg<2> {
   static constexpr bool kProgrammatic = true;
 };
+struct NarrowPf : samoyeds::cuda::StreamNarrowCfg<2> {
+  static constexpr int kPrefetchStages = 8;
+};
+struct WidePf : samoyeds::cuda::StreamWideCfg<2> {
+  static constexpr int kPrefetchStages = 8;
+};
 #endif
 
 int main(int argc, char** argv) {
@@ -183,16 +189,11 @@ int main(int argc, char** argv) {
     const Variant variants[] = {
         {"s16pdl", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, NarrowPdl>},
         {"s64pdl", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, WidePdl>},
-        // serving-kernel shapes: consumers, N, blocks per SM
-        {"s16c2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 16, 2>>},
-        {"s16c1b1", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 1>>},
-        {"s16c1b3", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 3>>},
+        {"s16pf", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, NarrowPf>},
+        {"s64pf", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, WidePf>},
+        // serving-kernel shapes: consumers, N, blocks per SM (the others measured are in
+        // docs/kernel_history.md)
         {"s16c1b4", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 4>>},
-        {"s64c1", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 64, 2>>},
-        {"s32c2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 32, 1>>},
-        {"s64c2b2", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 2, 64, 2>>},
-        {"s16c1x1", 1, 1, sc::LaunchStreamCfg<Bf, 1, 1, sc::StreamCfgOf<1, 1, 16, 2>>},
-        {"s64c1x1", 1, 1, sc::LaunchStreamCfg<Bf, 1, 1, sc::StreamCfgOf<1, 1, 64, 2>>},
     };
     for (const Variant& var : variants) {
       if (var.n != n || var.v != v) continue;

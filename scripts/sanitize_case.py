@@ -132,6 +132,21 @@ for nv in CONFIGS:
         assert np.isfinite(np.asarray(y, np.float32)).all()
         assert np.isfinite(np.asarray(y2, np.float32)).all()
         cases += 2
+# K = 2048: rows of sub-row indices in 16-byte multiples, which the serving kernel copies
+# by cp.async during its prologue (with 3 or more splits the splits' windows start off the
+# 16-byte chunks); SEL with repeated tokens.
+for nv in CONFIGS:
+    for sub_row in (32, 128):
+        cfg = sj.SparsityConfig(*nv, sub_row=sub_row)
+        sw = weight(cfg, (2, 2048, 2 * cfg.m_multiple), jnp.bfloat16)
+        x = jax.device_put(np.asarray(rng.standard_normal((7, 2048)), jnp.bfloat16))
+        note("K 2048", nv, sub_row)
+        gs = jax.device_put(np.asarray([5, 1], np.int32))
+        sel = jax.device_put(rng.integers(0, 7, 7).astype(np.int32))
+        y = sj.ragged_dot(x, sw, gs, sel)
+        jax.block_until_ready(y)
+        assert np.isfinite(np.asarray(y, np.float32)).all()
+        cases += 1
 # Plain 2:4 past the threshold where the Hopper kernel runs 192 x 192 blocks (on an H100:
 # 12 M tiles x 15 row tiles), with SEL, an empty expert and a fused GLU.
 if (1, 1) in CONFIGS:
