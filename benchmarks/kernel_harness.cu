@@ -32,12 +32,6 @@ struct NarrowPdl : samoyeds::cuda::StreamNarrowCfg<2> {
 struct WidePdl : samoyeds::cuda::StreamWideCfg<2> {
   static constexpr bool kProgrammatic = true;
 };
-struct NarrowPf : samoyeds::cuda::StreamNarrowCfg<2> {
-  static constexpr int kPrefetchStages = 8;
-};
-struct WidePf : samoyeds::cuda::StreamWideCfg<2> {
-  static constexpr int kPrefetchStages = 8;
-};
 #endif
 
 int main(int argc, char** argv) {
@@ -189,8 +183,6 @@ int main(int argc, char** argv) {
     const Variant variants[] = {
         {"s16pdl", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, NarrowPdl>},
         {"s64pdl", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, WidePdl>},
-        {"s16pf", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, NarrowPf>},
-        {"s64pf", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, WidePf>},
         // serving-kernel shapes: consumers, N, blocks per SM (the others measured are in
         // docs/kernel_history.md)
         {"s16c1b4", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 4>>},

@@ -44,11 +44,6 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t (&r)[4]) {
                : "r"(addr));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
-// Asks the L2 to fetch [p, p + bytes) (16-byte aligned, a multiple of 16 bytes) from
-// global memory without waiting; nothing lands in shared memory (sm_90).
-__device__ __forceinline__ void PrefetchL2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
 // Waits for every cp.async of this thread, committed to a group or not.
 __device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 template <int N>

@@ -47,10 +47,6 @@ struct StreamCfg : WgmmaStage<64 * Consumers, BN, Stages> {
   // blocks may start during the previous kernel's tail and wait for it before any global
   // access; the next kernel may start once every block's MMAs are done.
   static constexpr bool kProgrammatic = false;
-  // K stages of the block's weight rows (values and metadata) the producer asks the L2
-  // for at once, ahead of the ring (0: none; a harness variant so far): whole spans of
-  // each row reach HBM as one request instead of a stage's 128 bytes per row.
-  static constexpr int kPrefetchStages = 0;
   // Each tile half of the values is one bulk tensor copy of kBM / 2 rows.
   static constexpr int kAHalfBytes = kBM / 2 * kARow;
   static constexpr int kFrags = kBN / 8;  // n8 column groups of the accumulators

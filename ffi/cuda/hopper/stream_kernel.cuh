@@ -63,30 +63,6 @@ struct StreamValues {
   }
 };
 
-// L2 prefetches of K stages [s0, s1) of the tile's weight rows (values and metadata), each
-// row's span as one request; lane l takes tile rows l, l + 32, ...
-template <typename Cfg>
-__device__ __forceinline__ void PrefetchStagesL2(const Args& a, const StreamValues<Cfg>& v,
-                                                 const RowTile& tile, int lane, int s0, int s1) {
-  const int64_t v0 = int64_t{s0} * Cfg::kBK, v1 = min(int64_t{s1} * Cfg::kBK, int64_t{a.k});
-  if (v0 >= v1) return;
-  const int64_t meta_row = a.k / kMetaColsPerWord * 4;  // bytes of a metadata row
-  for (int r = lane; r < Cfg::kBM; r += 32) {
-    const bool upper = r >= Cfg::kBM / 2;
-    const int ru = upper ? r - Cfg::kBM / 2 : r;
-    if (ru >= (upper ? tile.hi : tile.lo)) continue;
-    const int64_t row = (upper ? v.row_hi : v.row_lo) + ru;
-    // A stage of a values row is kBK bytes (kBK / 2 two-byte values), of a metadata row
-    // kBK / 8 bytes.
-    PrefetchL2(static_cast<const uint8_t*>(a.values) + row * a.k + v0,
-               static_cast<uint32_t>(v1 - v0));
-    const uintptr_t m0 = reinterpret_cast<uintptr_t>(a.metadata) + row * meta_row + v0 / 8;
-    const uintptr_t m1 = (reinterpret_cast<uintptr_t>(a.metadata) + row * meta_row + v1 / 8) & ~uintptr_t{15};
-    const uintptr_t m0a = m0 & ~uintptr_t{15};
-    if (m1 > m0a) PrefetchL2(reinterpret_cast<const void*>(m0a), static_cast<uint32_t>(m1 - m0a));
-  }
-}
-
 // The producer warp's loads of one K stage besides the values: cp.async copies of the
 // routed rows (lane l: 16-byte chunk l % 16 of rows l / 16 + 2i) and of the metadata
 // (lane l: word l % 4 of rows l / 4 + 8i). Each lane's cp.async arrival on a stage's
@@ -244,11 +220,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
     for (int i = 0; i < n_stages; ++i) {
       const int buf = i % Cfg::kStages;
       const uint32_t dst = smem_base + buf * Cfg::kStageBytes;
-      if constexpr (Cfg::kPrefetchStages > 0) {
-        if (i % Cfg::kPrefetchStages == 0)
-          PrefetchStagesL2<Cfg>(a, values, tile, lane, s_begin + i + Cfg::kStages,
-                                s_begin + min(n_stages, i + Cfg::kStages + Cfg::kPrefetchStages));
-      }
       if (i >= Cfg::kStages) {
         MbarWait(empty_bar + 8 * buf, (i / Cfg::kStages - 1) & 1);
         if (lane == 0) values.Load(dst, s_begin + i, full_bar + 8 * buf, &values_map);
