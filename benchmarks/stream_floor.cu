@@ -2,13 +2,20 @@
 // decode-shaped (weight-streaming) kernel cannot beat, launch and ramp included.
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a benchmarks/stream_floor.cu -o stream_floor
 //   ./stream_floor [MB ...]
+//   ./stream_floor tiled ROWS ROW_BYTES SPLITS
 // Every thread keeps 8 independent 16-byte loads in flight (grid-stride, all SMs, 8
 // blocks of 256 threads per SM); buffers are rotated past the 50 MB L2; timed like
 // kernel_harness.cu (launch_timing.cuh), and the same bytes through cudaMemcpyAsync
 // device-to-device (which also writes them).
+// `tiled` reads a [ROWS, ROW_BYTES] weight in the serving kernel's order instead: one
+// block per 64-row tile and K split, step by step along K, each step STEP bytes of each
+// of the 64 rows (128 = one stage of compressed values; 256-2048 for comparison), 64 KB
+// in flight per block; next to the contiguous read of the same bytes. It tells whether
+// HBM serves the kernel's access pattern at the copy rate.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -39,7 +46,86 @@ __global__ void __launch_bounds__(256) ReadAll(const uint4* __restrict__ src, si
   if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9E3779B9u) sink[0] = acc;  // keeps the loads
 }
 
+constexpr int kTileRows = 64, kTiledLoads = 16, kTiledThreads = 256;
+
+// Block b reads tile b / splits (64 rows), split b % splits of the row bytes, in steps of
+// `step` bytes of every row; thread t takes 16-byte chunk t + 256 j of the sequence
+// (step, row, chunk), 16 loads in flight.
+__global__ void __launch_bounds__(kTiledThreads) ReadTiled(const uint8_t* __restrict__ src,
+                                                           int row_bytes, int splits, int step,
+                                                           uint4* sink) {
+  const int tile = blockIdx.x / splits, split = blockIdx.x % splits;
+  const int steps = (row_bytes + step - 1) / step, per_split = (steps + splits - 1) / splits;
+  const int c0 = split * per_split * step, c1 = min(row_bytes, c0 + per_split * step);
+  if (c0 >= c1) return;
+  const int chunks = step / 16, per_step = kTileRows * chunks;
+  const int n = (c1 - c0 + step - 1) / step * per_step;
+  const uint8_t* base = src + static_cast<size_t>(tile) * kTileRows * row_bytes + c0;
+  uint4 acc = {0, 0, 0, 0};
+  for (int i = threadIdx.x; i < n; i += kTiledLoads * kTiledThreads) {
+    uint4 v[kTiledLoads];
+#pragma unroll
+    for (int u = 0; u < kTiledLoads; ++u) {
+      const int idx = i + u * kTiledThreads;
+      const int s = idx / per_step, r = idx % per_step / chunks, c = idx % chunks;
+      const int col = s * step + c * 16;  // past c0, within the row
+      v[u] = idx < n && c0 + col < c1
+                 ? __ldcs(reinterpret_cast<const uint4*>(base + static_cast<size_t>(r) * row_bytes + col))
+                 : uint4{0, 0, 0, 0};
+    }
+#pragma unroll
+    for (int u = 0; u < kTiledLoads; ++u) {
+      acc.x ^= v[u].x; acc.y ^= v[u].y; acc.z ^= v[u].z; acc.w ^= v[u].w;
+    }
+  }
+  if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9E3779B9u) sink[0] = acc;
+}
+
+// The tiled read of a [rows, row_bytes] weight at step widths 128-2048 bytes, and the
+// contiguous read of the same bytes.
+int Tiled(int rows, int row_bytes, int splits) {
+  if (rows % kTileRows != 0 || row_bytes % 16 != 0 || splits < 1) {
+    std::fprintf(stderr, "tiled: ROWS a multiple of %d, ROW_BYTES of 16, SPLITS >= 1\n", kTileRows);
+    return 2;
+  }
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const size_t bytes = static_cast<size_t>(rows) * row_bytes;
+  const int copies = int((300u << 20) / bytes) + 2;
+  std::vector<void*> buf(copies);
+  for (auto& p : buf) {
+    CHECK(cudaMalloc(&p, bytes));
+    CHECK(cudaMemset(p, 1, bytes));
+  }
+  uint4* sink;
+  CHECK(cudaMalloc(&sink, 16));
+  auto time = [&](auto&& launch) { return SecondsPerLaunch(launch, copies, 40) * 1e6; };
+  const double flat_us = time([&](int c, cudaStream_t s) {
+    ReadAll<<<sms * 8, 256, 0, s>>>(static_cast<const uint4*>(buf[c]), bytes / 16, sink);
+  });
+  std::printf("%7.1f MB as %d rows x %d bytes, %d blocks (64-row tiles x %d splits)\n",
+              bytes / 1048576.0, rows, row_bytes, rows / kTileRows * splits, splits);
+  std::printf("  contiguous read        %8.2f us %6.2f TB/s\n", flat_us, bytes / flat_us / 1e6);
+  for (int step = 128; step <= 2048 && step <= row_bytes; step *= 2) {
+    const double us = time([&](int c, cudaStream_t s) {
+      ReadTiled<<<rows / kTileRows * splits, kTiledThreads, 0, s>>>(
+          static_cast<const uint8_t*>(buf[c]), row_bytes, splits, step, sink);
+    });
+    std::printf("  tiled, %4d B per row %8.2f us %6.2f TB/s\n", step, us, bytes / us / 1e6);
+  }
+  for (auto& p : buf) CHECK(cudaFree(p));
+  CHECK(cudaFree(sink));
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "tiled") {
+    if (argc != 5) {
+      std::fprintf(stderr, "usage: %s tiled ROWS ROW_BYTES SPLITS\n", argv[0]);
+      return 2;
+    }
+    return Tiled(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]));
+  }
   std::vector<double> sizes_mb = {4, 8, 16, 33, 66, 117, 235};
   if (argc > 1) {
     sizes_mb.clear();

@@ -15,8 +15,8 @@
 #     stress   : pytest -m stress: small cases launched STRESS_LAUNCHES (default 20000)
 #                times each per kernel, rare hangs (STRESS_TIMEOUT seconds per kernel)
 #     soak     : pytest -m soak: the randomized soak (SOAK_SECONDS, default 150)
-#     kernels  : the harness at serving and prefill shapes, every kernel (outputs compared)
-#                and the HBM read floor
+#     kernels  : the harness at serving and prefill shapes, every kernel (outputs compared),
+#                the HBM read floor, and the read in the serving kernel's access order
 #     sweep    : the serving kernel's K splits forced at single-expert serving shapes
 #     timeline : the serving kernel's per-block phase timeline (harness_timeline) at
 #                TIMELINE_SHAPES "K:M:ROWS[:EXPERTS:GLU] ...": launch gap, prologue, first
@@ -171,6 +171,9 @@ kernels() {
   grep -c MISMATCH "$OUT/kernel.log" | sed 's/^/harness mismatches: /' | tee -a "$OUT/summary.txt"
   step "HBM read floor"
   timeout 120 "$BIN/stream_floor" 4 8 16 33 66 117 235 2>&1 | tee -a "$OUT/kernel.log" | tail -9
+  step "HBM read in the serving kernel's order (1:2 values: up 7168 x 4096 B, 2 splits; down 2048 x 14336 B, 6)"
+  { timeout 60 "$BIN/stream_floor" tiled 7168 4096 2; timeout 60 "$BIN/stream_floor" tiled 2048 14336 6; } 2>&1 \
+    | tee -a "$OUT/kernel.log"
 }
 
 # K splits forced on the serving kernel at the single-expert serving shapes: where the
