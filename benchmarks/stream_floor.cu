@@ -11,7 +11,8 @@
 // block per 64-row tile and K split, step by step along K, each step STEP bytes of each
 // of the 64 rows (128 = one stage of compressed values; 256-2048 for comparison), 64 KB
 // in flight per block; next to the contiguous read of the same bytes. It tells whether
-// HBM serves the kernel's access pattern at the copy rate.
+// HBM serves the kernel's access pattern at the copy rate, and whether plain L2 prefetches
+// of whole row spans (prefetch.global.L2) recover it.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -48,12 +49,16 @@ __global__ void __launch_bounds__(256) ReadAll(const uint4* __restrict__ src, si
 
 constexpr int kTileRows = 64, kTiledLoads = 16, kTiledThreads = 256;
 
+constexpr int kPrefetchSpan = 1024;
+
 // Block b reads tile b / splits (64 rows), split b % splits of the row bytes, in steps of
 // `step` bytes of every row; thread t takes 16-byte chunk t + 256 j of the sequence
-// (step, row, chunk), 16 loads in flight.
+// (step, row, chunk), 16 loads in flight. With `prefetch`, the load that starts a row's
+// 1 KB span also asks the L2 for the row's next 1 KB (eight 128-byte lines at once), so
+// HBM sees whole row spans while the loads stay 128 bytes wide.
 __global__ void __launch_bounds__(kTiledThreads) ReadTiled(const uint8_t* __restrict__ src,
                                                            int row_bytes, int splits, int step,
-                                                           uint4* sink) {
+                                                           bool prefetch, uint4* sink) {
   const int tile = blockIdx.x / splits, split = blockIdx.x % splits;
   const int steps = (row_bytes + step - 1) / step, per_split = (steps + splits - 1) / splits;
   const int c0 = split * per_split * step, c1 = min(row_bytes, c0 + per_split * step);
@@ -69,6 +74,11 @@ __global__ void __launch_bounds__(kTiledThreads) ReadTiled(const uint8_t* __rest
       const int idx = i + u * kTiledThreads;
       const int s = idx / per_step, r = idx % per_step / chunks, c = idx % chunks;
       const int col = s * step + c * 16;  // past c0, within the row
+      if (prefetch && idx < n && c == 0 && col % kPrefetchSpan == 0) {
+        const uint8_t* row = base + static_cast<size_t>(r) * row_bytes;
+        for (int q = kPrefetchSpan; q < 2 * kPrefetchSpan; q += 128)
+          if (c0 + col + q < c1) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + col + q));
+      }
       v[u] = idx < n && c0 + col < c1
                  ? __ldcs(reinterpret_cast<const uint4*>(base + static_cast<size_t>(r) * row_bytes + col))
                  : uint4{0, 0, 0, 0};
@@ -106,13 +116,19 @@ int Tiled(int rows, int row_bytes, int splits) {
   std::printf("%7.1f MB as %d rows x %d bytes, %d blocks (64-row tiles x %d splits)\n",
               bytes / 1048576.0, rows, row_bytes, rows / kTileRows * splits, splits);
   std::printf("  contiguous read        %8.2f us %6.2f TB/s\n", flat_us, bytes / flat_us / 1e6);
-  for (int step = 128; step <= 2048 && step <= row_bytes; step *= 2) {
-    const double us = time([&](int c, cudaStream_t s) {
+  auto tiled = [&](int step, bool prefetch) {
+    return time([&](int c, cudaStream_t s) {
       ReadTiled<<<rows / kTileRows * splits, kTiledThreads, 0, s>>>(
-          static_cast<const uint8_t*>(buf[c]), row_bytes, splits, step, sink);
+          static_cast<const uint8_t*>(buf[c]), row_bytes, splits, step, prefetch, sink);
     });
+  };
+  for (int step = 128; step <= 2048 && step <= row_bytes; step *= 2) {
+    const double us = tiled(step, false);
     std::printf("  tiled, %4d B per row %8.2f us %6.2f TB/s\n", step, us, bytes / us / 1e6);
   }
+  const double pf_us = tiled(128, true);
+  std::printf("  tiled, 128 B per row, the next 1 KB of each row prefetched to the L2 %8.2f us %6.2f TB/s\n",
+              pf_us, bytes / pf_us / 1e6);
   for (auto& p : buf) CHECK(cudaFree(p));
   CHECK(cudaFree(sink));
   return 0;
