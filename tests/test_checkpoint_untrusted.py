@@ -192,7 +192,12 @@ def test_absurd_expert_ids_allocate_nothing(tmp_path, rng, capsys):
 # --- signals and temporaries -------------------------------------------------------------
 
 _SLOW_CONVERT = """
-import sys, time
+import os, signal, sys, time
+# The stop signals at their defaults, as a shell gives a foreground command (a test run
+# under nohup would pass SIGHUP ignored), except those named in the variable.
+ignore = os.environ["SLOW_CONVERT_IGNORE"].split()
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN if sig.name in ignore else signal.SIG_DFL)
 from samoyeds_jax.checkpoint import cli, converter
 def slow(*args, **kwargs):
     print("converting", flush=True)
@@ -202,8 +207,9 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def _start_slow_conversion(src, out):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _start_slow_conversion(src, out, ignore=()):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               SLOW_CONVERT_IGNORE=" ".join(sig.name for sig in ignore))
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, "--input", str(src),
                              "--output", str(out), *ARGS], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -214,7 +220,8 @@ def _start_slow_conversion(src, out):
 
 def test_signals_stop_a_conversion_and_leave_nothing(tmp_path, rng):
     """SIGTERM and SIGHUP behave like SIGINT: the partial output is removed, one line,
-    exit 128 + signal; a temporary that SIGKILL left is removed by the next run."""
+    exit 128 + signal; a signal the caller ignores stays ignored; a temporary that
+    SIGKILL left is removed by the next run."""
     src = write_model(tmp_path, hf_checkpoint("mixtral", rng, BF16, layers=1),
                       hf_config("mixtral"))
     out = tmp_path / "out"
@@ -227,7 +234,11 @@ def test_signals_stop_a_conversion_and_leave_nothing(tmp_path, rng):
         assert proc.returncode == 128 + sig, err
         assert err.strip() == f"samoyeds-convert: stopped by {sig.name}; nothing was written"
         assert os.listdir(out) == []
-    proc = _start_slow_conversion(src, out / "o.safetensors")
+    # A signal the caller ignores (`nohup samoyeds-convert ...`) stays ignored.
+    proc = _start_slow_conversion(src, out / "o.safetensors", ignore=(signal.SIGHUP,))
+    proc.send_signal(signal.SIGHUP)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=2)
     proc.kill()
     proc.communicate(timeout=60)
     assert len(os.listdir(out)) == 1              # SIGKILL cannot clean up
