@@ -47,9 +47,7 @@ __global__ void __launch_bounds__(256) ReadAll(const uint4* __restrict__ src, si
   if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9E3779B9u) sink[0] = acc;  // keeps the loads
 }
 
-constexpr int kTileRows = 64, kTiledLoads = 16, kTiledThreads = 256;
-
-constexpr int kPrefetchSpan = 1024;
+constexpr int kTileRows = 64, kTiledLoads = 16, kTiledThreads = 256, kPrefetchSpan = 1024;
 
 // Block b reads tile b / splits (64 rows), split b % splits of the row bytes, in steps of
 // `step` bytes of every row; thread t takes 16-byte chunk t + 256 j of the sequence

@@ -29,6 +29,14 @@ constexpr int StreamSmemPerBlock() {
 // Shared memory kept for the staged sub-row indices at least (more when the ring leaves it).
 constexpr int kStreamIndexReserve = 2 * 1024;
 
+// A block's shared memory before the staged sub-row indices: the 1024-byte alignment
+// slack, then from the aligned base the ring of `stages` buffers, the tile's token rows
+// (bn ints) and the full and empty mbarriers; the indices start at the returned offset
+// less the slack.
+constexpr int StreamFixedSmemBytes(int stage_bytes, int bn, int stages) {
+  return (stages * stage_bytes + bn * 4 + 2 * stages * 8 + 15) / 16 * 16 + 1024;
+}
+
 // Consumers warpgroups of 64 kept rows each, BN routed rows (the wgmma N), Stages ring
 // buffers, BlocksPerSm blocks resident per SM; one producer warp after the consumer
 // warpgroups issues the loads.
@@ -54,9 +62,8 @@ struct StreamCfg : WgmmaStage<64 * Consumers, BN, Stages> {
   // full and empty mbarriers, then the staged sub-row indices (sized at launch).
   static constexpr int kSrcRowOffset = kPipeBytes;
   static constexpr int kBarrierOffset = kSrcRowOffset + kBN * 4;
-  static constexpr int kIndexOffset = (kBarrierOffset + 2 * kStages * 8 + 15) / 16 * 16;
-  static constexpr int kAlignSlack = 1024;
-  static constexpr int kFixedSmemBytes = kIndexOffset + kAlignSlack;
+  static constexpr int kFixedSmemBytes = StreamFixedSmemBytes(Stage::kStageBytes, kBN, kStages);
+  static constexpr int kIndexOffset = kFixedSmemBytes - 1024;
   static_assert(kAHalfBytes % 1024 == 0, "each half's box starts on a swizzle atom");
   static_assert(kBN % 16 == 0 && kBN <= 64, "wgmma N of 16, 32 or 64");
   static_assert(kFixedSmemBytes + kStreamIndexReserve <= StreamSmemPerBlock<BlocksPerSm>(),
@@ -68,9 +75,12 @@ struct StreamCfg : WgmmaStage<64 * Consumers, BN, Stages> {
 // flight per SM are what keeps HBM streaming.
 template <int Consumers, int BN, int BlocksPerSm>
 constexpr int StreamStages() {
-  constexpr int stage = 64 * Consumers * 128 + BN * 256 + 64 * Consumers * 16;
-  constexpr int fixed = 1024 + BN * 4 + 2 * 8 * 8 + 16 + kStreamIndexReserve;
-  return std::min(8, (StreamSmemPerBlock<BlocksPerSm>() - fixed) / stage);
+  constexpr int stage = WgmmaStage<64 * Consumers, BN, 1>::kStageBytes;
+  int stages = 8;
+  while (stages > 1 && StreamFixedSmemBytes(stage, BN, stages) + kStreamIndexReserve >
+                           StreamSmemPerBlock<BlocksPerSm>())
+    --stages;
+  return stages;
 }
 template <int V, int Consumers, int BN, int BlocksPerSm>
 using StreamCfgOf =

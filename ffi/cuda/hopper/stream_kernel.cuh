@@ -403,11 +403,9 @@ cudaError_t LaunchStreamCfg(cudaStream_t stream, const Args& a) {
     const int64_t windows = std::min<int64_t>(
         b.k / b.sub_row, int64_t{(k_stages + splits - 1) / splits} * Cfg::kBK / b.sub_row);
     // Room for the 16-byte aligned span StageIndicesAsync copies, or the exact windows.
-    const int64_t bytes = std::max<int64_t>(
-        Cfg::kBM * windows,
-        std::min<int64_t>(Cfg::kBM * (b.k / b.sub_row), IndexSpanBytes(Cfg::kBM, windows)));
+    // (Both terms hold at least the split's exact windows: BM is a multiple of 16.)
     index_bytes = static_cast<int>(std::min<int64_t>(
-        {kIndexStageBytes, (bytes + 15) / 16 * 16,
+        {kIndexStageBytes, Cfg::kBM * (b.k / b.sub_row), IndexSpanBytes(Cfg::kBM, windows),
          StreamSmemPerBlock<Cfg::kBlocksPerSm>() - Cfg::kFixedSmemBytes}));
   }
   const int smem = Cfg::kFixedSmemBytes + index_bytes;
