@@ -32,6 +32,11 @@ struct NarrowPdl : samoyeds::cuda::StreamNarrowCfg<2> {
 struct WidePdl : samoyeds::cuda::StreamWideCfg<2> {
   static constexpr bool kProgrammatic = true;
 };
+// Ablations (StreamCfg::kSkip; outputs not checked): where a block's time goes.
+template <typename Base, int Skip>
+struct Skipping : Base {
+  static constexpr int kSkip = Skip;
+};
 #endif
 
 int main(int argc, char** argv) {
@@ -179,19 +184,35 @@ int main(int argc, char** argv) {
       const char* name;
       int n, v;
       cudaError_t (*fn)(cudaStream_t, const sc::Args&);
+      bool check = true;
     };
+    using Narrow = sc::StreamNarrowCfg<2>;
+    using Wide = sc::StreamWideCfg<2>;
     const Variant variants[] = {
         {"s16pdl", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, NarrowPdl>},
         {"s64pdl", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, WidePdl>},
         // serving-kernel shapes: consumers, N, blocks per SM (the others measured are in
         // docs/kernel_history.md)
         {"s16c1b4", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 4>>},
+        // ablations of the narrow (n) and wide (w) blocks: no metadata, no routed rows,
+        // no MMAs, values alone
+        {"n-meta", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 1>>, false},
+        {"n-rows", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 2>>, false},
+        {"n-mma", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 4>>, false},
+        {"n-vals", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 7>>, false},
+        {"w-meta", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Wide, 1>>, false},
+        {"w-rows", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Wide, 2>>, false},
+        {"w-mma", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Wide, 4>>, false},
+        {"w-vals", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Wide, 7>>, false},
     };
     for (const Variant& var : variants) {
       if (var.n != n || var.v != v) continue;
       auto run = [&](int c, cudaStream_t s) { CHECK(var.fn(s, args(c))); };
       report(var.name, time_fn(run));
-      compare(var.name, output_fn(run));
+      if (var.check) compare(var.name, output_fn(run));
+#ifdef SAMOYEDS_TIMELINE
+      ReportTimeline(var.name, run, copies);
+#endif
     }
 #endif
   }

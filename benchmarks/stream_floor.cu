@@ -1,8 +1,9 @@
 // The time a kernel needs just to read N bytes from HBM on this GPU: the floor that a
 // decode-shaped (weight-streaming) kernel cannot beat, launch and ramp included.
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a benchmarks/stream_floor.cu -o stream_floor
+//   bash benchmarks/build.sh DIR stream_floor
 //   ./stream_floor [MB ...]
 //   ./stream_floor tiled ROWS ROW_BYTES SPLITS
+//   ./stream_floor tma ROWS ROW_BYTES SPLITS
 // Every thread keeps 8 independent 16-byte loads in flight (grid-stride, all SMs, 8
 // blocks of 256 threads per SM); buffers are rotated past the 50 MB L2; timed like
 // kernel_harness.cu (launch_timing.cuh), and the same bytes through cudaMemcpyAsync
@@ -14,6 +15,7 @@
 // HBM serves the kernel's access pattern at the copy rate, and whether plain L2 prefetches
 // of whole row spans (prefetch.global.L2) recover it.
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -21,6 +23,8 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/hopper/tensor_map.cuh"
+#include "cuda/ptx.cuh"
 #include "launch_timing.cuh"
 
 
@@ -89,6 +93,102 @@ __global__ void __launch_bounds__(kTiledThreads) ReadTiled(const uint8_t* __rest
   if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9E3779B9u) sink[0] = acc;
 }
 
+constexpr int kTmaBoxRows = kTileRows / 2, kTmaBlockSmem = 100 * 1024;
+
+__global__ void __launch_bounds__(32) ReadTma(const __grid_constant__ CUtensorMap map,
+                                              int row_bytes, int splits, int step, int depth,
+                                              uint4* sink) {
+  using namespace samoyeds::cuda;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t pad = (1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u;
+  const uint32_t ring = SmemAddr(smem_raw) + pad;
+  const int tile = blockIdx.x / splits, split = blockIdx.x % splits;
+  const int steps = row_bytes / step, per_split = (steps + splits - 1) / splits;
+  const int s0 = split * per_split, n = min(steps, s0 + per_split) - s0;
+  if (threadIdx.x != 0 || n <= 0) return;
+  const int stage_bytes = kTileRows * step;
+  const uint32_t bars = ring + depth * stage_bytes;
+  for (int b = 0; b < depth; ++b) MbarInit(bars + 8 * b, 1);
+  FenceMbarrierInit();
+  auto issue = [&](int i) {
+    const int buf = i % depth;
+    const uint32_t dst = ring + buf * stage_bytes, bar = bars + 8 * buf;
+    MbarArriveExpectTx(bar, stage_bytes);
+    const int col = (s0 + i) * step / 2;
+    TmaLoad2D(dst, &map, col, tile * kTileRows, bar);
+    TmaLoad2D(dst + stage_bytes / 2, &map, col, tile * kTileRows + kTmaBoxRows, bar);
+  };
+  for (int i = 0; i < min(n, depth); ++i) issue(i);
+  uint32_t acc = 0;
+  for (int i = 0; i < n; ++i) {
+    const int buf = i % depth;
+    MbarWait(bars + 8 * buf, (i / depth) & 1);
+    acc ^= *reinterpret_cast<const volatile uint32_t*>(smem_raw + pad + buf * stage_bytes);
+    if (i + depth < n) issue(i + depth);
+  }
+  if (acc == 0x9E3779B9u) sink[0] = uint4{acc, 0, 0, 0};
+}
+
+// The tma mode: bulk tensor copies at 128-512 bytes per row and ring depths that hold
+// 64-96 KB per block, next to the contiguous read.
+int Tma(int rows, int row_bytes, int splits) {
+  if (rows % kTileRows != 0 || row_bytes % 512 != 0 || splits < 1) {
+    std::fprintf(stderr, "tma: ROWS a multiple of %d, ROW_BYTES of 512, SPLITS >= 1\n", kTileRows);
+    return 2;
+  }
+  const auto encode = samoyeds::cuda::TensorMapEncoder();
+  if (encode == nullptr) {
+    std::fprintf(stderr, "tma: no tensor map encoder\n");
+    return 1;
+  }
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  CHECK(cudaFuncSetAttribute(ReadTma, cudaFuncAttributeMaxDynamicSharedMemorySize, kTmaBlockSmem));
+  const size_t bytes = static_cast<size_t>(rows) * row_bytes;
+  const int copies = int((300u << 20) / bytes) + 2;
+  std::vector<void*> buf(copies);
+  for (auto& p : buf) {
+    CHECK(cudaMalloc(&p, bytes));
+    CHECK(cudaMemset(p, 1, bytes));
+  }
+  uint4* sink;
+  CHECK(cudaMalloc(&sink, 16));
+  auto time = [&](auto&& launch) { return SecondsPerLaunch(launch, copies, 40) * 1e6; };
+  const double flat_us = time([&](int c, cudaStream_t s) {
+    ReadAll<<<sms * 8, 256, 0, s>>>(static_cast<const uint4*>(buf[c]), bytes / 16, sink);
+  });
+  std::printf("%7.1f MB as %d rows x %d bytes, %d blocks (64-row tiles x %d splits), bulk tensor copies\n",
+              bytes / 1048576.0, rows, row_bytes, rows / kTileRows * splits, splits);
+  std::printf("  contiguous read              %8.2f us %6.2f TB/s\n", flat_us, bytes / flat_us / 1e6);
+  const int cases[][2] = {{128, 8}, {128, 12}, {256, 4}, {256, 6}, {512, 2}, {512, 3}};
+  for (const auto& c : cases) {
+    const int step = c[0], depth = c[1];
+    std::vector<CUtensorMap> maps(copies);
+    for (int i = 0; i < copies; ++i) {
+      const cuuint64_t dims[2] = {cuuint64_t(row_bytes / 2), cuuint64_t(rows)};
+      const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
+      const cuuint32_t box[2] = {cuuint32_t(step / 2), cuuint32_t(kTmaBoxRows)};
+      const cuuint32_t unit[2] = {1, 1};
+      if (encode(&maps[i], CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, buf[i], dims, strides, box, unit,
+                 CU_TENSOR_MAP_INTERLEAVE_NONE,
+                 step == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+        std::fprintf(stderr, "tma: tensor map encoding failed (step %d)\n", step);
+        return 1;
+      }
+    }
+    const double us = time([&](int i, cudaStream_t s) {
+      ReadTma<<<rows / kTileRows * splits, 32, kTmaBlockSmem, s>>>(maps[i], row_bytes, splits,
+                                                                   step, depth, sink);
+    });
+    std::printf("  %3d B per row, %2d stages (%3d KB) %8.2f us %6.2f TB/s\n", step, depth,
+                depth * kTileRows * step / 1024, us, bytes / us / 1e6);
+  }
+  for (auto& p : buf) CHECK(cudaFree(p));
+  CHECK(cudaFree(sink));
+  return 0;
+}
+
 // The tiled read of a [rows, row_bytes] weight at step widths 128-2048 bytes, and the
 // contiguous read of the same bytes.
 int Tiled(int rows, int row_bytes, int splits) {
@@ -133,12 +233,13 @@ int Tiled(int rows, int row_bytes, int splits) {
 }
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "tiled") {
+  if (argc > 1 && (std::string(argv[1]) == "tiled" || std::string(argv[1]) == "tma")) {
     if (argc != 5) {
-      std::fprintf(stderr, "usage: %s tiled ROWS ROW_BYTES SPLITS\n", argv[0]);
+      std::fprintf(stderr, "usage: %s tiled|tma ROWS ROW_BYTES SPLITS\n", argv[0]);
       return 2;
     }
-    return Tiled(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]));
+    const int rows = std::atoi(argv[2]), row_bytes = std::atoi(argv[3]), splits = std::atoi(argv[4]);
+    return std::string(argv[1]) == "tma" ? Tma(rows, row_bytes, splits) : Tiled(rows, row_bytes, splits);
   }
   std::vector<double> sizes_mb = {4, 8, 16, 33, 66, 117, 235};
   if (argc > 1) {

@@ -106,6 +106,18 @@ void ReportTimeline(const char* name, F&& launch_copy, int copies) {
     std::printf("timeline %s:   %-11s median %7.2f us (%8.0f cycles)  max %7.2f us\n", name,
                 names[p], med(phase_ns[p]) * 1e-3, med(phase_cycles[p]), max(phase_ns[p]) * 1e-3);
   std::printf("timeline %s:   empty blocks live median %.2f us\n", name, med(empty_life) * 1e-3);
+  // The arrival curve: stage i's landing after the block's prologue, median over the busy
+  // blocks that have a stage i (cycles at the SM clock, shown in us at 1.98 GHz).
+  std::printf("timeline %s:   stage landed, us after the prologue (median):", name);
+  for (int i = 0; i < sc::kTimelineStages; ++i) {
+    std::vector<double> t;
+    for (const auto& r : rec)
+      if (at(r, Phase::kStart) != 0 && r.busy && r.stage_clock[i] != 0)
+        t.push_back(double(r.stage_clock[i]) - double(cyc(r, Phase::kPrologue)));
+    if (t.empty()) break;
+    std::printf(" %.2f", med(t) / 1980.0);
+  }
+  std::printf("\n");
   int most = *std::max_element(busy_per_sm.begin(), busy_per_sm.end());
   std::printf("timeline %s:   SMs by busy blocks run:", name);
   for (int k = 0; k <= most; ++k)

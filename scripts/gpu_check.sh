@@ -16,7 +16,9 @@
 #                times each per kernel, rare hangs (STRESS_TIMEOUT seconds per kernel)
 #     soak     : pytest -m soak: the randomized soak (SOAK_SECONDS, default 150)
 #     kernels  : the harness at serving and prefill shapes, every kernel (outputs compared),
-#                the HBM read floor, and the read in the serving kernel's access order
+#                and `floor`
+#     floor    : the HBM read floor, and the read in the serving kernel's access order
+#                (thread loads, and bulk tensor copies as its producer issues them)
 #     sweep    : the serving kernel's K splits forced at single-expert serving shapes
 #     timeline : the serving kernel's per-block phase timeline (harness_timeline) at
 #                TIMELINE_SHAPES "K:M:ROWS[:EXPERTS:GLU] ...": launch gap, prologue, first
@@ -169,11 +171,17 @@ kernels() {
     $H 4096 14336 4096 1 2 128 1 10
   } 2>&1 | tee -a "$OUT/kernel.log" | grep -E "median|MISMATCH"
   grep -c MISMATCH "$OUT/kernel.log" | sed 's/^/harness mismatches: /' | tee -a "$OUT/summary.txt"
+  floor
+}
+
+floor() {
+  build
   step "HBM read floor"
-  timeout 120 "$BIN/stream_floor" 4 8 16 33 66 117 235 2>&1 | tee -a "$OUT/kernel.log" | tail -9
+  timeout 120 "$BIN/stream_floor" 4 8 16 33 66 117 235 2>&1 | tee -a "$OUT/floor.log" | tail -9
   step "HBM read in the serving kernel's order (1:2 values: up 7168 x 4096 B, 2 splits; down 2048 x 14336 B, 6)"
-  { timeout 60 "$BIN/stream_floor" tiled 7168 4096 2; timeout 60 "$BIN/stream_floor" tiled 2048 14336 6; } 2>&1 \
-    | tee -a "$OUT/kernel.log"
+  for mode in tiled tma; do
+    timeout 60 "$BIN/stream_floor" $mode 7168 4096 2; timeout 60 "$BIN/stream_floor" $mode 2048 14336 6
+  done 2>&1 | tee -a "$OUT/floor.log"
 }
 
 # K splits forced on the serving kernel at the single-expert serving shapes: where the
@@ -195,8 +203,8 @@ timeline() {
   for shape in ${TIMELINE_SHAPES:-4096:14336:16 14336:4096:16 4096:14336:64 14336:4096:64 4096:28672:32:8:1}; do
     IFS=: read -r k m rows e glu <<< "$shape"
     echo "--- K M ROWS = $k $m $rows, experts ${e:-1}, glu ${glu:-0}"
-    timeout 60 "$BIN/harness_timeline" "$k" "$m" "$rows" 1 2 128 "${e:-1}" 10 "${glu:-0}" 2>&1 \
-      | grep -E "^stream .*median|^timeline|MISMATCH"
+    timeout 120 "$BIN/harness_timeline" "$k" "$m" "$rows" 1 2 128 "${e:-1}" 10 "${glu:-0}" 2>&1 \
+      | grep -E "^(stream|s[0-9]+[a-z]).*median|^timeline|MISMATCH"
   done 2>&1 | tee -a "$OUT/timeline.log"
 }
 
@@ -280,7 +288,7 @@ pack() {
 machine
 for mode in "$@"; do
   case $mode in
-    build|tests|sanitize|stress|soak|kernels|sweep|timeline|profile|serving|backward|layer|multi|full|pack) $mode ;;
+    build|tests|sanitize|stress|soak|kernels|floor|sweep|timeline|profile|serving|backward|layer|multi|full|pack) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done

@@ -17,9 +17,14 @@ enum class Phase : int {
   kCount
 };
 
+// K stages whose landing (the consumers' wait on the stage's full barrier returns) is
+// stamped too: the arrival curve of the ring's first fill and of its refills.
+constexpr int kTimelineStages = 24;
+
 struct TimelineRecord {
   uint64_t global_ns[static_cast<int>(Phase::kCount)];  // %globaltimer: comparable across SMs
   uint64_t clock[static_cast<int>(Phase::kCount)];      // clock64: exact within one SM
+  uint64_t stage_clock[kTimelineStages];                // clock64 when stage i landed
   uint32_t smid;
   uint32_t busy;  // reached kPrologue
 };
@@ -45,8 +50,16 @@ __device__ __forceinline__ void MarkPhase(Phase phase) {
   }
   if (phase == Phase::kPrologue) r.busy = 1;
 }
+// Thread 0 stamps the landing of the block's K stage i (its i-th, from 0).
+__device__ __forceinline__ void MarkStage(int i) {
+  if (threadIdx.x != 0 || g_timeline == nullptr || i >= kTimelineStages) return;
+  const int block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  if (block >= g_timeline_capacity) return;
+  g_timeline[block].stage_clock[i] = static_cast<uint64_t>(clock64());
+}
 #else
 __device__ __forceinline__ void MarkPhase(Phase) {}
+__device__ __forceinline__ void MarkStage(int) {}
 #endif
 
 }  // namespace samoyeds::cuda

@@ -55,6 +55,10 @@ struct StreamCfg : WgmmaStage<64 * Consumers, BN, Stages> {
   // blocks may start during the previous kernel's tail and wait for it before any global
   // access; the next kernel may start once every block's MMAs are done.
   static constexpr bool kProgrammatic = false;
+  // Ablations for the kernel harness only (timing, wrong results): bit 0 skips the
+  // producer's metadata copies, bit 1 its routed-row copies, bit 2 the consumers' MMAs
+  // and steering. Zero in every kernel the library launches.
+  static constexpr int kSkip = 0;
   // Each tile half of the values is one bulk tensor copy of kBM / 2 rows.
   static constexpr int kAHalfBytes = kBM / 2 * kARow;
   static constexpr int kFrags = kBN / 8;  // n8 column groups of the accumulators

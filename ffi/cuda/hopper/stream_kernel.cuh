@@ -197,8 +197,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   StreamProducer<Cfg, T> producer(a, tile, e, tid % 32);
   bool idx_async = false;
   if (tid >= Cfg::kConsumerThreads) {
-    for (int i = 0; i < min(n_stages, Cfg::kStages); ++i)
-      producer.LoadMeta(a, smem_base + i * Cfg::kStageBytes, s_begin + i);
+    if constexpr (!(Cfg::kSkip & 1))
+      for (int i = 0; i < min(n_stages, Cfg::kStages); ++i)
+        producer.LoadMeta(a, smem_base + i * Cfg::kStageBytes, s_begin + i);
   } else if constexpr (V > 1) {
     idx_async = StageIndicesAsync<Cfg::kBM, Cfg::kConsumerThreads>(
         idx, tile, SmemAddr(idx_smem), windows, span, idx_capacity, tid);
@@ -223,9 +224,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
       if (i >= Cfg::kStages) {
         MbarWait(empty_bar + 8 * buf, (i / Cfg::kStages - 1) & 1);
         if (lane == 0) values.Load(dst, s_begin + i, full_bar + 8 * buf, &values_map);
-        producer.LoadMeta(a, dst, s_begin + i);
+        if constexpr (!(Cfg::kSkip & 1)) producer.LoadMeta(a, dst, s_begin + i);
       }
-      producer.LoadRows(a, dst, s_begin + i);
+      if constexpr (!(Cfg::kSkip & 2)) producer.LoadRows(a, dst, s_begin + i);
       CpAsyncMbarArrive(full_bar + 8 * buf);
     }
     CpAsyncWait<0>();
@@ -283,6 +284,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
       MbarWait(full_bar + 8 * buf, (i / Cfg::kStages) & 1);
       FenceProxyAsync();  // the cp.async (generic proxy) rows are read by the tensor cores
       if (i == 0) MarkPhase(Phase::kFirstStage);
+      MarkStage(i);
       return buf;
     };
     // Window boundary: every MMA drained, the window's candidates swapped to the front.
@@ -316,7 +318,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
     const int window_shift = __ffs(a.sub_row / kStepK) - 1;
     const int window_mask = (1 << window_shift) - 1;
     const int k_steps = a.k / kStepK;
-    if (window_shift == 2) {
+    if constexpr (Cfg::kSkip & 4) {
+      for (int i = 0; i < n_stages; ++i) {
+        begin_stage(i);
+        end_stage(i);
+      }
+    } else if (window_shift == 2) {
       // Every stage is one window (sub_row 128).
       for (int i = 0; i < n_stages; ++i) {
         const int buf = begin_stage(i);
