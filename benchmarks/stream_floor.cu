@@ -93,6 +93,43 @@ __global__ void __launch_bounds__(kTiledThreads) ReadTiled(const uint8_t* __rest
   if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9E3779B9u) sink[0] = acc;
 }
 
+// Copies of a [rows, row_bytes] weight, enough to rotate past the L2 between reads, a
+// timer over them, and the contiguous read of the same bytes (the modes' reference).
+struct WeightCopies {
+  int sms = 0;
+  size_t bytes;
+  int copies;
+  std::vector<void*> buf;
+  uint4* sink = nullptr;
+  WeightCopies(int rows, int row_bytes)
+      : bytes(static_cast<size_t>(rows) * row_bytes), copies(int((300u << 20) / bytes) + 2),
+        buf(copies) {
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    for (auto& p : buf) {
+      CHECK(cudaMalloc(&p, bytes));
+      CHECK(cudaMemset(p, 1, bytes));
+    }
+    CHECK(cudaMalloc(&sink, 16));
+  }
+  ~WeightCopies() {
+    for (auto& p : buf) CHECK(cudaFree(p));
+    CHECK(cudaFree(sink));
+  }
+  template <typename F>
+  double Us(F&& launch) const {  // launch(copy, stream)
+    return SecondsPerLaunch(launch, copies, 40) * 1e6;
+  }
+  // Prints the layout and the contiguous read.
+  void Header(int rows, int row_bytes, int splits, const char* how) const {
+    const double us = Us([&](int c, cudaStream_t s) {
+      ReadAll<<<sms * 8, 256, 0, s>>>(static_cast<const uint4*>(buf[c]), bytes / 16, sink);
+    });
+    std::printf("%7.1f MB as %d rows x %d bytes, %d blocks (64-row tiles x %d splits)%s\n",
+                bytes / 1048576.0, rows, row_bytes, rows / kTileRows * splits, splits, how);
+    std::printf("  contiguous read              %8.2f us %6.2f TB/s\n", us, bytes / us / 1e6);
+  }
+};
+
 constexpr int kTmaBoxRows = kTileRows / 2, kTmaBlockSmem = 100 * 1024;
 
 __global__ void __launch_bounds__(32) ReadTma(const __grid_constant__ CUtensorMap map,
@@ -141,35 +178,19 @@ int Tma(int rows, int row_bytes, int splits) {
     std::fprintf(stderr, "tma: no tensor map encoder\n");
     return 1;
   }
-  int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   CHECK(cudaFuncSetAttribute(ReadTma, cudaFuncAttributeMaxDynamicSharedMemorySize, kTmaBlockSmem));
-  const size_t bytes = static_cast<size_t>(rows) * row_bytes;
-  const int copies = int((300u << 20) / bytes) + 2;
-  std::vector<void*> buf(copies);
-  for (auto& p : buf) {
-    CHECK(cudaMalloc(&p, bytes));
-    CHECK(cudaMemset(p, 1, bytes));
-  }
-  uint4* sink;
-  CHECK(cudaMalloc(&sink, 16));
-  auto time = [&](auto&& launch) { return SecondsPerLaunch(launch, copies, 40) * 1e6; };
-  const double flat_us = time([&](int c, cudaStream_t s) {
-    ReadAll<<<sms * 8, 256, 0, s>>>(static_cast<const uint4*>(buf[c]), bytes / 16, sink);
-  });
-  std::printf("%7.1f MB as %d rows x %d bytes, %d blocks (64-row tiles x %d splits), bulk tensor copies\n",
-              bytes / 1048576.0, rows, row_bytes, rows / kTileRows * splits, splits);
-  std::printf("  contiguous read              %8.2f us %6.2f TB/s\n", flat_us, bytes / flat_us / 1e6);
+  const WeightCopies w(rows, row_bytes);
+  w.Header(rows, row_bytes, splits, ", bulk tensor copies");
   const int cases[][2] = {{128, 8}, {128, 12}, {256, 4}, {256, 6}, {512, 2}, {512, 3}};
   for (const auto& c : cases) {
     const int step = c[0], depth = c[1];
-    std::vector<CUtensorMap> maps(copies);
-    for (int i = 0; i < copies; ++i) {
+    std::vector<CUtensorMap> maps(w.copies);
+    for (int i = 0; i < w.copies; ++i) {
       const cuuint64_t dims[2] = {cuuint64_t(row_bytes / 2), cuuint64_t(rows)};
       const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
       const cuuint32_t box[2] = {cuuint32_t(step / 2), cuuint32_t(kTmaBoxRows)};
       const cuuint32_t unit[2] = {1, 1};
-      if (encode(&maps[i], CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, buf[i], dims, strides, box, unit,
+      if (encode(&maps[i], CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, w.buf[i], dims, strides, box, unit,
                  CU_TENSOR_MAP_INTERLEAVE_NONE,
                  step == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
@@ -177,15 +198,13 @@ int Tma(int rows, int row_bytes, int splits) {
         return 1;
       }
     }
-    const double us = time([&](int i, cudaStream_t s) {
+    const double us = w.Us([&](int i, cudaStream_t s) {
       ReadTma<<<rows / kTileRows * splits, 32, kTmaBlockSmem, s>>>(maps[i], row_bytes, splits,
-                                                                   step, depth, sink);
+                                                                   step, depth, w.sink);
     });
     std::printf("  %3d B per row, %2d stages (%3d KB) %8.2f us %6.2f TB/s\n", step, depth,
-                depth * kTileRows * step / 1024, us, bytes / us / 1e6);
+                depth * kTileRows * step / 1024, us, w.bytes / us / 1e6);
   }
-  for (auto& p : buf) CHECK(cudaFree(p));
-  CHECK(cudaFree(sink));
   return 0;
 }
 
@@ -196,39 +215,21 @@ int Tiled(int rows, int row_bytes, int splits) {
     std::fprintf(stderr, "tiled: ROWS a multiple of %d, ROW_BYTES of 16, SPLITS >= 1\n", kTileRows);
     return 2;
   }
-  int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const size_t bytes = static_cast<size_t>(rows) * row_bytes;
-  const int copies = int((300u << 20) / bytes) + 2;
-  std::vector<void*> buf(copies);
-  for (auto& p : buf) {
-    CHECK(cudaMalloc(&p, bytes));
-    CHECK(cudaMemset(p, 1, bytes));
-  }
-  uint4* sink;
-  CHECK(cudaMalloc(&sink, 16));
-  auto time = [&](auto&& launch) { return SecondsPerLaunch(launch, copies, 40) * 1e6; };
-  const double flat_us = time([&](int c, cudaStream_t s) {
-    ReadAll<<<sms * 8, 256, 0, s>>>(static_cast<const uint4*>(buf[c]), bytes / 16, sink);
-  });
-  std::printf("%7.1f MB as %d rows x %d bytes, %d blocks (64-row tiles x %d splits)\n",
-              bytes / 1048576.0, rows, row_bytes, rows / kTileRows * splits, splits);
-  std::printf("  contiguous read        %8.2f us %6.2f TB/s\n", flat_us, bytes / flat_us / 1e6);
+  const WeightCopies w(rows, row_bytes);
+  w.Header(rows, row_bytes, splits, "");
   auto tiled = [&](int step, bool prefetch) {
-    return time([&](int c, cudaStream_t s) {
+    return w.Us([&](int c, cudaStream_t s) {
       ReadTiled<<<rows / kTileRows * splits, kTiledThreads, 0, s>>>(
-          static_cast<const uint8_t*>(buf[c]), row_bytes, splits, step, prefetch, sink);
+          static_cast<const uint8_t*>(w.buf[c]), row_bytes, splits, step, prefetch, w.sink);
     });
   };
   for (int step = 128; step <= 2048 && step <= row_bytes; step *= 2) {
     const double us = tiled(step, false);
-    std::printf("  tiled, %4d B per row %8.2f us %6.2f TB/s\n", step, us, bytes / us / 1e6);
+    std::printf("  tiled, %4d B per row %8.2f us %6.2f TB/s\n", step, us, w.bytes / us / 1e6);
   }
   const double pf_us = tiled(128, true);
   std::printf("  tiled, 128 B per row, the next 1 KB of each row prefetched to the L2 %8.2f us %6.2f TB/s\n",
-              pf_us, bytes / pf_us / 1e6);
-  for (auto& p : buf) CHECK(cudaFree(p));
-  CHECK(cudaFree(sink));
+              pf_us, w.bytes / pf_us / 1e6);
   return 0;
 }
 
