@@ -32,6 +32,12 @@ struct NarrowPdl : samoyeds::cuda::StreamNarrowCfg<2> {
 struct WidePdl : samoyeds::cuda::StreamWideCfg<2> {
   static constexpr bool kProgrammatic = true;
 };
+// Two producer warps sharing a stage's routed-row and metadata copies.
+template <typename Base>
+struct TwoProducers : Base {
+  static constexpr int kProducerThreads = 64;
+  static constexpr int kThreads = Base::kConsumerThreads + kProducerThreads;
+};
 // Ablations (StreamCfg::kSkip; outputs not checked): where a block's time goes.
 template <typename Base, int Skip>
 struct Skipping : Base {
@@ -194,6 +200,8 @@ int main(int argc, char** argv) {
         // serving-kernel shapes: consumers, N, blocks per SM (the others measured are in
         // docs/kernel_history.md)
         {"s16c1b4", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 4>>},
+        {"n-2p", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, TwoProducers<Narrow>>},
+        {"w-2p", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, TwoProducers<Wide>>},
         // ablations of the narrow (n) and wide (w) blocks: no metadata, no routed rows,
         // no MMAs, values alone
         {"n-meta", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 1>>, false},

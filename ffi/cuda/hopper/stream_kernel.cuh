@@ -63,42 +63,47 @@ struct StreamValues {
   }
 };
 
-// The producer warp's loads of one K stage besides the values: cp.async copies of the
-// routed rows (lane l: 16-byte chunk l % 16 of rows l / 16 + 2i) and of the metadata
-// (lane l: word l % 4 of rows l / 4 + 8i). Each lane's cp.async arrival on a stage's
-// `full` barrier covers every copy the lane issued before it.
+// The producer's loads of one K stage besides the values, by its P = kProducerThreads
+// threads (thread p): cp.async copies of the routed rows (16-byte chunk p % 16 of rows
+// p / 16 + (P / 16) i) and of the metadata (word p % 4 of rows p / 4 + (P / 4) i). Each
+// thread's cp.async arrival on a stage's `full` barrier covers every copy it issued
+// before it.
 template <typename Cfg, typename T>
 class StreamProducer {
  public:
-  static constexpr int kBCopies = Cfg::kBN / 2;
-  static constexpr int kMetaCopies = Cfg::kBM / 8;
+  static constexpr int kP = Cfg::kProducerThreads;
+  static constexpr int kRowStep = kP / 16, kMetaStep = kP / 4;
+  static constexpr int kBCopies = Cfg::kBN / kRowStep;
+  static constexpr int kMetaCopies = Cfg::kBM / kMetaStep;
   static constexpr int kHalf = Cfg::kBM / 2;
+  static_assert(kP % 32 == 0 && Cfg::kBN % kRowStep == 0 && kHalf % kMetaStep == 0,
+                "the tile's rows divide over the producer threads");
 
-  __device__ __forceinline__ StreamProducer(const Args& a, const RowTile& tile, int expert, int lane)
-      : lane_(lane) {
+  __device__ __forceinline__ StreamProducer(const Args& a, const RowTile& tile, int expert, int p)
+      : p_(p) {
     const int64_t first = static_cast<int64_t>(expert) * a.kept_rows;
-    // Metadata rows r = lane / 4 + 8i: the lower half's first kHalf / 8 copies, then the
-    // upper half's; copies of absent rows read nothing and fill zeros.
-    const int words = a.k / kMetaColsPerWord, r0 = lane / 4;
-    meta_lo_ = a.metadata + (first + KeptRow<Cfg::kBM>(tile, r0)) * words + lane % 4;
-    meta_hi_ = a.metadata + (first + KeptRow<Cfg::kBM>(tile, kHalf + r0)) * words + lane % 4;
-    meta_lo_n_ = max(0, (tile.lo - r0 + 7) / 8);
-    meta_hi_n_ = max(0, (tile.hi - r0 + 7) / 8);
+    // Metadata rows r = p / 4 + kMetaStep i: the lower half's first kHalf / kMetaStep
+    // copies, then the upper half's; copies of absent rows read nothing and fill zeros.
+    const int words = a.k / kMetaColsPerWord, r0 = p / 4;
+    meta_lo_ = a.metadata + (first + KeptRow<Cfg::kBM>(tile, r0)) * words + p % 4;
+    meta_hi_ = a.metadata + (first + KeptRow<Cfg::kBM>(tile, kHalf + r0)) * words + p % 4;
+    meta_lo_n_ = max(0, (tile.lo - r0 + kMetaStep - 1) / kMetaStep);
+    meta_hi_n_ = max(0, (tile.hi - r0 + kMetaStep - 1) / kMetaStep);
   }
 
-  // The token of each of this lane's rows, read from shared memory once (after the block
-  // has staged them): a load per copy and stage would put a load's latency in front of
-  // every copy (the producer's copies are a dependent chain otherwise).
+  // The token of each of this thread's rows, read from shared memory once (after the
+  // block has staged them): a load per copy and stage would put a load's latency in front
+  // of every copy (the producer's copies are a dependent chain otherwise).
   __device__ __forceinline__ void ReadSourceRows(const int* src_row) {
 #pragma unroll
-    for (int i = 0; i < kBCopies; ++i) tok_[i] = src_row[lane_ / 16 + 2 * i];
+    for (int i = 0; i < kBCopies; ++i) tok_[i] = src_row[p_ / 16 + kRowStep * i];
   }
 
   // Routed rows of stage `stage` into the buffer at `dst`.
   __device__ __forceinline__ void LoadRows(const Args& a, uint32_t dst, int stage) const {
     const uint32_t sb = dst + Cfg::kABytes;
     const int k0 = stage * Cfg::kBK;
-    const int chunk = lane_ % 16, r0 = lane_ / 16;
+    const int chunk = p_ % 16, r0 = p_ / 16;
     // Chunk c of a row holds dense columns [8c, 8c + 8) of the stage: slab c / 8 of the
     // two K halves, 16-byte chunk c % 8 swizzled by the row (Cfg's 128-byte swizzle).
     const bool col_ok = k0 + chunk * 8 < a.k;
@@ -106,7 +111,7 @@ class StreamProducer {
     const uint32_t b_dst = sb + (chunk / 8) * Cfg::kBHalf;
 #pragma unroll
     for (int i = 0; i < kBCopies; ++i) {
-      const int r = r0 + 2 * i;
+      const int r = r0 + kRowStep * i;
       const int t = tok_[i];
       CpAsync16If(b_dst + r * 128 + (((chunk % 8) ^ (r % 8)) << 4),
                   x + static_cast<int64_t>(max(t, 0)) * a.k, t >= 0 && col_ok);
@@ -118,16 +123,17 @@ class StreamProducer {
   __device__ __forceinline__ void LoadMeta(const Args& a, uint32_t dst, int stage) const {
     const uint32_t sm = dst + Cfg::kABytes + Cfg::kBBytes;
     const int word = stage * Cfg::kBK / kMetaColsPerWord;
-    const bool word_ok = (word + lane_ % 4) * kMetaColsPerWord < a.k;
+    const bool word_ok = (word + p_ % 4) * kMetaColsPerWord < a.k;
     const int words = a.k / kMetaColsPerWord;
-    const uint32_t m_dst = sm + (lane_ / 4) * Cfg::kMetaRow + (lane_ % 4) * 4;
+    const uint32_t m_dst = sm + (p_ / 4) * Cfg::kMetaRow + (p_ % 4) * 4;
 #pragma unroll
     for (int i = 0; i < kMetaCopies; ++i) {
       const bool upper = i >= kMetaCopies / 2;
       const int j = upper ? i - kMetaCopies / 2 : i;
       const bool ok = word_ok && j < (upper ? meta_hi_n_ : meta_lo_n_);
-      const uint32_t* src = (upper ? meta_hi_ : meta_lo_) + static_cast<int64_t>(8 * j) * words;
-      CpAsync4(m_dst + i * 8 * Cfg::kMetaRow, ok ? src + word : a.metadata, ok ? 4 : 0);
+      const uint32_t* src =
+          (upper ? meta_hi_ : meta_lo_) + static_cast<int64_t>(kMetaStep * j) * words;
+      CpAsync4(m_dst + i * kMetaStep * Cfg::kMetaRow, ok ? src + word : a.metadata, ok ? 4 : 0);
     }
   }
 
@@ -135,7 +141,7 @@ class StreamProducer {
   int tok_[kBCopies];  // token row of each B copy, -1: absent (no copy)
   const uint32_t* meta_lo_;
   const uint32_t* meta_hi_;
-  int lane_, meta_lo_n_, meta_hi_n_;
+  int p_, meta_lo_n_, meta_hi_n_;
 };
 
 template <typename T, int N, typename Cfg>
@@ -172,7 +178,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   const StreamValues<Cfg> values(a, tile, e);
   if (threadIdx.x == 0) {
     for (int b = 0; b < Cfg::kStages; ++b) {
-      // Full: the producer lanes' cp.async arrivals and one transaction-count arrival.
+      // Full: the producer threads' cp.async arrivals and one transaction-count arrival.
       MbarInit(full_bar + 8 * b, Cfg::kProducerThreads + 1);
       MbarInit(empty_bar + 8 * b, Cfg::kConsumerThreads);
     }
@@ -194,7 +200,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   const IndexSpan span = IndexSpanOf(w_begin, wc);
   const uint8_t* idx = a.indices + static_cast<int64_t>(e) * a.kept_rows * windows;
   const int idx_capacity = DynamicSmemBytes() - static_cast<int>(pad) - Cfg::kIndexOffset;
-  StreamProducer<Cfg, T> producer(a, tile, e, tid % 32);
+  StreamProducer<Cfg, T> producer(a, tile, e, tid % Cfg::kProducerThreads);
   bool idx_async = false;
   if (tid >= Cfg::kConsumerThreads) {
     if constexpr (!(Cfg::kSkip & 1))
@@ -214,16 +220,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
   float* c_tile = reinterpret_cast<float*>(smem);
 
   if (tid >= Cfg::kConsumerThreads) {
-    // Producer warp: fill buffer i % kStages with stage s_begin + i once the consumers
+    // Producer: fill buffer i % kStages with stage s_begin + i once the consumers
     // have released that buffer's previous use.
-    const int lane = tid - Cfg::kConsumerThreads;
+    const int p = tid - Cfg::kConsumerThreads;
     producer.ReadSourceRows(src_row);
     for (int i = 0; i < n_stages; ++i) {
       const int buf = i % Cfg::kStages;
       const uint32_t dst = smem_base + buf * Cfg::kStageBytes;
       if (i >= Cfg::kStages) {
         MbarWait(empty_bar + 8 * buf, (i / Cfg::kStages - 1) & 1);
-        if (lane == 0) values.Load(dst, s_begin + i, full_bar + 8 * buf, &values_map);
+        if (p == 0) values.Load(dst, s_begin + i, full_bar + 8 * buf, &values_map);
         if constexpr (!(Cfg::kSkip & 1)) producer.LoadMeta(a, dst, s_begin + i);
       }
       if constexpr (!(Cfg::kSkip & 2)) producer.LoadRows(a, dst, s_begin + i);
