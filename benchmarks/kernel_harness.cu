@@ -1,7 +1,7 @@
 // Standalone driver of the CUDA kernel (no JAX) for ncu and kernel-only timing:
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DSAMOYEDS_SM90A -Iffi \
 //        benchmarks/kernel_harness.cu -o harness
-//   [HARNESS_RASTER=n] [HARNESS_SPLITS=s] ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
+//   [HARNESS_RASTER=n] [HARNESS_SPLITS=s] [HARNESS_ABLATE=1] ./harness K M TOKENS N V SUB_ROW [EXPERTS] [REPS] [GLU]
 // (GLU 1: SwiGLU fused into the epilogue, out [T, M/2] = silu(gate) * up of M = [gate | up])
 // Random values, metadata (valid sorted 2:4 pairs) and sub-row indices; one expert stack
 // with TOKENS rows split evenly over EXPERTS; CUDA-event timing, median of 5 batches of REPS back-to-back launches
@@ -190,7 +190,7 @@ int main(int argc, char** argv) {
       const char* name;
       int n, v;
       cudaError_t (*fn)(cudaStream_t, const sc::Args&);
-      bool check = true;
+      bool check = true;  // false: an ablation, run (instead of the others) with HARNESS_ABLATE
     };
     using Narrow = sc::StreamNarrowCfg<2>;
     using Wide = sc::StreamWideCfg<2>;
@@ -203,7 +203,7 @@ int main(int argc, char** argv) {
         {"n-2p", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, TwoProducers<Narrow>>},
         {"w-2p", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, TwoProducers<Wide>>},
         // ablations of the narrow (n) and wide (w) blocks: no metadata, no routed rows,
-        // no MMAs, values alone
+        // no MMAs, values alone, no K-split sum, values alone without the sum
         {"n-meta", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 1>>, false},
         {"n-rows", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 2>>, false},
         {"n-mma", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 4>>, false},
@@ -212,9 +212,14 @@ int main(int argc, char** argv) {
         {"w-rows", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Wide, 2>>, false},
         {"w-mma", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Wide, 4>>, false},
         {"w-vals", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Wide, 7>>, false},
+        {"n-sum", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 8>>, false},
+        {"n-bare", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 15>>, false},
+        {"w-sum", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Wide, 8>>, false},
+        {"w-bare", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Wide, 15>>, false},
     };
+    const bool ablate = std::getenv("HARNESS_ABLATE") != nullptr;
     for (const Variant& var : variants) {
-      if (var.n != n || var.v != v) continue;
+      if (var.n != n || var.v != v || var.check == ablate) continue;
       auto run = [&](int c, cudaStream_t s) { CHECK(var.fn(s, args(c))); };
       report(var.name, time_fn(run));
       if (var.check) compare(var.name, output_fn(run));

@@ -19,6 +19,7 @@
 #                and `floor`
 #     floor    : the HBM read floor, and the read in the serving kernel's access order
 #                (thread loads, and bulk tensor copies as its producer issues them)
+#     ablate   : the serving kernel's blocks without parts of their work (ABLATE_SHAPES)
 #     sweep    : the serving kernel's K splits forced at single-expert serving shapes
 #     timeline : the serving kernel's per-block phase timeline (harness_timeline) at
 #                TIMELINE_SHAPES "K:M:ROWS[:EXPERTS:GLU] ...": launch gap, prologue, first
@@ -184,6 +185,19 @@ floor() {
   done 2>&1 | tee -a "$OUT/floor.log"
 }
 
+# The serving kernel's ablations (harness with HARNESS_ABLATE: no metadata, no routed
+# rows, no MMAs, no K-split sum, combinations; outputs not compared) at ABLATE_SHAPES
+# "K:M:ROWS[:EXPERTS:GLU] ...".
+ablate() {
+  build
+  step "serving kernel ablations"
+  for shape in ${ABLATE_SHAPES:-4096:14336:16 14336:4096:16 4096:14336:64 14336:4096:64 4096:28672:64:8:1 2048:2816:96:64:1}; do
+    IFS=: read -r k m rows e glu <<< "$shape"
+    HARNESS_ABLATE=1 timeout 120 "$BIN/harness" "$k" "$m" "$rows" 1 2 128 "${e:-1}" 10 "${glu:-0}" 2>&1 \
+      | grep -E "^(stream|[nw]-).*median|MISMATCH"
+  done 2>&1 | tee -a "$OUT/ablate.log"
+}
+
 # K splits forced on the serving kernel at the single-expert serving shapes: where the
 # automatic count (StreamSplitsFor) stands against its neighbours. Shapes are K:M:ROWS.
 sweep() {
@@ -288,7 +302,7 @@ pack() {
 machine
 for mode in "$@"; do
   case $mode in
-    build|tests|sanitize|stress|soak|kernels|floor|sweep|timeline|profile|serving|backward|layer|multi|full|pack) $mode ;;
+    build|tests|sanitize|stress|soak|kernels|floor|ablate|sweep|timeline|profile|serving|backward|layer|multi|full|pack) $mode ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done

@@ -57,7 +57,8 @@ struct StreamCfg : WgmmaStage<64 * Consumers, BN, Stages> {
   static constexpr bool kProgrammatic = false;
   // Ablations for the kernel harness only (timing, wrong results): bit 0 skips the
   // producer's metadata copies, bit 1 its routed-row copies, bit 2 the consumers' MMAs
-  // and steering. Zero in every kernel the library launches.
+  // and steering, bit 3 the K-split sum (cluster barriers included). Zero in every
+  // kernel the library launches.
   static constexpr int kSkip = 0;
   // Each tile half of the values is one bulk tensor copy of kBM / 2 rows.
   static constexpr int kAHalfBytes = kBM / 2 * kARow;

@@ -389,7 +389,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
             a, work, tile.out0, tile.out_here, c_tile, tid);
     }
   }
-  if (splits > 1) {
+  if (splits > 1 && !(Cfg::kSkip & 8)) {
     ClusterSync();  // every block's partial tile is in its shared memory
     if (tid < Cfg::kConsumerThreads)
       ClusterEpilogue<T, Cfg::kConsumerThreads, kCStride, GluPairCols<Cfg::kBM, N, V>()>(
