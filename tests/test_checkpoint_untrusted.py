@@ -258,6 +258,11 @@ def converted(tmp_path, rng):
     return out
 
 
+def _tensor_nbytes(path, name):
+    with safetensors_io.Reader() as r:
+        return r.header(str(path))[0][name].nbytes
+
+
 def _corrupt(path, name, edit):
     """Apply ``edit`` to tensor ``name``'s bytes in place (a uint8 array)."""
     with safetensors_io.Reader() as r:
@@ -272,8 +277,9 @@ def _corrupt(path, name, edit):
 def test_corrupted_bytes_are_refused_with_the_tensors_name(converted, rng):
     layers, _, other = sj.load_checkpoint(str(converted))
     values = "model.layers.0.moe.down.values"
-    _corrupt(converted, values, lambda d: d.__setitem__(int(rng.integers(d.size)),
-                                                       d[int(rng.integers(d.size))] ^ 0x10))
+    # One bit of one byte flipped (the byte changes whatever its value).
+    at = int(rng.integers(_tensor_nbytes(converted, values)))
+    _corrupt(converted, values, lambda d: d.__setitem__(at, d[at] ^ 0x10))
     with pytest.raises(ck.ConversionError, match=f"tensor '{values}': checksum mismatch"):
         sj.load_checkpoint(str(converted))
     # verify=False: the documented opt-out reads it (a valid weight, other values).
