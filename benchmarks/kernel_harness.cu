@@ -38,6 +38,11 @@ struct TwoProducers : Base {
   static constexpr int kProducerThreads = 64;
   static constexpr int kThreads = Base::kConsumerThreads + kProducerThreads;
 };
+// The wide block's routed rows as two N = 32 halves (StreamCfg::kHalves).
+template <typename Base>
+struct Halves : Base {
+  static constexpr bool kHalves = true;
+};
 // Ablations (StreamCfg::kSkip; outputs not checked): where a block's time goes.
 template <typename Base, int Skip>
 struct Skipping : Base {
@@ -202,6 +207,8 @@ int main(int argc, char** argv) {
         {"s16c1b4", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, sc::StreamCfgOf<2, 1, 16, 4>>},
         {"n-2p", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, TwoProducers<Narrow>>},
         {"w-2p", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, TwoProducers<Wide>>},
+        {"w-halves", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Halves<Wide>>},
+        {"w-h2p", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Halves<TwoProducers<Wide>>>},
         // ablations of the narrow (n) and wide (w) blocks: no metadata, no routed rows,
         // no MMAs, values alone, no K-split sum, values alone without the sum
         {"n-meta", 1, 2, sc::LaunchStreamCfg<Bf, 1, 2, Skipping<Narrow, 1>>, false},

@@ -63,6 +63,9 @@ struct StreamCfg : WgmmaStage<64 * Consumers, BN, Stages> {
   // Each tile half of the values is one bulk tensor copy of kBM / 2 rows.
   static constexpr int kAHalfBytes = kBM / 2 * kARow;
   static constexpr int kFrags = kBN / 8;  // n8 column groups of the accumulators
+  // The routed rows as two N halves with MMA groups of their own, so that steering one
+  // overlaps the other's MMAs (sub_row 128; the harness's variants so far).
+  static constexpr bool kHalves = false;
   // Shared memory after the 1024-byte aligned base: the ring, the tile's token rows, the
   // full and empty mbarriers, then the staged sub-row indices (sized at launch).
   static constexpr int kSrcRowOffset = kPipeBytes;

@@ -272,13 +272,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
       if (w_begin < w_end) load_sub(w_begin, sub_next);
     }
 
-    float acc[V][Cfg::kFrags][4];
+    // kH accumulator sets of kHalfN routed rows each (Cfg::kHalves: two N halves with MMA
+    // groups of their own), all steered by one plan per window.
+    constexpr int kH = Cfg::kHalves ? 2 : 1, kFH = Cfg::kFrags / kH, kHalfN = Cfg::kBN / kH;
+    float acc[kH][V][kFH][4];
 #pragma unroll
-    for (int v = 0; v < V; ++v)
+    for (int h = 0; h < kH; ++h)
 #pragma unroll
-      for (int j = 0; j < Cfg::kFrags; ++j)
+      for (int v = 0; v < V; ++v)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[v][j][q] = 0.0f;
+        for (int j = 0; j < kFH; ++j)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[h][v][j][q] = 0.0f;
     int slot[2][V];  // which sub-row each accumulator set holds, per lane row
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -293,32 +298,43 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
       MarkStage(i);
       return buf;
     };
+    // Window `window` begins: the exchanges are planned (slot updated) and the next
+    // window's sub-rows fetched; steer_half applies them to one set, whose MMAs retired.
+    auto plan_window = [&](int window, bool (&swap)[2][V]) {
+      sub[0] = sub_next[0] % V;
+      sub[1] = sub_next[1] % V;
+      if (window + 1 < w_end) load_sub(window + 1, sub_next);
+      PlanSteer<V>(slot, sub, swap);
+    };
+    auto steer_half = [&](int h, const bool (&swap)[2][V]) {
+      FenceAcc(acc[h]);
+      ApplySteer<V, kFH>(acc[h], swap);
+      FenceAcc(acc[h]);
+    };
     // Window boundary: every MMA drained, the window's candidates swapped to the front.
     auto steer = [&](int window) {
       WgmmaCommit();
       WgmmaWait<0>();
-      sub[0] = sub_next[0] % V;
-      sub[1] = sub_next[1] % V;
-      if (window + 1 < w_end) load_sub(window + 1, sub_next);
       bool swap[2][V];
-      PlanSteer<V>(slot, sub, swap);
-      FenceAcc(acc);
-      ApplySteer<V, Cfg::kFrags>(acc, swap);
-      FenceAcc(acc);
+      plan_window(window, swap);
+#pragma unroll
+      for (int h = 0; h < kH; ++h) steer_half(h, swap);
     };
     const int meta_offset = StageMetaOffset<Cfg>(row0, g, tq);
     const uint32_t a_desc0 = static_cast<uint32_t>(Desc128(smem_base + wg * 64 * Cfg::kARow));
     const uint32_t b_desc0 = static_cast<uint32_t>(Desc128(smem_base + Cfg::kABytes));
-    auto issue = [&](int buf, int s, uint32_t mw) {
-      IssueStep<T, Cfg::kFrags>(acc[0], StageDescA<Cfg>(a_desc0, buf, s),
-                                StageDescB<Cfg>(b_desc0, buf, s, 0), mw, s);
+    // Half h's routed rows start kHalfN rows (whole 128-byte swizzle atoms) into each B slab.
+    auto issue = [&](int h, int buf, int s, uint32_t mw) {
+      IssueStep<T, kFH>(acc[h][0], StageDescA<Cfg>(a_desc0, buf, s),
+                        StageDescB<Cfg>(b_desc0, buf, s, h * kHalfN * 128), mw, s);
     };
+    auto release = [&](int i) { MbarArrive(empty_bar + 8 * (i % Cfg::kStages)); };
     // One MMA group stays in flight; the previous stage's have retired, so its buffer
     // goes back to the producer.
     auto end_stage = [&](int i) {
       WgmmaCommit();
       WgmmaWait<1>();
-      if (i > 0) MbarArrive(empty_bar + 8 * ((i - 1) % Cfg::kStages));
+      if (i > 0) release(i - 1);
     };
 
     const int window_shift = __ffs(a.sub_row / kStepK) - 1;
@@ -328,6 +344,45 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
       for (int i = 0; i < n_stages; ++i) {
         begin_stage(i);
         end_stage(i);
+      }
+    } else if (Cfg::kHalves && window_shift == 2) {
+      // Every stage is one window. Half 0 is steered and issued while half 1's MMAs of the
+      // previous stage run, then half 1 while half 0's run, so no steering waits for a
+      // drain; the metadata registers alternate by stage parity (the previous stage's
+      // half-1 group still reads its set). ptxas pipelines the wgmmas only if no group is
+      // in flight where control flow joins: the loop runs stage pairs and drains at its
+      // back edge, and so does the last odd stage.
+      uint32_t mw_even[Cfg::kSteps], mw_odd[Cfg::kSteps];
+      auto run_stage = [&](int i, uint32_t (&mw)[Cfg::kSteps]) {
+        const int buf = begin_stage(i);
+        bool swap[2][V];
+        if constexpr (V > 1) {
+          plan_window(w_begin + i, swap);
+          steer_half(0, swap);  // half 0's previous group retired at the last wait
+        }
+        LoadStageMeta<Cfg>(smem, buf, meta_offset, frag_ok, tq, mw);
+        auto issue_half = [&](int h) {
+          WgmmaFence();
+#pragma unroll
+          for (int s = 0; s < Cfg::kSteps; ++s) issue(h, buf, s, mw[s]);
+          WgmmaCommit();
+        };
+        issue_half(0);
+        WgmmaWait<1>();  // half 1's previous group
+        if (i > 0) release(i - 1);
+        if constexpr (V > 1) steer_half(1, swap);
+        issue_half(1);
+        WgmmaWait<1>();  // half 0's group
+      };
+      int i = 0;
+      for (; i + 2 <= n_stages; i += 2) {
+        run_stage(i, mw_even);
+        run_stage(i + 1, mw_odd);
+        WgmmaWait<0>();
+      }
+      if (i < n_stages) {
+        run_stage(i, mw_even);
+        WgmmaWait<0>();
       }
     } else if (window_shift == 2) {
       // Every stage is one window (sub_row 128).
@@ -341,11 +396,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
         LoadStageMeta<Cfg>(smem, buf, meta_offset, frag_ok, tq, mw);
         WgmmaFence();
 #pragma unroll
-        for (int s = 0; s < Cfg::kSteps; ++s) issue(buf, s, mw[s]);
+        for (int s = 0; s < Cfg::kSteps; ++s)
+#pragma unroll
+          for (int h = 0; h < kH; ++h) issue(h, buf, s, mw[s]);
         end_stage(i);
       }
     } else {
-      // sub_row 32 or 64: windows inside a stage; a partial last stage.
+      // sub_row 32 or 64: windows inside a stage; a partial last stage. (With halves each
+      // stage drains before the back edge: see the halves loop.)
       for (int i = 0; i < n_stages; ++i) {
         const int buf = begin_stage(i);
         WgmmaWait<0>();
@@ -363,25 +421,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
               WgmmaFence();
             }
           }
-          issue(buf, s, mw[s]);
+#pragma unroll
+          for (int h = 0; h < kH; ++h) issue(h, buf, s, mw[s]);
         }
         end_stage(i);
+        if constexpr (Cfg::kHalves) WgmmaWait<0>();
       }
     }
     WgmmaWait<0>();
-    FenceAcc(acc);
+#pragma unroll
+    for (int h = 0; h < kH; ++h) FenceAcc(acc[h]);
     MarkPhase(Phase::kLoopEnd);
     if constexpr (Cfg::kProgrammatic) GridDependencyTrigger();
 
     if (N == 1 && splits == 1 && a.glu == kGluNone) {
-      if (frag_ok) StoreAccDirect<T, V, Cfg::kFrags>(a, work, tile.out0, 0, acc, slot, my_kept, g, tq);
+      if (frag_ok) {
+#pragma unroll
+        for (int h = 0; h < kH; ++h)
+          StoreAccDirect<T, V, kFH>(a, work, tile.out0, h * kHalfN, acc[h], slot, my_kept, g, tq);
+      }
     } else {
       // Both consumers' MMAs have retired (and every load of the ring has landed) before
       // the epilogue tile overwrites the ring.
       ConsumerSync<Cfg::kConsumerThreads>();
 #pragma unroll
       for (int slot_n = 0; slot_n < N; ++slot_n) {
-        AccToShared<N, V, Cfg::kFrags, kCStride>(acc, slot, my_kept, 0, tq, slot_n, c_tile);
+#pragma unroll
+        for (int h = 0; h < kH; ++h)
+          AccToShared<N, V, kFH, kCStride>(acc[h], slot, my_kept, h * kHalfN, tq, slot_n, c_tile);
         ConsumerSync<Cfg::kConsumerThreads>();
       }
       if (splits == 1)
